@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from transformers.models.bart.modeling_bart import ALL_ATTENTION_FUNCTIONS, BartAttention, eager_attention_forward
 
+from .dior_fast import fit_static_cross_cache
+
 LOG_STD_MIN, LOG_STD_MAX = -7.0, 2.0
 
 
@@ -86,15 +88,19 @@ class HierarchicalLatents(nn.Module):
         super().__init__()
         d, ls, num_layers = config.d_model, config.latent_size, config.encoder_layers
         self.latent_size = ls
-        self.aggregate_hidden = nn.ModuleList(nn.Linear(ls, ls) for _ in range(num_layers - 1))
-        self.aggregate_latent = nn.ModuleList(nn.Linear(ls, ls, bias=False) for _ in range(num_layers - 1))
+        # transition l → l+1; h_1 = 0, so the first transition has no hidden-state term
+        self.aggregate_latent = nn.ModuleList(nn.Linear(ls, ls) for _ in range(num_layers - 1))
+        self.aggregate_hidden = nn.ModuleList(nn.Linear(ls, ls, bias=False) for _ in range(num_layers - 2))
         self.posterior = nn.ModuleList(gaussian_head(ls + 2 * d, d, ls) for _ in range(num_layers))
         self.prior = None
         if config.prior_type == "gaussian":
             self.prior = nn.ModuleList(gaussian_head(ls + d, d, ls) for _ in range(num_layers))
 
     def _next_summary(self, layer: int, summary: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.aggregate_hidden[layer](summary) + self.aggregate_latent[layer](latent))
+        hidden = self.aggregate_latent[layer](latent)
+        if layer > 0:
+            hidden = hidden + self.aggregate_hidden[layer - 1](summary)
+        return torch.tanh(hidden)
 
     def posterior_sample(self, context_vectors, response_vectors, generator=None):
         """Returns the posterior sample (B, L, ls), its distribution per layer, and the layer summaries h_l."""
@@ -191,6 +197,8 @@ class LatentSlotAttention(BartAttention):
             key_states = self.k_proj(current_states).view(head_shape).transpose(1, 2)
             value_states = self.v_proj(current_states).view(head_shape).transpose(1, 2)
             if cache is not None:
+                if is_cross_attention:  # a static cache sized to the encoder length needs one more for the slot
+                    fit_static_cross_cache(cache, self.layer_idx, key_states.shape[2])
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
                 if is_cross_attention:
                     past_key_values.is_updated[self.layer_idx] = True

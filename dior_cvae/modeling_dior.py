@@ -319,9 +319,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
         """
         generation_config = copy.deepcopy(generation_config or self.generation_config)
-        model_kwargs = generation_config.update(**kwargs)
-        num_sequences = generation_config.num_return_sequences or 1
+        # k sequences per input = k prior draws; HF itself then returns one sequence per draw
+        num_sequences = kwargs.pop("num_return_sequences", None) or generation_config.num_return_sequences or 1
         generation_config.num_return_sequences = 1
+        model_kwargs = generation_config.update(**kwargs)
 
         encoder_outputs = model_kwargs.pop("encoder_outputs", None)
         if encoder_outputs is None and input_ids is None:

@@ -22,17 +22,18 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 def make_betas(config) -> torch.Tensor:
     """β_1..β_T (float64) for `config.beta_schedule`, as diffusers defines them."""
     steps = config.num_train_timesteps
+    cpu = torch.device("cpu")  # explicit: models are built under a meta-device context by `from_pretrained`
     if config.beta_schedule == "linear":
-        return torch.linspace(config.beta_start, config.beta_end, steps, dtype=torch.float64)
+        return torch.linspace(config.beta_start, config.beta_end, steps, dtype=torch.float64, device=cpu)
     if config.beta_schedule == "scaled_linear":
-        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, steps, dtype=torch.float64) ** 2
+        return torch.linspace(config.beta_start**0.5, config.beta_end**0.5, steps, dtype=torch.float64, device=cpu) ** 2
     if config.beta_schedule == "squaredcos_cap_v2":
 
         def alpha_bar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
-        return torch.tensor(betas, dtype=torch.float64)
+        return torch.tensor(betas, dtype=torch.float64, device=cpu)
     raise ValueError(f"`beta_schedule` must be one of {BETA_SCHEDULES}, got {config.beta_schedule!r}")
 
 
@@ -78,10 +79,10 @@ class DiorScheduler:
             )
         self.num_inference_steps = num_inference_steps
         stride = self.num_train_timesteps // num_inference_steps
-        timesteps = (torch.arange(num_inference_steps) * stride).flip(0)
+        timesteps = (torch.arange(num_inference_steps, device=self.betas.device) * stride).flip(0)
         alpha_bar = self.alphas_cumprod[timesteps]
         prev = timesteps - stride
-        alpha_bar_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], torch.ones(()))
+        alpha_bar_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], torch.ones((), dtype=torch.float64, device=self.betas.device))
         beta_bar, beta_bar_prev = 1 - alpha_bar, 1 - alpha_bar_prev
         step_alpha = alpha_bar / alpha_bar_prev
         if self.sampler == "ddpm":
@@ -90,7 +91,7 @@ class DiorScheduler:
             coef_xt = step_alpha.sqrt() * beta_bar_prev / beta_bar
             coef_eps = torch.zeros_like(coef_x0)
             std = (beta_bar_prev / beta_bar * (1 - step_alpha)).clamp(min=1e-20).sqrt()
-            std = torch.where(timesteps > 0, std, torch.zeros(()))
+            std = torch.where(timesteps > 0, std, torch.zeros((), dtype=torch.float64, device=self.betas.device))
         else:
             # x_{t-1} = √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂ + σ z
             std = self.eta * (beta_bar_prev / beta_bar * (1 - step_alpha)).sqrt()

@@ -1,0 +1,314 @@
+"""Behaviour of the Dior-CVAE model on tiny configurations (CPU)."""
+
+import pytest
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+from dior_cvae.dior_prior import DiorDenoiser
+
+from conftest import tiny_config_kwargs
+
+
+def random_latents(model, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.config.encoder_layers, model.config.latent_size, generator=g)
+
+
+def context_batch(batch=3, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, 96, (batch, length), generator=g)
+    input_ids[:, 0] = 0
+    input_ids[:, -1] = 2
+    return input_ids
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cached_decoding_matches_full_forward(tiny_model, attn):
+    model = tiny_model().eval()
+    model.set_attn_implementation(attn)
+    input_ids = context_batch()
+    decoder_input_ids = torch.randint(4, 96, (3, 7))
+    latents = random_latents(model, 3)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=latents).logits
+        encoder_outputs = model.model.encoder(input_ids=input_ids)
+        past, steps = None, []
+        for t in range(decoder_input_ids.shape[1]):
+            out = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=torch.ones_like(input_ids),
+                decoder_input_ids=decoder_input_ids[:, t : t + 1],
+                latents=latents,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            steps.append(out.logits)
+    assert past.get_seq_length() == decoder_input_ids.shape[1]  # the latent slot is not in the self-attention cache
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_batch_matches_single_examples(tiny_model, attn):
+    model = tiny_model().eval()
+    model.set_attn_implementation(attn)
+    short, long = context_batch(1, 5, seed=1), context_batch(1, 9, seed=2)
+    input_ids = torch.full((2, 9), model.config.pad_token_id)
+    input_ids[0, :5], input_ids[1] = short[0], long[0]
+    attention_mask = (input_ids != model.config.pad_token_id).long()
+    decoder_short, decoder_long = torch.randint(4, 96, (1, 3)), torch.randint(4, 96, (1, 6))
+    decoder_input_ids = torch.full((2, 6), model.config.pad_token_id)
+    decoder_input_ids[0, :3], decoder_input_ids[1] = decoder_short[0], decoder_long[0]
+    decoder_attention_mask = (decoder_input_ids != model.config.pad_token_id).long()
+    latents = random_latents(model, 2)
+    with torch.no_grad():
+        batched = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            latents=latents,
+        ).logits
+        alone_short = model(input_ids=short, decoder_input_ids=decoder_short, latents=latents[:1]).logits
+        alone_long = model(input_ids=long, decoder_input_ids=decoder_long, latents=latents[1:]).logits
+        # the pooled context vectors (prior condition) ignore padding too
+        _, pooled_batch = model.encode(input_ids, attention_mask)
+        _, pooled_short = model.encode(short, torch.ones_like(short))
+    torch.testing.assert_close(batched[0, :3], alone_short[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1], alone_long[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled_batch[0], pooled_short[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "self_infusion,cross_infusion,matters",
+    [(True, True, True), (True, False, True), (False, True, True), (False, False, False)],
+)
+def test_latents_change_logits_only_through_infusion(tiny_model, self_infusion, cross_infusion, matters):
+    model = tiny_model(self_attention_infusion=self_infusion, cross_attention_infusion=cross_infusion).eval()
+    input_ids, decoder_input_ids = context_batch(), torch.randint(4, 96, (3, 5))
+    with torch.no_grad():
+        a = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=random_latents(model, 3, 1)).logits
+        b = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=random_latents(model, 3, 2)).logits
+    assert (a - b).abs().max().item() > 1e-6 if matters else torch.equal(a, b)
+
+
+def test_memory_dropout_rate_train_only_and_never_the_latent_slot(tiny_model):
+    model = tiny_model(memory_dropout=0.7)
+    mask = torch.ones(64, 256, dtype=torch.long)
+    kept = model.memory_dropout_mask(mask).float().mean().item()
+    assert abs(kept - 0.3) < 0.02
+    padded = mask.clone()
+    padded[:, 100:] = 0
+    assert model.memory_dropout_mask(padded)[:, 100:].sum() == 0  # padding stays masked
+
+    # eval: no memory dropout, i.e. identical to the same weights with p = 0
+    input_ids, decoder_input_ids, latents = context_batch(), torch.randint(4, 96, (3, 5)), random_latents(model, 3)
+    no_dropout = tiny_model(memory_dropout=0.0)
+    no_dropout.load_state_dict(model.state_dict())
+    model.eval(), no_dropout.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=latents).logits,
+            no_dropout(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=latents).logits,
+        )
+
+    # p = 1 in training hides the whole context, but the latent slot still gets through
+    everything = tiny_model(memory_dropout=1.0).train()
+    with torch.no_grad():
+        base = everything(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=latents).logits
+        other_context = everything(
+            input_ids=context_batch(seed=5), decoder_input_ids=decoder_input_ids, latents=latents
+        ).logits
+        other_latents = everything(
+            input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=random_latents(model, 3, 9)
+        ).logits
+    assert torch.isfinite(base).all()
+    torch.testing.assert_close(base, other_context)
+    assert (base - other_latents).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("prior_type", ["diffusion", "gaussian", "standard"])
+def test_overfits_eight_pairs_and_every_parameter_gets_a_gradient(tiny_model, prior_type):
+    model = tiny_model(prior_type=prior_type, label_smoothing=0.0).train()
+    input_ids = context_batch(8, 10, seed=3)
+    labels = torch.randint(4, 96, (8, 6), generator=torch.Generator().manual_seed(4))
+    labels[:, 0], labels[:, -1] = 0, 2
+    labels[:3, 4:] = -100
+
+    out = model(input_ids=input_ids, labels=labels, kl_weight=1.0)
+    out.loss.backward()
+    no_gradient = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert no_gradient == []
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = out.rc_loss.item()
+    for _ in range(80):
+        optimizer.zero_grad()
+        out = model(input_ids=input_ids, labels=labels, kl_weight=0.1)
+        out.loss.backward()
+        optimizer.step()
+    assert out.rc_loss.item() < 0.15 * first
+    if prior_type == "diffusion":
+        assert out.neg_entropy is not None and out.prior_loss is not None
+        torch.testing.assert_close(out.kl_loss, out.neg_entropy + out.prior_loss)
+
+
+def test_generate_draws_one_latent_per_returned_sequence(tiny_model):
+    model = tiny_model().eval()
+    input_ids = context_batch(2, 8)
+    seen = []
+    original = model.sample_latents
+
+    def recording(*args, **kwargs):
+        latents = original(*args, **kwargs)
+        seen.append(latents)
+        return latents
+
+    model.sample_latents = recording
+    decoded_with = []
+    model.register_forward_pre_hook(lambda m, a, kw: decoded_with.append(kw["latents"]), with_kwargs=True)
+    out = model.generate(input_ids, num_return_sequences=4, do_sample=False, max_new_tokens=6)
+    assert out.shape[0] == 8
+    (latents,) = seen
+    assert latents.shape == (8, 2, 8)
+    flat = latents.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(8) * 1e9).min() > 1e-3  # 8 different draws
+    assert all(torch.equal(kw, latents) for kw in decoded_with)
+
+    assert model.generate(input_ids, num_beams=3, num_return_sequences=2, max_new_tokens=6).shape[0] == 4
+    sampled = model.generate(input_ids, do_sample=True, top_k=20, top_p=0.9, num_return_sequences=3, max_new_tokens=6)
+    assert sampled.shape[0] == 6 and sampled.shape[1] <= 7
+
+
+def test_generate_with_given_latents_and_generator_is_reproducible(tiny_model):
+    model = tiny_model().eval()
+    input_ids = context_batch(2, 8)
+    run = lambda seed: model.generate(  # noqa: E731
+        input_ids, max_new_tokens=6, num_return_sequences=2, latent_generator=torch.Generator().manual_seed(seed)
+    )
+    assert torch.equal(run(1), run(1))
+    latents = random_latents(model, 2)
+    a = model.generate(input_ids, latents=latents, max_new_tokens=6)
+    b = model.generate(input_ids, latents=latents, max_new_tokens=6, num_inference_steps=3)
+    assert torch.equal(a, b)  # given latents bypass the prior
+    with pytest.raises(ValueError, match="latents"):
+        model.generate(input_ids, latents=latents[:, :1], max_new_tokens=3)
+
+
+def test_bad_contexts_raise(tiny_model):
+    model = tiny_model().eval()
+    input_ids = context_batch(2, 8)
+    mask = torch.ones_like(input_ids)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"empty context.*\[1\]"):
+        model.generate(input_ids, attention_mask=mask, max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(context_batch(1, 65), max_new_tokens=3)
+
+
+def test_guidance_is_applied_at_every_sampling_step(tiny_model):
+    model = tiny_model(prior_guidance_scale=0.5).eval()
+    prior = model.diffusion_prior
+    calls = []
+
+    class StubDenoiser(torch.nn.Module):
+        def forward(self, noisy, timesteps, condition):
+            calls.append(condition.clone())
+            return torch.zeros_like(noisy) + condition.mean(-1, keepdim=True) + 0.5  # f(0) = 0.5
+
+    prior.denoiser = StubDenoiser()
+    stepped = []
+    original_step = prior.scheduler.step
+    prior.scheduler.step = lambda out, i, x, generator=None: (stepped.append(out), original_step(out, i, x, generator))[1]
+    condition = torch.randn(3, 2 * 32)
+    prior.sample(condition, num_inference_steps=5)
+    assert len(calls) == len(stepped) == 5
+    expected = 1.5 * (condition.mean(-1, keepdim=True) + 0.5) - 0.5 * 0.5
+    for used_condition, output in zip(calls, stepped):
+        torch.testing.assert_close(used_condition, torch.cat([condition, torch.zeros_like(condition)]))
+        torch.testing.assert_close(output, expected.expand_as(output))
+
+
+def test_cfg_dropout_zeroes_the_condition_per_example(tiny_model):
+    model = tiny_model(cfg_dropout=0.5)
+    seen = []
+    model.diffusion_prior.denoiser.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    model.diffusion_prior.loss(torch.randn(400, 16), torch.randn(400, 64) + 3)
+    dropped = (seen[0] == 0).all(-1)
+    assert 0.4 < dropped.float().mean() < 0.6  # per example, not the whole batch at once
+
+
+def test_from_bart_copies_the_backbone(tmp_path):
+    bart_config = BartConfig(**{k: v for k, v in tiny_config_kwargs().items() if k in BartConfig.__dataclass_fields__})
+    torch.manual_seed(0)
+    bart = BartForConditionalGeneration(bart_config).eval()
+    bart.generation_config.num_beams, bart.generation_config.no_repeat_ngram_size = 4, 3  # like facebook/bart-base
+    bart.save_pretrained(tmp_path / "bart")
+    dior = DiorCVAEForConditionalGeneration.from_bart(
+        tmp_path / "bart",
+        latent_size=8,
+        denoiser_hidden_size=32,
+        self_attention_infusion=False,
+        cross_attention_infusion=False,
+        memory_dropout=0.0,
+        num_train_timesteps=20,
+        num_inference_steps=20,
+        beta_start=0.005,
+        beta_end=0.5,
+    ).eval()
+    bart_state = bart.state_dict()
+    for name, tensor in dior.state_dict().items():
+        if name in bart_state:
+            assert torch.equal(tensor, bart_state[name]), name
+    assert set(bart_state) <= set(dior.state_dict())
+    assert dior.generation_config.num_beams in (None, 1) and not dior.generation_config.no_repeat_ngram_size
+    input_ids, decoder_input_ids = context_batch(), torch.randint(4, 96, (3, 5))
+    with torch.no_grad():
+        expected = bart(input_ids=input_ids, decoder_input_ids=decoder_input_ids).logits
+        got = dior(input_ids=input_ids, decoder_input_ids=decoder_input_ids, latents=random_latents(dior, 3)).logits
+    torch.testing.assert_close(got, expected)
+    # the new modules were initialised, not left as garbage
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in dior.hierarchy.parameters())
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("latent_size", 0, "latent_size"),
+        ("memory_dropout", 1.5, "memory_dropout"),
+        ("memory_dropout", -0.1, "memory_dropout"),
+        ("cfg_dropout", 2.0, "cfg_dropout"),
+        ("label_smoothing", -1.0, "label_smoothing"),
+        ("ddim_eta", 1.5, "ddim_eta"),
+        ("num_inference_steps", 100, "num_inference_steps"),
+        ("num_train_timesteps", 0, "num_train_timesteps"),
+        ("prior_type", "flow", "prior_type"),
+        ("prediction_type", "v", "prediction_type"),
+        ("sampler", "euler", "sampler"),
+        ("beta_schedule", "sigmoid", "beta_schedule"),
+        ("prior_guidance_scale", -1.0, "prior_guidance_scale"),
+        ("denoiser_hidden_size", 0, "denoiser_hidden_size"),
+        ("denoiser_layers", -1, "denoiser_layers"),
+        ("decoder_layers", 3, "encoder_layers"),
+    ],
+)
+def test_invalid_config_values_raise(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        DiorCVAEConfig(**{**tiny_config_kwargs(), field: value})
+
+
+def test_the_papers_beta_range_is_rejected():
+    with pytest.raises(ValueError, match="alpha_cumprod"):
+        DiorCVAEConfig(num_train_timesteps=50, num_inference_steps=50, beta_start=5e-6, beta_end=1e-3)
+    with pytest.raises(ValueError, match="memory_dropout"):
+        DiorCVAEConfig(memory_dropout=1.0, cross_attention_infusion=False)
+    DiorCVAEConfig()  # the defaults are valid
+
+
+def test_denoiser_shapes(tiny_model):
+    model = tiny_model()
+    denoiser = model.diffusion_prior.denoiser
+    assert isinstance(denoiser, DiorDenoiser)
+    out = denoiser(torch.randn(5, 16), torch.arange(5), torch.randn(5, 64))
+    assert out.shape == (5, 16)
