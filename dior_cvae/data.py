@@ -1,0 +1,724 @@
+"""Dialogue data loading, tokenisation and batching for Dior-CVAE.
+
+Everything here is plain Python (plus ``torch`` for the collator and
+``transformers``/``tokenizers`` for the tokenizer helpers). The optional
+``datasets`` dependency is imported lazily, and only by the ``*_hub`` loaders.
+
+An *example* is a dict::
+
+    {"context": list[str],   # dialogue turns, oldest first (at least one)
+     "response": str,        # the next turn, to be generated
+     "persona": list[str]}   # persona sentences; may be empty
+
+Loaders
+    * :func:`load_dailydialog_dir` / :func:`load_dailydialog_hub`: DailyDialog,
+      paired exactly like PLATO / DialogVED (76,053 / 7,069 / 6,740 pairs).
+    * :func:`load_personachat_parlai` / :func:`load_personachat_hub`: PersonaChat.
+    * :func:`load_jsonl`: user data, one JSON object per line.
+
+Model inputs
+    * :func:`format_context`, :func:`encode_example`, :func:`encode_examples`.
+    * :class:`DataCollatorForDior`.
+
+Tokenizers
+    * :func:`train_tokenizer`: a byte-level BPE with BART's special tokens, trained offline.
+    * :func:`load_bart_tokenizer_files`: BART's tokenizer from ``vocab.json`` + ``merges.txt``.
+
+Turn separator: following the Dior-CVAE paper (Sec. 2.1), turns are joined with
+the tokenizer's eos token ``</s>`` by default. It is a parameter
+(``turn_separator``) everywhere; it is inserted verbatim, with no spaces
+around it. So each turn is tokenised exactly as the first turn after ``<s>``
+is (no prefix space), which is how BART encodes sentence pairs
+(``<s> A </s></s> B </s>``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataFormatError",
+    "DataCollatorForDior",
+    "DEFAULT_SPLITS",
+    "BART_SPECIAL_TOKENS",
+    "dailydialog_line_to_utterances",
+    "dialog_to_examples",
+    "load_dailydialog_dir",
+    "load_dailydialog_hub",
+    "load_personachat_parlai",
+    "load_personachat_hub",
+    "load_jsonl",
+    "format_context",
+    "encode_example",
+    "encode_examples",
+    "train_tokenizer",
+    "load_bart_tokenizer_files",
+]
+
+Example = dict[str, Any]
+PathLike = str | os.PathLike
+
+DEFAULT_SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+#: BART / RoBERTa special tokens, in id order 0..4 for :func:`train_tokenizer`.
+BART_SPECIAL_TOKENS: tuple[str, ...] = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+
+_EOU = "__eou__"
+_RIGHT_SINGLE_QUOTE = "\u2019"
+
+
+class DataFormatError(ValueError):
+    """A malformed line in a user data file.
+
+    The message starts with ``path:lineno:``; ``path`` and ``lineno`` are also
+    available as attributes.
+    """
+
+    def __init__(self, path: PathLike, lineno: int, reason: str) -> None:
+        self.path = str(path)
+        self.lineno = lineno
+        self.reason = reason
+        super().__init__(f"{self.path}:{lineno}: {reason}")
+
+
+def _open_text(path: PathLike) -> io.TextIOBase:
+    """Open a UTF-8 text file for reading, transparently gunzipping ``*.gz``.
+
+    Universal newlines are *not* translated away beyond ``\\n``; a stray
+    ``\\r`` inside a line is kept (DailyDialog has none).
+    """
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")  # type: ignore[return-value]
+    return open(path, encoding="utf-8", newline="\n")
+
+
+# ---------------------------------------------------------------------------
+# Generic pairing
+# ---------------------------------------------------------------------------
+
+
+def dialog_to_examples(
+    utterances: Sequence[str], persona: Sequence[str] | None = None
+) -> list[Example]:
+    """One example per utterance from the 2nd on; context = all previous turns.
+
+    Utterances are used as given (callers normalise them first).
+    """
+    persona_list = list(persona) if persona else []
+    utts = list(utterances)
+    return [
+        {"context": utts[:i], "response": utts[i], "persona": list(persona_list)}
+        for i in range(1, len(utts))
+    ]
+
+
+# ---------------------------------------------------------------------------
+# DailyDialog
+# ---------------------------------------------------------------------------
+
+
+def _normalise_dailydialog_utterance(text: str) -> str:
+    """PLATO's only normalisation: strip, and map U+2019 to an ASCII apostrophe."""
+    return text.strip().replace(_RIGHT_SINGLE_QUOTE, "'")
+
+
+def dailydialog_line_to_utterances(line: str) -> list[str]:
+    """Split one ijcnlp DailyDialog line into normalised utterances.
+
+    The PLATO / DialogVED rule: split on ``__eou__``, strip each piece, drop the
+    empty last piece (every line ends with ``__eou__``), and replace ``’``
+    (U+2019) with ``'``.
+    """
+    pieces = [p.strip() for p in line.split(_EOU)]
+    if pieces and pieces[-1] == "":
+        pieces.pop()
+    return [p.replace(_RIGHT_SINGLE_QUOTE, "'") for p in pieces]
+
+
+def _find_split_file(folder: Path, split: str) -> Path:
+    candidates = [
+        folder / f"dialogues_{split}.txt",
+        folder / f"dialogues_{split}.txt.gz",
+        folder / f"{split}.txt",
+        folder / f"{split}.txt.gz",
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"DailyDialog split {split!r} not found: none of "
+        + ", ".join(str(c) for c in candidates)
+        + " exists"
+    )
+
+
+def load_dailydialog_dir(
+    path: PathLike, splits: Sequence[str] = DEFAULT_SPLITS
+) -> dict[str, list[Example]]:
+    """Load DailyDialog (context, response) pairs from a folder.
+
+    For each split the folder must hold one of ``dialogues_{split}.txt``,
+    ``dialogues_{split}.txt.gz`` (the ijcnlp release names) or ``{split}.txt``,
+    ``{split}.txt.gz`` (tried in that order); one dialogue per line, utterances
+    separated by ``__eou__``.
+
+    Pairs follow PLATO / DialogVED exactly (see
+    :func:`dailydialog_line_to_utterances`): the official files give
+    76,053 / 7,069 / 6,740 pairs and the validation/test pairs, rendered as
+    ``" __eou__ ".join(context) + "\\t" + response``, equal PLATO's
+    ``dial.valid`` / ``dial.test`` line for line. ``persona`` is always ``[]``.
+
+    Raises:
+        FileNotFoundError: a split file is missing (the message names the paths tried).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"DailyDialog folder not found: {folder}")
+    result: dict[str, list[Example]] = {}
+    for split in splits:
+        file = _find_split_file(folder, split)
+        examples: list[Example] = []
+        with _open_text(file) as handle:
+            for line in handle:
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                examples.extend(dialog_to_examples(dailydialog_line_to_utterances(line)))
+        result[split] = examples
+    return result
+
+
+def load_dailydialog_hub(
+    name: str = "daily_dialog", splits: Sequence[str] = DEFAULT_SPLITS, **load_kwargs: Any
+) -> dict[str, list[Example]]:
+    """Load DailyDialog from the HuggingFace Hub with the same pairing rule.
+
+    Uses ``datasets.load_dataset(name, **load_kwargs)`` (imported lazily); each
+    row's ``"dialog"`` field is a list of utterances. Needs network access, so
+    it is not exercised by the offline test-suite.
+    """
+    from datasets import load_dataset  # lazy: optional dependency
+
+    dataset = load_dataset(name, **load_kwargs)
+    result: dict[str, list[Example]] = {}
+    for split in splits:
+        examples: list[Example] = []
+        for row in dataset[split]:
+            utts = [_normalise_dailydialog_utterance(u) for u in row["dialog"]]
+            while utts and utts[-1] == "":
+                utts.pop()
+            examples.extend(dialog_to_examples(utts))
+        result[split] = examples
+    return result
+
+
+# ---------------------------------------------------------------------------
+# PersonaChat
+# ---------------------------------------------------------------------------
+
+_SELF_PERSONA = "your persona:"
+_PARTNER_PERSONA = "partner's persona:"
+_SILENCE = {"__SILENCE__", "__ SILENCE __"}
+
+
+def _flush_episode(
+    persona: list[str], turns: list[tuple[str, str]], out: list[Example]
+) -> None:
+    history: list[str] = []
+    for partner, self_utt in turns:
+        if partner not in _SILENCE:
+            history.append(partner)
+        if history:  # the self speaker opened the episode: nothing to condition on
+            out.append({"context": list(history), "response": self_utt, "persona": list(persona)})
+        history.append(self_utt)
+
+
+def load_personachat_parlai(path: PathLike) -> list[Example]:
+    """Load PersonaChat in ParlAI's "original" text format (``.txt`` or ``.txt.gz``).
+
+    Each line is ``N text``; ``N`` restarts at 1 for every episode and otherwise
+    increases by one. An episode starts with ``N your persona: ...`` lines
+    (``partner's persona:`` lines, as in the ``both_*`` variants, are ignored),
+    followed by turn lines ``N partner\\tself\\t\\tcand1|cand2|...`` (reward and
+    candidates are optional and ignored).
+
+    Returns one example per *self* utterance, with ``context`` = all earlier
+    turns of the episode (partner first, alternating) and ``persona`` = the
+    ``your persona:`` sentences (prefix removed). A ``__SILENCE__`` partner turn
+    (ConvAI2) is left out of the context; a self turn with no preceding turn
+    yields no example but stays in the history.
+
+    Raises:
+        ValueError: a malformed line; the message starts with ``path:lineno:``.
+    """
+    path = Path(path)
+    out: list[Example] = []
+    persona: list[str] = []
+    turns: list[tuple[str, str]] = []
+    prev_number = 0
+    with _open_text(path) as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            number_str, sep, text = line.partition(" ")
+            if not sep or not number_str.isdigit():
+                raise ValueError(f"{path}:{lineno}: expected 'N text' with a line number N, got {line[:60]!r}")
+            number = int(number_str)
+            if number == 1:
+                if prev_number:
+                    _flush_episode(persona, turns, out)
+                persona, turns = [], []
+            elif number != prev_number + 1:
+                raise ValueError(
+                    f"{path}:{lineno}: line number {number} does not follow {prev_number} "
+                    "(numbering must restart at 1 or increase by 1)"
+                )
+            prev_number = number
+
+            if text.startswith(_SELF_PERSONA):
+                if turns:
+                    raise ValueError(f"{path}:{lineno}: persona line after the dialogue turns of an episode")
+                sentence = text[len(_SELF_PERSONA):].strip()
+                if not sentence:
+                    raise ValueError(f"{path}:{lineno}: empty persona sentence")
+                persona.append(sentence)
+                continue
+            if text.startswith(_PARTNER_PERSONA):
+                continue
+            fields = text.split("\t")
+            if len(fields) < 2:
+                raise ValueError(
+                    f"{path}:{lineno}: expected 'partner<TAB>self[<TAB><TAB>candidates]', found no TAB"
+                )
+            partner, self_utt = fields[0].strip(), fields[1].strip()
+            if not partner or not self_utt:
+                raise ValueError(f"{path}:{lineno}: empty partner or self utterance")
+            turns.append((partner, self_utt))
+    if prev_number:
+        _flush_episode(persona, turns, out)
+    return out
+
+
+def load_personachat_hub(
+    name: str = "bavard/personachat_truecased",
+    splits: Sequence[str] = ("train", "validation"),
+    **load_kwargs: Any,
+) -> dict[str, list[Example]]:
+    """Best-effort PersonaChat loader from the Hub (UNTESTED: no network offline).
+
+    Expects the ``bavard/personachat_truecased`` schema: one row per response,
+    with ``personality`` (list[str]), ``history`` (list[str], partner first) and
+    ``candidates`` (list[str], the gold response last). ``__ SILENCE __`` turns
+    are dropped; rows left without context are skipped.
+    """
+    from datasets import load_dataset  # lazy: optional dependency
+
+    dataset = load_dataset(name, **load_kwargs)
+    result: dict[str, list[Example]] = {}
+    for split in splits:
+        examples: list[Example] = []
+        for row in dataset[split]:
+            context = [t.strip() for t in row["history"] if t.strip() and t.strip() not in _SILENCE]
+            response = row["candidates"][-1].strip()
+            if context and response:
+                persona = [p.strip() for p in row.get("personality") or [] if p.strip()]
+                examples.append({"context": context, "response": response, "persona": persona})
+        result[split] = examples
+    return result
+
+
+# ---------------------------------------------------------------------------
+# JSON Lines (user data)
+# ---------------------------------------------------------------------------
+
+
+def _parse_jsonl_record(obj: Any) -> Example:
+    """Validate one decoded JSON value; raise ``ValueError(reason)`` if it is bad."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "context" not in obj:
+        raise ValueError('missing field "context"')
+    if "response" not in obj:
+        raise ValueError('missing field "response"')
+
+    raw_context = obj["context"]
+    if isinstance(raw_context, str):
+        raw_context = [raw_context]
+    elif not isinstance(raw_context, list):
+        raise ValueError(f'"context" must be a string or a list of strings, got {type(raw_context).__name__}')
+    context: list[str] = []
+    for i, turn in enumerate(raw_context):
+        if not isinstance(turn, str):
+            raise ValueError(f'"context" turn {i} must be a string, got {type(turn).__name__}')
+        if not turn.strip():
+            raise ValueError(f'"context" turn {i} is empty')
+        context.append(turn.strip())
+    if not context:
+        raise ValueError('"context" is empty')
+
+    response = obj["response"]
+    if not isinstance(response, str):
+        raise ValueError(f'"response" must be a string, got {type(response).__name__}')
+    if not response.strip():
+        raise ValueError('"response" is empty')
+
+    raw_persona = obj.get("persona")
+    if raw_persona is None:
+        raw_persona = []
+    elif isinstance(raw_persona, str):
+        raw_persona = [raw_persona]
+    elif not isinstance(raw_persona, list):
+        raise ValueError(f'"persona" must be a string or a list of strings, got {type(raw_persona).__name__}')
+    persona: list[str] = []
+    for i, sentence in enumerate(raw_persona):
+        if not isinstance(sentence, str):
+            raise ValueError(f'"persona" entry {i} must be a string, got {type(sentence).__name__}')
+        if sentence.strip():
+            persona.append(sentence.strip())
+
+    return {"context": context, "response": response.strip(), "persona": persona}
+
+
+def load_jsonl(path: PathLike, skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+    """Load user examples from a JSON Lines file (``.jsonl`` or ``.jsonl.gz``).
+
+    Each non-blank line is an object with ``"context"`` (a string = one turn, or
+    a list of non-empty turn strings, oldest first), ``"response"`` (a non-empty
+    string) and optionally ``"persona"`` (a string or a list of strings). Other
+    fields are ignored; strings are stripped; blank lines are ignored.
+
+    Args:
+        path: the file.
+        skip_bad_lines: if False (default), the first bad line raises
+            :class:`DataFormatError`. If True, bad lines are skipped, each one
+            logged as a warning with ``path:lineno``, and counted.
+
+    Returns:
+        ``(examples, n_skipped)``.
+
+    Raises:
+        DataFormatError: a bad line (invalid JSON, missing field, wrong type,
+            empty context or response); the message starts with ``path:lineno:``.
+    """
+    path = Path(path)
+    examples: list[Example] = []
+    skipped = 0
+    opener = (
+        (lambda: gzip.open(path, "rt", encoding="utf-8-sig"))
+        if path.suffix == ".gz"
+        else (lambda: open(path, encoding="utf-8-sig"))
+    )
+    with opener() as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+                example = _parse_jsonl_record(obj)
+            except ValueError as exc:
+                error = DataFormatError(path, lineno, str(exc))
+                if not skip_bad_lines:
+                    raise error from None
+                logger.warning("skipping bad line %s", error)
+                skipped += 1
+                continue
+            examples.append(example)
+    if skipped:
+        logger.warning("%s: skipped %d bad line(s), kept %d example(s)", path, skipped, len(examples))
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------
+
+
+def format_context(example: Mapping[str, Any], turn_separator: str) -> str:
+    """The source text: persona sentences first, then the context turns, all joined
+    with ``turn_separator`` (inserted verbatim, e.g. ``"</s>"``)."""
+    persona = list(example.get("persona") or [])
+    return turn_separator.join(persona + list(example["context"]))
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise ValueError("the tokenizer needs a bos_token and an eos_token (e.g. <s> and </s>)")
+    return bos, eos
+
+
+def _check_context(example: Mapping[str, Any]) -> None:
+    context = example.get("context")
+    if not context or not any(isinstance(t, str) and t.strip() for t in context):
+        raise ValueError("the example has an empty context (at least one non-empty turn is needed)")
+
+
+def _check_lengths(max_source_length: int, max_target_length: int) -> None:
+    if max_source_length < 3 or max_target_length < 3:
+        raise ValueError(
+            "max_source_length and max_target_length must be >= 3 "
+            f"(got {max_source_length}, {max_target_length})"
+        )
+
+
+def _wrap_left_truncated(ids: Sequence[int], bos: int, eos: int, max_length: int) -> list[int]:
+    """``<s> ids </s>``; if too long, drop tokens from the left of ``ids``."""
+    body = list(ids)[-(max_length - 2):] if len(ids) > max_length - 2 else list(ids)
+    return [bos, *body, eos]
+
+
+def _wrap_right_truncated(ids: Sequence[int], bos: int, eos: int, max_length: int) -> list[int]:
+    """``<s> ids </s>``; if too long, drop tokens from the right of ``ids``."""
+    return [bos, *list(ids)[: max_length - 2], eos]
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    example: Mapping[str, Any],
+    max_source_length: int = 512,
+    max_target_length: int = 128,
+    turn_separator: str | None = None,
+) -> dict[str, list[int]]:
+    """Tokenise one example.
+
+    ``input_ids`` = ``<s> format_context(example) </s>``, truncated from the
+    LEFT to ``max_source_length`` (the most recent turns are kept; ``<s>`` stays
+    first and ``</s>`` last). ``labels`` = ``<s> response </s>``, truncated from
+    the right to ``max_target_length`` (``</s>`` stays last). Special tokens are
+    the tokenizer's bos/eos. ``labels`` is left out if the example has no
+    ``"response"`` (or it is None), e.g. at inference time.
+
+    ``turn_separator`` defaults to the tokenizer's eos token (``</s>``).
+
+    Raises:
+        ValueError: empty context, lengths < 3, or no bos/eos in the tokenizer.
+    """
+    return encode_examples(
+        tokenizer,
+        [example],
+        max_source_length=max_source_length,
+        max_target_length=max_target_length,
+        turn_separator=turn_separator,
+        show_progress=False,
+    )[0]
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Mapping[str, Any]],
+    max_source_length: int = 512,
+    max_target_length: int = 128,
+    turn_separator: str | None = None,
+    desc: str = "Tokenizing",
+    batch_size: int = 1000,
+    show_progress: bool = True,
+) -> list[dict[str, list[int]]]:
+    """Tokenise many examples (see :func:`encode_example` for the layout).
+
+    Texts are tokenised in batches with ``add_special_tokens=False`` and the
+    specials/truncation are added in Python, so 76k DailyDialog pairs take a
+    few seconds with a fast tokenizer. Shows a tqdm bar labelled ``desc``
+    unless ``show_progress`` is False.
+    """
+    _check_lengths(max_source_length, max_target_length)
+    bos, eos = _special_ids(tokenizer)
+    separator = tokenizer.eos_token if turn_separator is None else turn_separator
+    for i, example in enumerate(examples):
+        try:
+            _check_context(example)
+        except ValueError as exc:
+            raise ValueError(f"example {i}: {exc}") from None
+
+    from tqdm.auto import tqdm
+
+    encoded: list[dict[str, list[int]]] = []
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress or len(examples) == 0):
+        batch = examples[start : start + batch_size]
+        sources = [format_context(ex, separator) for ex in batch]
+        source_ids = tokenizer(sources, add_special_tokens=False, verbose=False)["input_ids"]
+        has_target = [ex.get("response") is not None for ex in batch]
+        targets = [ex["response"] for ex, has in zip(batch, has_target) if has]
+        target_ids = iter(
+            tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"] if targets else []
+        )
+        for src, has in zip(source_ids, has_target):
+            item = {"input_ids": _wrap_left_truncated(src, bos, eos, max_source_length)}
+            if has:
+                item["labels"] = _wrap_right_truncated(next(target_ids), bos, eos, max_target_length)
+            encoded.append(item)
+    return encoded
+
+
+# ---------------------------------------------------------------------------
+# Collator
+# ---------------------------------------------------------------------------
+
+
+class DataCollatorForDior:
+    """Pad encoded examples into a batch of ``torch.long`` tensors.
+
+    Returns ``input_ids`` (right-padded with ``pad_token_id``), ``attention_mask``
+    (1 = token, 0 = padding) and, if the examples have them, ``labels``
+    (right-padded with ``label_pad_token_id``, -100 by default, which the loss
+    ignores). With ``pad_to_multiple_of`` each padded length is rounded up to a
+    multiple of it. Other keys are ignored.
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int,
+        label_pad_token_id: int = -100,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError("pad_to_multiple_of must be a positive integer or None")
+        self.pad_token_id = pad_token_id
+        self.label_pad_token_id = label_pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pad_token_id={self.pad_token_id}, "
+            f"label_pad_token_id={self.label_pad_token_id}, pad_to_multiple_of={self.pad_to_multiple_of})"
+        )
+
+    def _target_length(self, length: int) -> int:
+        m = self.pad_to_multiple_of
+        if m:
+            length = -(-length // m) * m
+        return length
+
+    def _pad(self, sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        length = self._target_length(max(len(s) for s in sequences))
+        ids = torch.full((len(sequences), length), value, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        return ids, mask
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        as_list = [list(map(int, f["input_ids"])) for f in features]
+        input_ids, attention_mask = self._pad(as_list, self.pad_token_id)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        with_labels = ["labels" in f and f["labels"] is not None for f in features]
+        if any(with_labels):
+            if not all(with_labels):
+                raise ValueError("either all or none of the examples in a batch must have labels")
+            labels, _ = self._pad([list(map(int, f["labels"])) for f in features], self.label_pad_token_id)
+            batch["labels"] = labels
+        return batch
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8000, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with BART's special tokens (fully offline).
+
+    Ids ``<s>``=0, ``<pad>``=1, ``</s>``=2, ``<unk>``=3, ``<mask>``=4 (BartConfig's
+    bos/pad/eos defaults); the full 256-byte alphabet is included, so no text is
+    ever unknown; a ``RobertaProcessing`` post-processor gives ``<s> x </s>``
+    (pairs ``<s> a </s></s> b </s>``). For models trained from scratch.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts_list = texts if isinstance(texts, (list, tuple)) else list(texts)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(BART_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts_list, trainer=trainer, length=len(texts_list))
+    for token_id, token in enumerate(BART_SPECIAL_TOKENS):
+        if tok.token_to_id(token) != token_id:  # pragma: no cover - guards a tokenizers change
+            raise RuntimeError(f"special token {token} got id {tok.token_to_id(token)}, expected {token_id}")
+    # RobertaProcessing takes positional (sep, cls); the keywords raise TypeError.
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True),
+        model_max_length=model_max_length,
+    )
+
+
+def load_bart_tokenizer_files(
+    directory: PathLike, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """BART's (= RoBERTa's) fast tokenizer from a folder with ``vocab.json`` and ``merges.txt``.
+
+    Note: with transformers v5, ``BartTokenizerFast(vocab_file=..., merges_file=...)``
+    silently ignores both files and builds a 5-token vocabulary, so the files
+    are read here and passed as ``vocab=`` / ``merges=``. The result is checked:
+    ``"Hello world"`` must encode to ``[0, 31414, 232, 2]``.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: the files do not give BART's ids.
+    """
+    from tokenizers import AddedToken
+    from transformers import BartTokenizerFast
+
+    directory = Path(directory)
+    vocab_path, merges_path = directory / "vocab.json", directory / "merges.txt"
+    for p in (vocab_path, merges_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {p}")
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(merges_path, encoding="utf-8") as f:
+        merges = [
+            tuple(line.split(" "))
+            for line in f.read().split("\n")
+            if line and not line.startswith("#version")
+        ]
+    tokenizer = BartTokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        mask_token=AddedToken("<mask>", lstrip=True, rstrip=False, normalized=False, special=True),
+        model_max_length=model_max_length,
+    )
+    ids = tokenizer("Hello world")["input_ids"]
+    if list(ids) != [0, 31414, 232, 2]:
+        raise ValueError(f"{directory}: 'Hello world' encodes to {ids}, expected BART's [0, 31414, 232, 2]")
+    return tokenizer
