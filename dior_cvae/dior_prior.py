@@ -109,6 +109,10 @@ class DiffusionPrior(nn.Module):
         """Draw z ~ p(z | c) by running the reverse process from pure noise: (B, E)."""
         steps = num_inference_steps or self.config.num_inference_steps
         guidance = self.config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
+        if (self.scheduler.sampler, self.scheduler.eta, self.scheduler.clip_sample) != (
+            self.config.sampler, self.config.ddim_eta, self.config.clip_sample
+        ):  # the sampler settings were changed on the config (e.g. `model.config.sampler = "ddim"`)
+            self.scheduler = DiorScheduler(self.config)
         if self.scheduler.num_inference_steps != steps or self.scheduler.timesteps.device != condition.device:
             self.scheduler.set_timesteps(steps, condition.device)
         shape = (condition.shape[0], self.config.total_latent_size)

@@ -99,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int)
     p.add_argument("--num_inference_steps", type=int, help="prior denoising steps (default: the config's)")
     p.add_argument("--prior_guidance_scale", type=float, help="prior guidance weight (default: the config's)")
+    p.add_argument("--prior_sampler", choices=["ddpm", "ddim"], help="prior sampler (default: the config's)")
     p.add_argument("--seed", type=int, default=42)
 
     p.add_argument("--turn_separator", help="default: the tokenizer's eos token, as in training")
@@ -219,7 +220,7 @@ def build_generation_config(args: argparse.Namespace, model):
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and params["max_new_tokens"] > limit - 2:
-        # decoder positions: decoder start token + generated tokens (+1 latent slot shift in Dior-CVAE)
+        # decoder positions: decoder start token + generated tokens
         logger.warning("--max_new_tokens %d capped at %d (max_position_embeddings)", params["max_new_tokens"], limit - 2)
         params["max_new_tokens"] = limit - 2
     params["num_return_sequences"] = args.num_samples
@@ -232,6 +233,10 @@ def build_generation_config(args: argparse.Namespace, model):
 def prior_kwargs(args: argparse.Namespace, model, generator: torch.Generator) -> dict:
     """The prior settings, passed only to models whose generate() takes them (Dior-CVAE does)."""
     accepted = inspect.signature(model.generate).parameters
+    if args.prior_sampler is not None:
+        if getattr(model.config, "sampler", None) is None:
+            raise SystemExit("--prior_sampler needs a Dior-CVAE model with a diffusion prior")
+        model.config.sampler = args.prior_sampler  # the prior rebuilds its scheduler on the next sample
     kwargs = {"latent_generator": generator}
     if args.num_inference_steps is not None:
         kwargs["num_inference_steps"] = args.num_inference_steps

@@ -312,3 +312,14 @@ def test_denoiser_shapes(tiny_model):
     assert isinstance(denoiser, DiorDenoiser)
     out = denoiser(torch.randn(5, 16), torch.arange(5), torch.randn(5, 64))
     assert out.shape == (5, 16)
+
+
+def test_changing_the_sampler_on_the_config_takes_effect(tiny_model):
+    model = tiny_model(sampler="ddpm").eval()
+    context_vectors = torch.randn(2, 2, 32)
+    ddpm = model.sample_latents(context_vectors, generator=torch.Generator().manual_seed(0))
+    model.config.sampler = "ddim"
+    ddim = model.sample_latents(context_vectors, generator=torch.Generator().manual_seed(0))
+    assert model.diffusion_prior.scheduler.sampler == "ddim"
+    assert not torch.allclose(ddpm, ddim)
+    assert model.sample_latents(context_vectors, num_inference_steps=4).shape == (2, 2, 8)
