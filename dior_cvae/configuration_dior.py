@@ -53,6 +53,12 @@ class DiorCVAEConfig(BartConfig):
             What the denoiser predicts: `"epsilon"` (the authors' code) or `"sample"` (x0, the paper's Eq. 5).
         sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (ancestral, the authors' code) or `"ddim"` (Alg. 1).
         ddim_eta (`float`, defaults to 0.0): Noise scale σ of the DDIM update (0 = deterministic).
+        prior_loss_weighting (`str`, defaults to `"vlb"`):
+            Weight of the denoiser's squared error in the KL term. `"vlb"`: DDPM's variational-bound weights, so
+            that E[log q(z)] + this term estimates KL(q ‖ p) and cannot go below zero on average. `"simple"`: unit
+            weight as in the authors' code — not a bound: the E[log q(z)] term then keeps widening the posterior
+            (we saw the KL term reach −577 within 300 updates, posterior σ at its clamp), drowning the latent in
+            noise.
         clip_sample (`bool`, defaults to `False`):
             Clamp the predicted x0 to [-1, 1] at every sampling step. The authors do; posterior samples are not
             bounded, so clipping shifts prior samples away from what the decoder was trained on.
@@ -103,6 +109,7 @@ class DiorCVAEConfig(BartConfig):
     beta_start: float = 0.002
     beta_end: float = 0.4
     prediction_type: str = "epsilon"
+    prior_loss_weighting: str = "vlb"
     sampler: str = "ddpm"
     ddim_eta: float = 0.0
     clip_sample: bool = False
@@ -139,6 +146,7 @@ class DiorCVAEConfig(BartConfig):
             probability(name)
         one_of("prior_type", PRIOR_TYPES)
         one_of("prediction_type", PREDICTION_TYPES)
+        one_of("prior_loss_weighting", ("vlb", "simple"))
         one_of("sampler", SAMPLERS)
         one_of("beta_schedule", BETA_SCHEDULES)
         if not isinstance(self.prior_guidance_scale, (int, float)) or self.prior_guidance_scale < 0:

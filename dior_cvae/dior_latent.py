@@ -10,9 +10,10 @@ import torch
 from torch import nn
 from transformers.models.bart.modeling_bart import ALL_ATTENTION_FUNCTIONS, BartAttention, eager_attention_forward
 
-from .dior_fast import fit_static_cross_cache
+from .dior_fast import fit_static_cross_cache, shared_slot_mask, slot_stash, store_slot
 
-LOG_STD_MIN, LOG_STD_MAX = -7.0, 2.0
+# σ ≤ 1: posterior noise never exceeds the unit scale of the prior's noise (the authors allow σ up to 12)
+LOG_STD_MIN, LOG_STD_MAX = -7.0, 0.0
 
 
 class AttentionPooling(nn.Module):
@@ -167,7 +168,9 @@ class LatentSlotAttention(BartAttention):
     This is exactly the authors' decoder (a slot at position 0 replaced by Linear_l(z_l) before every layer and
     prepended to the cross-attention memory), without materialising the slot: its own query output was discarded.
     Self-attention caches hold only real tokens (so positions are BART's); the cross-attention cache holds
-    [slot; encoder states], computed once. The weights keep BART's names, so BART checkpoints load unchanged.
+    [slot; encoder states], computed once, and the self-attention slot's key/value is computed once per cache too
+    (kept beside it, see `dior_fast.slot_stash`): one latent per sequence for a cache's lifetime, as before. The
+    weights keep BART's names, so BART checkpoints load unchanged.
     """
 
     def __init__(self, *args, infuse: bool = True, **kwargs):
@@ -177,22 +180,38 @@ class LatentSlotAttention(BartAttention):
     def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
                 latent_memory=None, **kwargs):
         is_cross_attention = key_value_states is not None
-        infuse = self.infuse and latent_memory is not None
         batch, query_length = hidden_states.shape[:2]
         head_shape = (batch, -1, self.num_heads, self.head_dim)
         query_states = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
 
-        cache = None
+        cache = stash = None
+        primed = False  # this layer's cross-attention cache is filled: the slot was projected at the first step
         if past_key_values is not None:
             cache = past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
-        slot = latent_memory[:, self.layer_idx : self.layer_idx + 1] if infuse else None  # (B, 1, d)
+            stash = slot_stash(past_key_values)
+            primed = bool(past_key_values.is_updated.get(self.layer_idx))
+        # with a primed cache the slot's keys/values are stored (cross: in the cache; self: in the stash), so
+        # `latent_memory` may be left out of later steps
+        slot_key_states = None
+        if is_cross_attention:
+            recorded = stash.get(("cross", self.layer_idx)) if primed else None  # whether the cache holds a slot
+            infuse = recorded if recorded is not None else (self.infuse and latent_memory is not None)
+        else:
+            if primed and self.infuse:
+                slot_key_states = stash.get(("self", self.layer_idx))
+                if slot_key_states is not None and slot_key_states[0].shape[0] != batch:
+                    if latent_memory is None:
+                        raise ValueError("the cache's batch changed since its first step: pass `latent_memory` again")
+                    slot_key_states = None  # rows were selected/expanded since: recompute
+            infuse = self.infuse and (latent_memory is not None or slot_key_states is not None)
 
-        if is_cross_attention and cache is not None and past_key_values.is_updated.get(self.layer_idx):
-            key_states = cache.layers[self.layer_idx].keys  # already [slot; memory]
+        if is_cross_attention and primed:
+            key_states = cache.layers[self.layer_idx].keys  # already [slot; memory] when infused
             value_states = cache.layers[self.layer_idx].values
         else:
             current_states = key_value_states if is_cross_attention else hidden_states
             if is_cross_attention and infuse:
+                slot = latent_memory[:, self.layer_idx : self.layer_idx + 1]  # (B, 1, d)
                 current_states = torch.cat([slot.to(current_states.dtype), current_states], dim=1)
             key_states = self.k_proj(current_states).view(head_shape).transpose(1, 2)
             value_states = self.v_proj(current_states).view(head_shape).transpose(1, 2)
@@ -202,16 +221,23 @@ class LatentSlotAttention(BartAttention):
                 key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
                 if is_cross_attention:
                     past_key_values.is_updated[self.layer_idx] = True
+                    stash[("cross", self.layer_idx)] = infuse
 
         if infuse:
             if not is_cross_attention:
-                slot = slot.to(hidden_states.dtype)
-                slot_key = self.k_proj(slot).view(head_shape).transpose(1, 2)
-                slot_value = self.v_proj(slot).view(head_shape).transpose(1, 2)
-                key_states = torch.cat([slot_key, key_states], dim=2)
-                value_states = torch.cat([slot_value, value_states], dim=2)
-            attention_mask = _prepend_visible_column(
-                attention_mask, query_length, key_states.shape[2] - 1, not is_cross_attention, hidden_states
+                if slot_key_states is None:
+                    slot = latent_memory[:, self.layer_idx : self.layer_idx + 1].to(hidden_states.dtype)
+                    slot_key_states = (
+                        self.k_proj(slot).view(head_shape).transpose(1, 2),
+                        self.v_proj(slot).view(head_shape).transpose(1, 2),
+                    )
+                    if stash is not None:
+                        slot_key_states = store_slot(stash, ("self", self.layer_idx), slot_key_states)
+                key_states = torch.cat([slot_key_states[0], key_states], dim=2)
+                value_states = torch.cat([slot_key_states[1], value_states], dim=2)
+            attention_mask = shared_slot_mask(  # built by the first layer, reused by the others
+                stash, _prepend_visible_column, attention_mask, query_length, key_states.shape[2] - 1,
+                not is_cross_attention, hidden_states,
             )
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(

@@ -72,23 +72,27 @@ class DiffusionPrior(nn.Module):
         self.scheduler = DiorScheduler(config)
 
     def loss(self, latents: torch.Tensor, condition: torch.Tensor, generator=None) -> torch.Tensor:
-        """Regression term of Eq. 16 per example (B,): ½‖f − target‖² summed over the E latent dimensions.
+        """The cross-entropy term of Eq. 16 per example (B,): an estimate of −log p(z | c) for posterior samples.
 
-        `latents` (B, E) are posterior samples; `condition` (B, L·d). The target is ε or z_0 by `prediction_type`,
-        with unit weight on every timestep (the authors' "simple" loss; the paper's 1/(2σ_t²) weight explodes at
-        small t)."""
+        `latents` (B, E) are posterior samples, `condition` (B, L·d). One timestep per example; the denoiser
+        regresses ε or z_0 (`prediction_type`). With `prior_loss_weighting="vlb"` the squared error is weighted as
+        in DDPM's variational bound (T·λ_t, plus the decoder normaliser and the terminal KL), so that together
+        with E[log q] it is a KL estimate; `"simple"` is ½‖f − target‖² with unit weight (the authors' code)."""
         batch = latents.shape[0]
-        timesteps = torch.randint(
-            0, self.scheduler.num_train_timesteps, (batch,), generator=generator, device=latents.device
-        )
+        scheduler = self.scheduler
+        timesteps = torch.randint(0, scheduler.num_train_timesteps, (batch,), generator=generator, device=latents.device)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
         if self.config.cfg_dropout > 0:
             keep = torch.rand(batch, 1, generator=generator, device=latents.device) >= self.config.cfg_dropout
             condition = condition * keep.to(condition.dtype)
         prediction = self.denoiser(noisy, timesteps, condition)
         target = noise if self.config.prediction_type == "epsilon" else latents
-        return 0.5 * (prediction.float() - target.float()).pow(2).sum(-1)
+        squared_error = (prediction.float() - target.float()).pow(2).sum(-1)
+        if self.config.prior_loss_weighting == "simple":
+            return 0.5 * squared_error
+        weights = scheduler.vlb_weights_on(latents.device, self.config.prediction_type)[timesteps]
+        return weights * squared_error + latents.shape[1] * scheduler.vlb_constant_per_dim + scheduler.terminal_kl(latents)
 
     def guided_prediction(self, noisy, timestep: int, condition, guidance: float) -> torch.Tensor:
         """(1 + w)·f(z_t, t, c) − w·f(z_t, t, 0); both branches in one batch."""

@@ -57,7 +57,16 @@ class DiorScheduler:
         self.clip_sample = config.clip_sample
         self.betas = make_betas(config)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        # Variational bound of DDPM in ε form: −log p(z_0) ≤ Σ_t λ_t ‖ε − ε̂(z_t, t)‖² + C + KL(q(z_T|z_0) ‖ N(0, I)),
+        # λ_t = β_t / (2 α_t (1 − ᾱ_{t−1})) for t ≥ 1 (reverse variance β̃_t), λ_0 = 1 / (2 α_0) from the
+        # Gaussian decoder term −log N(z_0; μ̂, β_0) whose normaliser is C = ½ log(2π β_0) per dimension.
+        alphas = 1.0 - self.betas
+        alphas_cumprod_prev = torch.cat([torch.ones_like(alphas[:1]), self.alphas_cumprod[:-1]])
+        self.vlb_weights = self.betas / (2 * alphas * (1 - alphas_cumprod_prev).clamp(min=1e-20))
+        self.vlb_weights[0] = 1 / (2 * alphas[0])
+        self.vlb_constant_per_dim = 0.5 * math.log(2 * math.pi * float(self.betas[0]))
         self._alphas_cumprod_on = {}
+        self._vlb_weights_on = {}
         self.set_timesteps(config.num_inference_steps)
 
     def alphas_cumprod_on(self, device, dtype=torch.float32) -> torch.Tensor:
@@ -65,6 +74,21 @@ class DiorScheduler:
         if key not in self._alphas_cumprod_on:
             self._alphas_cumprod_on[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
         return self._alphas_cumprod_on[key]
+
+    def vlb_weights_on(self, device, prediction_type: str) -> torch.Tensor:
+        """Per-timestep weight of the summed squared error of the `prediction_type` output in T·L_t."""
+        key = (torch.device(device), prediction_type)
+        if key not in self._vlb_weights_on:
+            weights = self.num_train_timesteps * self.vlb_weights
+            if prediction_type == "sample":  # ‖ε − ε̂‖² = ᾱ_t / (1 − ᾱ_t) ‖z_0 − ẑ_0‖²
+                weights = weights * self.alphas_cumprod / (1 - self.alphas_cumprod)
+            self._vlb_weights_on[key] = weights.to(device=device, dtype=torch.float32)
+        return self._vlb_weights_on[key]
+
+    def terminal_kl(self, sample: torch.Tensor) -> torch.Tensor:
+        """KL(q(z_T | z_0) ‖ N(0, I)) summed over the last dimension: (B,)."""
+        alpha_bar = float(self.alphas_cumprod[-1])
+        return 0.5 * (alpha_bar * sample.float().pow(2) - alpha_bar - math.log(1 - alpha_bar)).sum(-1)
 
     def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.LongTensor) -> torch.Tensor:
         """q(z_t | z_0) = N(√ᾱ_t z_0, (1 − ᾱ_t) I); `timesteps` (B,) in [0, T)."""

@@ -57,3 +57,32 @@ def test_add_noise_matches_diffusers():
 def test_default_schedule_reaches_noise():
     alpha_bar_T = torch.cumprod(1 - make_betas(DiorCVAEConfig()), 0)[-1].item()
     assert alpha_bar_T < 1e-4
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_vlb_weights_equal_the_ddpm_kl_terms(prediction):
+    """T·λ_t‖f − target‖² must be T times KL(q(z_{t-1} | z_t, z_0) ‖ p(z_{t-1} | z_t)) for t ≥ 1, written out here
+    from the DDPM posterior (float64), and T times the Gaussian decoder NLL (minus its normaliser) for t = 0."""
+    config = DiorCVAEConfig(prediction_type=prediction)
+    scheduler = DiorScheduler(config)
+    betas, abar = scheduler.betas, scheduler.alphas_cumprod
+    weights = scheduler.vlb_weights_on("cpu", prediction).double()
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    out = torch.randn(16, generator=g, dtype=torch.float64)  # the denoiser's output
+    T = config.num_train_timesteps
+    for t in (0, 1, 7, 30, T - 1):
+        zt = abar[t].sqrt() * z0 + (1 - abar[t]).sqrt() * eps
+        z0_hat = (zt - (1 - abar[t]).sqrt() * out) / abar[t].sqrt() if prediction == "epsilon" else out
+        target = eps if prediction == "epsilon" else z0
+        got = weights[t] * (out - target).pow(2).sum()
+        if t == 0:  # −log N(z0; ẑ0, β_0) without its normaliser
+            expected = (z0 - z0_hat).pow(2).sum() / (2 * betas[0])
+        else:
+            abar_prev = abar[t - 1]
+            coef0 = abar_prev.sqrt() * betas[t] / (1 - abar[t])
+            coeft = (1 - betas[t]).sqrt() * (1 - abar_prev) / (1 - abar[t])
+            var = betas[t] * (1 - abar_prev) / (1 - abar[t])
+            expected = ((coef0 * z0 + coeft * zt) - (coef0 * z0_hat + coeft * zt)).pow(2).sum() / (2 * var)
+        torch.testing.assert_close(got, T * expected, rtol=1e-5, atol=1e-6)
+
