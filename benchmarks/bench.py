@@ -1,0 +1,522 @@
+"""Speed of Dior-CVAE against plain BART of the same shape, in one run on one device.
+
+    python benchmarks/bench.py --fast                    # GPU: bart-base shapes, bf16, ~3–5 minutes
+    python benchmarks/bench.py --tiny --output tmp.json  # CPU smoke run (CI / tests); its numbers mean nothing
+
+Both models are randomly initialised with the bart-base shape (6+6 layers, d_model 768, 12 heads, FFN 3072,
+vocabulary 50,265; dropouts 0.1 as in facebook/bart-base), SDPA attention, and see the same random token batches:
+contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
+
+* training step = forward + backward + AdamW step on **bf16 weights** (no autocast; AdamW fused on CUDA), both
+  models alike; examples/s.
+* generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
+  (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
+  (for Dior that includes encoding and the 50-step prior sample).
+* latent sampling = `model.sample_latents(context_vectors)` (50 diffusion steps) at batch 1, against the whole
+  `generate()` at batch 1: prior_share.
+* `--fast` adds Dior's opt-in fast path (`dior_cvae.dior_fast`): `generate(custom_generate=graphed_decoding)` (static
+  cache, one CUDA graph per decoding position) with `enable_fast_prior` (the prior loop as one CUDA graph), at every
+  batch size, plus transformers' own `cache_implementation="static"` + automatic torch.compile at batch 1 (skip with
+  `--no-compile`), and checks that the fast path gives the eager path's tokens under the same seed.
+  `bs1_tokens_per_s` is the best Dior batch-1 figure through `generate()`; `bs1_path` says which path.
+
+Each figure is the median of several timed calls after warm-up calls, with the device synchronised around each.
+Peak memory is `torch.cuda.max_memory_allocated` per phase (reset before each). Everything lands in `--output`
+(JSON), a table is printed last, and `--plot` draws the ratios against their goals.
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import transformers  # noqa: E402
+from transformers import BartConfig, BartForConditionalGeneration, CompileConfig  # noqa: E402
+
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
+from dior_cvae import dior_fast  # noqa: E402
+
+GOALS = {
+    "train_ratio_bs256": (">=", 0.85),
+    "gen_ratio_bs64": (">=", 0.90),
+    "gen_ratio_bs256": (">=", 0.90),
+    "bs1_tokens_per_s": (">=", 1000.0),
+    "prior_share": ("<=", 0.05),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+FULL = dict(
+    shape=dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+               decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024),
+    context=96, response=20, new_tokens=40, train_batches=(64, 256), gen_batches=(1, 64, 256),
+    warmup=3, iters=10, gen_warmup=2, gen_iters=5,
+)
+TINY = dict(
+    shape=dict(vocab_size=1000, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128),
+    dior=dict(latent_size=8, denoiser_hidden_size=32),
+    context=96, response=20, new_tokens=40, train_batches=(64, 256), gen_batches=(1, 64, 256),
+    warmup=1, iters=2, gen_warmup=1, gen_iters=2,
+)
+DROPOUTS = dict(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)  # facebook/bart-base
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def median(self, fn, warmup, iters):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def reset_peak(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_mib(self):
+        if self.device.type != "cuda":
+            return None
+        return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+
+
+def build_models(spec, device, dtype, seed):
+    common = dict(spec["shape"], **DROPOUTS)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        bart = BartForConditionalGeneration(BartConfig(**common))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        dior = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**common, **spec.get("dior", {})))
+    for model in (bart, dior):
+        model.to(dtype)
+        model.set_attn_implementation("sdpa")
+        model.eval()
+    return bart, dior
+
+
+def token_batch(batch, spec, device, seed):
+    """The same random tokens for both models: a full 96-token context and a 20-token `<s> r </s>` response."""
+    vocab = spec["shape"]["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(4, vocab, (batch, spec["context"]), generator=g)
+    context[:, 0], context[:, -1] = 0, 2
+    labels = torch.randint(4, vocab, (batch, spec["response"]), generator=g)
+    labels[:, 0], labels[:, -1] = 0, 2
+    mask = torch.ones_like(context)
+    return context.to(device), mask.to(device), labels.to(device)
+
+
+def generation_kwargs(spec):
+    n = spec["new_tokens"]
+    return dict(do_sample=True, top_k=50, top_p=0.9, min_new_tokens=n, max_new_tokens=n)
+
+
+# ---- phases ---------------------------------------------------------------------------------------------------------
+
+
+def bench_train(model, batch, spec, timer, device, seed):
+    context, mask, labels = token_batch(batch, spec, device, seed)
+    model.train()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+
+    def step():
+        loss = model(input_ids=context, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    timer.reset_peak()
+    seconds = timer.median(step, spec["warmup"], spec["iters"])
+    peak = timer.peak_mib()
+    del optimizer
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return batch / seconds, peak
+
+
+def bench_generate(model, batch, spec, timer, device, seed, **extra):
+    model.eval()
+    context, mask, _ = token_batch(batch, spec, device, seed)
+    kwargs = dict(generation_kwargs(spec), **extra)
+    shapes = []
+
+    def call():
+        out = model.generate(context, attention_mask=mask, **kwargs)
+        shapes.append(tuple(out.shape))
+
+    timer.reset_peak()
+    with torch.no_grad():
+        seconds = timer.median(call, spec["gen_warmup"], spec["gen_iters"])
+    peak = timer.peak_mib()
+    new_tokens = shapes[-1][1] - 1  # minus the decoder start token
+    if new_tokens != spec["new_tokens"]:
+        raise RuntimeError(f"expected {spec['new_tokens']} new tokens, got {new_tokens}")
+    return batch * new_tokens / seconds, seconds * 1e3, peak
+
+
+def bench_prior(dior, spec, timer, device, seed):
+    dior.eval()
+    context, mask, _ = token_batch(1, spec, device, seed)
+    with torch.no_grad():
+        _, context_vectors = dior.encode(context, mask)
+        seconds = timer.median(lambda: dior.sample_latents(context_vectors), spec["gen_warmup"] + 1, spec["gen_iters"] * 2)
+    return seconds * 1e3
+
+
+def same_tokens(dior, batch, spec, device, seed):
+    """Fraction of rows where the fast path gives the eager path's tokens (same latents, same sampling seed)."""
+    dior.eval()
+    context, mask, _ = token_batch(batch, spec, device, seed)
+    latents = torch.randn(batch, dior.config.encoder_layers, dior.config.latent_size, device=device,
+                          generator=torch.Generator(device).manual_seed(seed)).to(dior.dtype)
+    kwargs = dict(generation_kwargs(spec), latents=latents)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        eager = dior.generate(context, attention_mask=mask, **kwargs)
+        torch.manual_seed(seed)
+        fast = dior.generate(context, attention_mask=mask, custom_generate=dior_fast.graphed_decoding, **kwargs)
+    if eager.shape != fast.shape:
+        return 0.0
+    return (eager == fast).all(dim=1).float().mean().item()
+
+
+def run(args):
+    spec = TINY if args.tiny else FULL
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.tiny and device.type == "cpu":
+        torch.set_num_threads(1)  # tiny ops: threads only contend (CI boxes are small and shared)
+    timer = Timer(device)
+    started = time.perf_counter()
+
+    results = {
+        "tiny": bool(args.tiny),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": dtype_name,
+        "train_precision": f"{dtype_name} weights, no autocast; AdamW (fused on CUDA); forward+backward+step",
+        "attn_implementation": "sdpa",
+        "shapes": {k: spec[k] for k in ("context", "response", "new_tokens", "train_batches", "gen_batches")},
+        "model_shape": spec["shape"],
+        "generation": generation_kwargs(spec),
+        "timing": {k: spec[k] for k in ("warmup", "iters", "gen_warmup", "gen_iters")} | {"statistic": "median"},
+        "errors": {},
+    }
+    bart, dior = build_models(spec, device, dtype, args.seed)
+    results["params_bart"] = sum(p.numel() for p in bart.parameters())
+    results["params_dior"] = sum(p.numel() for p in dior.parameters())
+    log(f"[bench] {device} {results['gpu'] or ''} {dtype_name}; BART {results['params_bart'] / 1e6:.1f}M, "
+        f"Dior {results['params_dior'] / 1e6:.1f}M parameters")
+
+    def attempt(name, fn):
+        try:
+            return fn()
+        except Exception as error:  # one failing phase must not lose the others
+            results["errors"][name] = f"{type(error).__name__}: {error}"[:2000]
+            log(f"[bench] {name} failed:\n{traceback.format_exc()}")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            return None
+        finally:  # what is measured so far survives a timeout or a crash later on
+            results["wall_s"] = round(time.perf_counter() - started, 1)
+            write_json(results, args.output, complete=False)
+
+    # training
+    for batch in spec["train_batches"]:
+        for name, model in (("bart", bart), ("dior", dior)):
+            out = attempt(f"train_{name}_bs{batch}", lambda: bench_train(model, batch, spec, timer, device, args.seed))
+            rate, peak = out or (None, None)
+            results[f"train_examples_per_s_{name}_bs{batch}"] = rate
+            results[f"peak_mem_train_{name}_bs{batch}_mib"] = peak
+            log(f"[bench] train {name} bs{batch}: {rate and round(rate, 1)} ex/s, peak {peak} MiB")
+        results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
+
+    # generation, eager (the default path of both)
+    for batch in spec["gen_batches"]:
+        for name, model in (("bart", bart), ("dior", dior)):
+            out = attempt(f"gen_{name}_bs{batch}", lambda: bench_generate(model, batch, spec, timer, device, args.seed))
+            rate, ms, peak = out or (None, None, None)
+            results[f"gen_tokens_per_s_{name}_bs{batch}"] = rate
+            results[f"gen_ms_{name}_bs{batch}"] = ms
+            results[f"peak_mem_gen_{name}_bs{batch}_mib"] = peak
+            log(f"[bench] generate {name} bs{batch}: {rate and round(rate, 1)} tok/s, {ms and round(ms, 1)} ms")
+        results[f"gen_ratio_bs{batch}"] = _ratio(results, f"gen_tokens_per_s_{{}}_bs{batch}")
+
+    results["prior_ms_bs1_eager"] = attempt("prior_eager", lambda: bench_prior(dior, spec, timer, device, args.seed))
+    results["generate_ms_bs1_eager"] = results.get("gen_ms_dior_bs1")
+    candidates = {"eager": (results.get("gen_tokens_per_s_dior_bs1"), results["prior_ms_bs1_eager"],
+                            results["generate_ms_bs1_eager"])}
+
+    if args.fast:
+        # Dior's opt-in path: graphed decoding + graphed prior (eager kernels recorded in CUDA graphs), every batch
+        sampler = dior_fast.enable_fast_prior(dior)
+        fast = dict(custom_generate=dior_fast.graphed_decoding)
+        for batch in spec["gen_batches"]:
+            out = attempt(f"gen_dior_fast_bs{batch}",
+                          lambda: bench_generate(dior, batch, spec, timer, device, args.seed, **fast))
+            rate, ms, peak = out or (None, None, None)
+            results[f"gen_tokens_per_s_dior_fast_bs{batch}"] = rate
+            results[f"gen_ms_dior_fast_bs{batch}"] = ms
+            results[f"peak_mem_gen_dior_fast_bs{batch}_mib"] = peak
+            bart_rate = results.get(f"gen_tokens_per_s_bart_bs{batch}")
+            results[f"gen_ratio_fast_bs{batch}"] = rate / bart_rate if rate and bart_rate else None
+            log(f"[bench] generate dior fast bs{batch}: {rate and round(rate, 1)} tok/s, {ms and round(ms, 1)} ms")
+        results["prior_ms_bs1_fast"] = attempt("prior_fast", lambda: bench_prior(dior, spec, timer, device, args.seed))
+        results["generate_ms_bs1_fast"] = results.get("gen_ms_dior_fast_bs1")
+        candidates["graphed"] = (results.get("gen_tokens_per_s_dior_fast_bs1"), results["prior_ms_bs1_fast"],
+                                 results["generate_ms_bs1_fast"])
+        results["fast_status"] = dict(dior_fast.graph_status(dior), prior_graph_error=sampler and sampler.graph_error,
+                                      prior_graphs=sampler and len(sampler.graphs))
+        for batch in (1, min(64, max(spec["gen_batches"]))):
+            results[f"fast_same_tokens_bs{batch}"] = attempt(
+                f"same_tokens_bs{batch}", lambda: same_tokens(dior, batch, spec, device, args.seed))
+        dior_fast.disable_fast_prior(dior)
+        dior_fast.clear_fast_states(dior)
+
+        backend = args.compile_backend
+        if (device.type == "cuda" or backend != "inductor") and not args.no_compile:
+            # the same, with the decoding step and the prior loop through torch.compile (inductor) before recording
+            if _budget_left(args, started) > 150:
+                sampler = dior_fast.enable_fast_prior(dior, compile=backend)
+                compiled = dict(custom_generate=dior_fast.graphed_decoding, compile_step=backend)
+                out = attempt("gen_dior_fast_compiled_bs1", lambda: bench_generate(
+                    dior, 1, spec, timer, device, args.seed, **compiled))
+                rate, ms, peak = out or (None, None, None)
+                results["gen_tokens_per_s_dior_fast_compiled_bs1"] = rate
+                results["gen_ms_dior_fast_compiled_bs1"] = ms
+                results["prior_ms_bs1_fast_compiled"] = attempt(
+                    "prior_fast_compiled", lambda: bench_prior(dior, spec, timer, device, args.seed))
+                candidates["graphed_compiled"] = (rate, results["prior_ms_bs1_fast_compiled"], ms)
+                results["fast_compiled_status"] = dict(
+                    dior_fast.graph_status(dior), prior_compiled=sampler.compiled,
+                    prior_graph_error=sampler.graph_error, prior_record_errors=sampler.record_errors)
+                log(f"[bench] generate dior fast+compiled bs1: {rate and round(rate, 1)} tok/s; "
+                    f"{results['fast_compiled_status']}")
+                dior_fast.disable_fast_prior(dior)
+                dior_fast.clear_fast_states(dior)
+            else:
+                results["errors"]["gen_dior_fast_compiled_bs1"] = "skipped: time budget"
+            # transformers' own fast path: static cache + automatic torch.compile of the decoding step
+            if _budget_left(args, started) > 150:
+                compile_config = CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor" else None)
+                compile_config._compile_all_devices = device.type != "cuda"  # e.g. a CPU check of this code path
+                out = attempt("gen_dior_static_compile_bs1", lambda: bench_generate(
+                    dior, 1, spec, timer, device, args.seed, cache_implementation="static",
+                    compile_config=compile_config))
+                rate, ms, peak = out or (None, None, None)
+                results["gen_tokens_per_s_dior_static_compile_bs1"] = rate
+                results["gen_ms_dior_static_compile_bs1"] = ms
+                candidates["static_compile"] = (rate, results["prior_ms_bs1_eager"], ms)
+                log(f"[bench] generate dior static+compile bs1: {rate and round(rate, 1)} tok/s")
+            else:
+                results["errors"]["gen_dior_static_compile_bs1"] = "skipped: time budget"
+
+    # the headline batch-1 figure: the fastest Dior path through generate(), and its own prior share
+    usable = {k: v for k, v in candidates.items() if v[0]}
+    if usable:
+        path = max(usable, key=lambda k: usable[k][0])
+        rate, prior_ms, gen_ms = usable[path]
+        results["bs1_path"] = path
+        results["bs1_tokens_per_s"] = rate
+        results["prior_ms_bs1"] = prior_ms
+        results["generate_ms_bs1"] = gen_ms
+        results["prior_share"] = prior_ms / gen_ms if prior_ms and gen_ms else None
+    else:
+        results.update(bs1_path=None, bs1_tokens_per_s=None, prior_ms_bs1=None, generate_ms_bs1=None, prior_share=None)
+    for key, (_, prior_ms, gen_ms) in candidates.items():
+        if prior_ms and gen_ms:
+            results[f"prior_share_{key}"] = prior_ms / gen_ms
+    results["bs1_candidates"] = {k: {"tokens_per_s": v[0], "prior_ms": v[1], "generate_ms": v[2]}
+                                 for k, v in candidates.items()}
+
+    results["goals"] = {k: f"{op} {v}" for k, (op, v) in GOALS.items()}
+    results["goals_met"] = {k: _met(results.get(k), op, v) for k, (op, v) in GOALS.items()}
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def _budget_left(args, started):
+    return args.budget_s - (time.perf_counter() - started)
+
+
+def _ratio(results, pattern):
+    bart, dior = results.get(pattern.format("bart")), results.get(pattern.format("dior"))
+    return dior / bart if bart and dior else None
+
+
+def _met(value, op, goal):
+    if value is None:
+        return None
+    return bool(value >= goal) if op == ">=" else bool(value <= goal)
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, digits=1):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(results) -> str:
+    rows = [("metric", "BART", "Dior", "Dior/BART", "goal")]
+
+    def add(label, key, goal="", digits=1):
+        bart, dior = results.get(key.format("bart")), results.get(key.format("dior"))
+        ratio = dior / bart if bart and dior else None
+        rows.append((label, _fmt(bart, digits), _fmt(dior, digits), _fmt(ratio, 3), goal))
+
+    for batch in results["shapes"]["train_batches"]:
+        add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
+            ">= 0.85" if batch == 256 else "")
+    for batch in results["shapes"]["gen_batches"]:
+        add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", ">= 0.90" if batch in (64, 256) else "")
+    for batch in results["shapes"]["gen_batches"]:
+        if f"gen_tokens_per_s_dior_fast_bs{batch}" in results:
+            rate = results[f"gen_tokens_per_s_dior_fast_bs{batch}"]
+            bart = results.get(f"gen_tokens_per_s_bart_bs{batch}")
+            rows.append((f"gen tok/s bs{batch} fast", _fmt(bart), _fmt(rate), _fmt(rate / bart if rate and bart else None, 3), ""))
+    for batch in results["shapes"]["train_batches"]:
+        add(f"peak MiB train bs{batch}", f"peak_mem_train_{{}}_bs{batch}_mib")
+    for batch in results["shapes"]["gen_batches"]:
+        add(f"peak MiB gen bs{batch}", f"peak_mem_gen_{{}}_bs{batch}_mib")
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    met = results["goals_met"]
+    lines.append("")
+    lines.append("Dior batch-1 paths through generate(): " + "; ".join(
+        f"{name} {_fmt(c['tokens_per_s'])} tok/s (prior {_fmt(c['prior_ms'], 2)} ms of {_fmt(c['generate_ms'], 2)} ms)"
+        for name, c in results.get("bs1_candidates", {}).items()))
+    lines += [
+        "",
+        f"bs1_tokens_per_s (Dior, generate(), path={results.get('bs1_path')}): {_fmt(results.get('bs1_tokens_per_s'))}"
+        f"   goal >= 1000   met={met.get('bs1_tokens_per_s')}",
+        f"prior_share = prior_ms_bs1 {_fmt(results.get('prior_ms_bs1'), 2)} / generate_ms_bs1 "
+        f"{_fmt(results.get('generate_ms_bs1'), 2)} = {_fmt(results.get('prior_share'), 4)}   goal <= 0.05   "
+        f"met={met.get('prior_share')}",
+        f"goals met: {met}",
+        f"device={results['device']} gpu={results['gpu']} dtype={results['dtype']} torch={results['torch']} "
+        f"transformers={results['transformers']} tiny={results['tiny']} wall={results['wall_s']}s",
+    ]
+    if results["errors"]:
+        lines.append(f"errors: {results['errors']}")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2.4]})
+    names = ["train_ratio_bs64", "train_ratio_bs256", "gen_ratio_bs1", "gen_ratio_bs64", "gen_ratio_bs256"]
+    goals = [None, 0.85, None, 0.90, 0.90]
+    values = [results.get(n) or 0 for n in names]
+    bars = left.bar(range(len(names)), values, color=["#4c72b0"] * 2 + ["#55a868"] * 3)
+    for i, goal in enumerate(goals):
+        if goal:
+            left.hlines(goal, i - 0.4, i + 0.4, colors="red", linestyles="--")
+    for bar, value in zip(bars, values):
+        left.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
+    left.set_xticks(range(len(names)), [n.replace("_ratio_", "\n") for n in names])
+    left.set_ylabel("Dior / BART (same run)")
+    left.axhline(1.0, color="grey", linewidth=0.5)
+    left.set_title("throughput ratios (red: goal)")
+
+    labels, rates = [], []
+    for key, label in (("gen_tokens_per_s_bart_bs1", "BART eager"), ("gen_tokens_per_s_dior_bs1", "Dior eager"),
+                       ("gen_tokens_per_s_dior_fast_bs1", "Dior graphed"),
+                       ("gen_tokens_per_s_dior_fast_compiled_bs1", "Dior graphed\n+compile"),
+                       ("gen_tokens_per_s_dior_static_compile_bs1", "Dior HF static\n+compile")):
+        if results.get(key):
+            labels.append(label), rates.append(results[key])
+    right.bar(range(len(rates)), rates, color="#8172b2")
+    right.axhline(1000, color="red", linestyle="--")
+    right.set_xticks(range(len(rates)), labels, fontsize=7)
+    right.set_ylabel("tokens/s at batch 1")
+    share = results.get("prior_share")
+    right.set_title(f"batch 1 (goal 1000 tok/s); prior share {share:.3f}" if share is not None else "batch 1")
+    fig.suptitle(f"{results['gpu'] or results['device']}, {results['dtype']}{' (tiny)' if results['tiny'] else ''}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(results, path, complete):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(dict(results, complete=complete), indent=2, default=str) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and few iterations (CPU smoke run)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--output", default="results/speed.json")
+    parser.add_argument("--plot", default=None, help="also draw a PNG, e.g. results/speed.png")
+    parser.add_argument("--fast", action="store_true", help="also measure Dior's opt-in fast generation path")
+    parser.add_argument("--no-compile", action="store_true", help="with --fast: skip static cache + torch.compile")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip torch.compile if less time is left")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled variants (another one also runs them on CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    results = run(args)
+    results["complete"] = True
+    write_json(results, args.output, complete=True)
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except Exception as error:
+            log(f"[bench] plot failed: {type(error).__name__}: {error}")
+    print(table(results))
+    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""`benchmarks/bench.py --tiny` stays runnable on CPU and writes every key the GPU run reports."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REQUIRED_KEYS = [
+    *(f"train_examples_per_s_{m}_bs{b}" for m in ("bart", "dior") for b in (64, 256)),
+    "train_ratio_bs64", "train_ratio_bs256",
+    *(f"gen_tokens_per_s_{m}_bs{b}" for m in ("bart", "dior") for b in (1, 64, 256)),
+    "gen_ratio_bs1", "gen_ratio_bs64", "gen_ratio_bs256",
+    "bs1_tokens_per_s", "bs1_path", "prior_ms_bs1", "generate_ms_bs1", "prior_share",
+    *(f"peak_mem_train_{m}_bs{b}_mib" for m in ("bart", "dior") for b in (64, 256)),
+    *(f"peak_mem_gen_{m}_bs{b}_mib" for m in ("bart", "dior") for b in (1, 64, 256)),
+    "gpu", "torch", "transformers", "dtype", "device", "tiny", "goals", "goals_met", "errors",
+]
+FAST_KEYS = [
+    *(f"gen_tokens_per_s_dior_fast_bs{b}" for b in (1, 64, 256)),
+    "prior_ms_bs1_eager", "prior_ms_bs1_fast", "prior_share_eager", "prior_share_graphed",
+    "fast_same_tokens_bs1", "fast_same_tokens_bs64", "fast_status",
+]
+
+
+def test_tiny_benchmark_runs_and_reports(tmp_path):
+    output, plot = tmp_path / "speed.json", tmp_path / "speed.png"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--fast", "--device", "cpu",
+         "--output", str(output), "--plot", str(plot)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(output.read_text())
+
+    missing = [k for k in REQUIRED_KEYS + FAST_KEYS if k not in results]
+    assert not missing, missing
+    assert results["errors"] == {}, results["errors"]
+    assert results["complete"] is True
+    assert results["tiny"] is True and results["device"] == "cpu" and results["gpu"] is None
+    for key in REQUIRED_KEYS[:16] + ["bs1_tokens_per_s", "prior_ms_bs1", "generate_ms_bs1"]:
+        assert isinstance(results[key], float) and results[key] > 0, key
+    assert 0 < results["prior_share"] < 1
+    assert results["bs1_path"] in ("eager", "graphed")
+    assert results["train_ratio_bs256"] == results["train_examples_per_s_dior_bs256"] / results["train_examples_per_s_bart_bs256"]
+    assert results["fast_same_tokens_bs1"] == 1.0 and results["fast_same_tokens_bs64"] == 1.0
+    assert set(results["goals_met"]) == {"train_ratio_bs256", "gen_ratio_bs64", "gen_ratio_bs256",
+                                         "bs1_tokens_per_s", "prior_share"}
+    assert plot.stat().st_size > 0
+
+    # the table comes last on stdout
+    table = proc.stdout
+    assert table.splitlines()[-1].startswith("wrote ")
+    for label in ("metric", "train ex/s bs64", "train ex/s bs256", "gen tok/s bs1", "gen tok/s bs64",
+                  "gen tok/s bs256", "gen tok/s bs1 fast", "peak MiB train bs256", "bs1_tokens_per_s",
+                  "prior_share", "goals met"):
+        assert label in table, label
+    header = next(line for line in table.splitlines() if line.startswith("metric"))
+    assert "BART" in header and "Dior" in header
