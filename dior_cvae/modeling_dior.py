@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
@@ -25,6 +26,11 @@ from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedMode
 from .configuration_dior import DiorCVAEConfig
 from .dior_latent import HierarchicalLatents, LatentSlotAttention, LayerPooling
 from .dior_prior import DiffusionPrior
+
+
+# cuDNN's fused attention failed on an H100 (torch 2.11) for our masked, eval-mode shapes
+# ("mha_graph.execute(...).is_good()"); the other SDPA kernels handle them.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -145,7 +151,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     def encode(self, input_ids, attention_mask):
         """Run the shared encoder; returns its output (with every layer's states) and the pooled vectors (B, L, d)."""
-        outputs = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        with sdpa_kernel(SDPA_BACKENDS):
+            outputs = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         layer_states = outputs.hidden_states[-self.config.encoder_layers :]  # outputs of layers 1..L
         return outputs, self.layer_pooling(layer_states, attention_mask)
 
@@ -254,16 +261,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if self.training and self.config.memory_dropout > 0:
             memory_mask = self.memory_dropout_mask(attention_mask)
 
-        decoder_outputs = self.model.decoder(
-            input_ids=decoder_input_ids,
-            attention_mask=decoder_attention_mask,
-            encoder_hidden_states=memory,
-            encoder_attention_mask=memory_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            latent_memory=self._latent_memory(latents.to(memory.dtype)),
-            **kwargs,
-        )
+        with sdpa_kernel(SDPA_BACKENDS):
+            decoder_outputs = self.model.decoder(
+                input_ids=decoder_input_ids,
+                attention_mask=decoder_attention_mask,
+                encoder_hidden_states=memory,
+                encoder_attention_mask=memory_mask,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                latent_memory=self._latent_memory(latents.to(memory.dtype)),
+                **kwargs,
+            )
         logits = self.lm_head(decoder_outputs.last_hidden_state) + self.final_logits_bias.to(memory.dtype)
 
         loss = None

@@ -1,0 +1,301 @@
+"""Helpers for `examples/train.py`: KL annealing, learning-rate schedules, `--config_overrides` parsing, a weights
+checksum, and model-card rendering. Plain Python + torch; `transformers`, `huggingface_hub` and `yaml` are imported
+where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------------
+# KL annealing
+# ---------------------------------------------------------------------------------------------------------------
+
+KL_ANNEALING_SCHEDULES = ("linear", "cyclical", "none")
+#: β of the "off" phase of the authors' cyclical schedule (`train.py:train`, `--cycle_annealing`).
+CYCLICAL_MIN_BETA = 1e-5
+#: The paper's linear schedule: β from 0 to 1 over 20k steps.
+PAPER_KL_ANNEALING_STEPS = 20_000
+
+
+def kl_weight(step: int, schedule: str, annealing_steps: int | None = None, steps_per_epoch: int | None = None) -> float:
+    """β for the optimizer step `step` (0-based: the number of updates already done).
+
+    - `"linear"` (the paper): β = min(1, step / annealing_steps), 20k steps when `annealing_steps` is None.
+    - `"cyclical"` (the authors' code): cycles of two half-cycles of `annealing_steps` updates each (one epoch when
+      None, which is the authors' per-epoch cycle): β = 1e-5 for the first half-cycle; in the second it rises
+      linearly from 1e-5 and reaches 1 at its middle, then stays at 1.
+    - `"none"`: β = 1.
+    """
+    if schedule == "none":
+        return 1.0
+    if schedule == "linear":
+        total = PAPER_KL_ANNEALING_STEPS if annealing_steps is None else annealing_steps
+        return 1.0 if total <= 0 else min(1.0, step / total)
+    if schedule == "cyclical":
+        half = annealing_steps if annealing_steps is not None else steps_per_epoch
+        if not half or half <= 0:
+            raise ValueError("cyclical KL annealing needs `annealing_steps` or `steps_per_epoch` >= 1")
+        phase, position = divmod(step, half)
+        if phase % 2 == 0:
+            return CYCLICAL_MIN_BETA
+        rise = max(1.0, half / 2)
+        return min(1.0, CYCLICAL_MIN_BETA + (1.0 - CYCLICAL_MIN_BETA) * position / rise)
+    raise ValueError(f"unknown KL annealing schedule {schedule!r}; choose from {KL_ANNEALING_SCHEDULES}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning rate
+# ---------------------------------------------------------------------------------------------------------------
+
+LR_SCHEDULES = ("inverse_sqrt", "linear", "constant")
+
+
+def create_lr_scheduler(name: str, optimizer, num_warmup_steps: int, num_training_steps: int):
+    """A `LambdaLR` stepped once per optimizer update.
+
+    - `"inverse_sqrt"`: the paper's Noam schedule, normalised so the peak is the optimizer's lr: linear warmup to
+      lr over `num_warmup_steps`, then lr·sqrt(warmup / step) (transformers' `inverse_sqrt` with timescale = warmup).
+    - `"linear"`: linear warmup, then linear decay to 0 at `num_training_steps`.
+    - `"constant"`: linear warmup (if any), then constant.
+    """
+    from transformers import get_scheduler
+
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {name!r}; choose from {LR_SCHEDULES}")
+    if name == "constant" and num_warmup_steps > 0:
+        name = "constant_with_warmup"
+    if name == "inverse_sqrt" and num_warmup_steps <= 0:
+        raise ValueError("`inverse_sqrt` (Noam) needs --num_warmup_steps >= 1: its decay is sqrt(warmup / step)")
+    return get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def _infer_value(text: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    return text
+
+
+def _cast_like(key: str, text: str, reference: Any) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(reference, bool):
+        if text.lower() not in _TRUE | _FALSE:
+            raise ValueError(f"--config_overrides: {key} expects a boolean (true/false), got {text!r}")
+        return text.lower() in _TRUE
+    if isinstance(reference, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:  # "0.5" for a field whose default happens to be an int (e.g. dropout=0 written as float)
+                return float(text)
+            except ValueError:
+                raise ValueError(f"--config_overrides: {key} expects a number, got {text!r}") from None
+    if isinstance(reference, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--config_overrides: {key} expects a number, got {text!r}") from None
+    if isinstance(reference, str):
+        return text
+    return _infer_value(text)
+
+
+def parse_config_overrides(overrides: str | None, config_class, current: Mapping[str, Any] | None = None) -> dict:
+    """Parse `"d_model=256,encoder_layers=4,prior_type=gaussian"` into typed values.
+
+    The type of each key comes from its current value in `current` (a loaded configuration's dict) or else from the
+    default of the `config_class` dataclass field; keys that are neither raise `ValueError`, as in transformers'
+    `update_from_string`. Fields whose default is None get int → float → bool → str inference.
+    """
+    if not overrides:
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else {}
+    current = dict(current or {})
+    parsed: dict[str, Any] = {}
+    for item in overrides.split(","):
+        if not item.strip():
+            continue
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+        if key in current:
+            reference = current[key]
+        elif key in fields:
+            field = fields[key]
+            reference = field.default if field.default is not dataclasses.MISSING else None
+        elif hasattr(config_class, key) and not callable(getattr(config_class, key)):
+            reference = getattr(config_class, key)
+        else:
+            raise ValueError(f"--config_overrides: {key!r} is not a field of {config_class.__name__}")
+        parsed[key] = _cast_like(key, text, reference)
+    return parsed
+
+
+def complete_from_scratch_overrides(overrides: Mapping[str, Any]) -> tuple[dict, list[str]]:
+    """Fill in the fields that must follow the ones given, for a model built from scratch.
+
+    - `encoder_layers` and `decoder_layers` must be equal (one latent per layer): one given sets the other.
+    - `d_model` given: attention heads default to d_model // 64 (BART's 768 / 12) and FFN sizes to 4·d_model,
+      unless given too.
+    Returns the completed dict and a list of human-readable notes about what was derived.
+    """
+    out, notes = dict(overrides), []
+    for given, other in (("encoder_layers", "decoder_layers"), ("decoder_layers", "encoder_layers")):
+        if given in out and other not in out:
+            out[other] = out[given]
+            notes.append(f"{other}={out[given]} (= {given})")
+    if out.get("d_model"):
+        d_model = out["d_model"]
+        heads = max(1, d_model // 64)
+        while d_model % heads:
+            heads -= 1
+        for key in ("encoder_attention_heads", "decoder_attention_heads"):
+            if key not in out:
+                out[key] = heads
+                notes.append(f"{key}={heads} (d_model // 64)")
+        for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
+            if key not in out:
+                out[key] = 4 * d_model
+                notes.append(f"{key}={4 * d_model} (4 * d_model)")
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights checksum (DDP consistency checks)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (sorted by name, raw bytes): equal iff the weights are bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def render_template(template: str, values: Mapping[str, Any]) -> str:
+    """Replace every `{{ name }}` by `str(values[name])`; a placeholder without a value raises `KeyError`."""
+    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
+    if missing:
+        raise KeyError(f"model card template placeholders without a value: {missing}")
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+
+
+METRIC_NAMES = {
+    "bleu1": ("bleu", "BLEU-1"),
+    "bleu2": ("bleu", "BLEU-2"),
+    "distinct1": ("distinct-1", "Distinct-1"),
+    "distinct2": ("distinct-2", "Distinct-2"),
+    "entropy1": ("entropy-1", "Entropy-1"),
+    "entropy2": ("entropy-2", "Entropy-2"),
+    "entropy3": ("entropy-3", "Entropy-3"),
+    "loss": ("loss", "Loss (rc + KL, per example)"),
+    "rc_loss": ("loss", "Reconstruction loss (per example)"),
+    "kl_loss": ("kl", "KL term (per example)"),
+}
+
+
+def model_index_yaml(
+    model_name: str,
+    results: Mapping[str, float],
+    dataset_type: str,
+    dataset_name: str,
+    dataset_split: str,
+) -> str:
+    """The `model-index:` YAML block (Papers-with-Code format) for one dataset split's metrics."""
+    import yaml
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Dialogue response generation",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_split=dataset_split,
+            metric_type=METRIC_NAMES[key][0],
+            metric_name=METRIC_NAMES[key][1],
+            metric_value=round(float(results[key]), 4),
+        )
+        for key in METRIC_NAMES
+        if key in results and results[key] is not None and math.isfinite(float(results[key]))
+    ]
+    if not eval_results:
+        return ""
+    index = eval_results_to_model_index(model_name, eval_results)
+    return yaml.safe_dump({"model-index": index}, sort_keys=False, allow_unicode=True).rstrip("\n")
+
+
+def yaml_list(key: str, items: Sequence[str]) -> str:
+    """`key:\\n- a\\n- b` (empty string for no items)."""
+    import yaml
+
+    return yaml.safe_dump({key: list(items)}, sort_keys=False).rstrip("\n") if items else ""
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+__all__ = [
+    "KL_ANNEALING_SCHEDULES",
+    "LR_SCHEDULES",
+    "METRIC_NAMES",
+    "kl_weight",
+    "create_lr_scheduler",
+    "parse_config_overrides",
+    "complete_from_scratch_overrides",
+    "weights_checksum",
+    "render_template",
+    "model_index_yaml",
+    "yaml_list",
+    "markdown_table",
+    "format_duration",
+]

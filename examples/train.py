@@ -1,0 +1,819 @@
+#!/usr/bin/env python
+"""Train Dior-CVAE on dialog data with 🤗 Accelerate (flags and habits of transformers'
+`run_summarization_no_trainer.py`).
+
+    accelerate launch examples/train.py            # no arguments: a ~4-minute CPU demo on the shipped
+    python examples/train.py                       #   DailyDialog sample (from scratch, trained tokenizer)
+
+    accelerate launch examples/train.py \\
+        --model_name_or_path facebook/bart-base --dataset_dir path/to/ijcnlp_dailydialog \\
+        --learning_rate 5e-4 --lr_scheduler_type inverse_sqrt --num_warmup_steps 20000 \\
+        --kl_annealing linear --kl_annealing_steps 20000 --per_device_train_batch_size 32 \\
+        --checkpointing_steps 5000 --eval_steps 5000 --with_tracking --output_dir outputs/dior-dd
+
+Data (one source): `--dataset_name daily_dialog` (Hub, via `datasets`), `--dataset_dir DIR` (ijcnlp DailyDialog
+files, plain or .gz), `--dataset_name personachat [--personachat_dir DIR]` (ParlAI files, or the Hub), or
+`--train_file/--validation_file/--test_file` JSON Lines ({"context": [...], "response": "...", "persona": [...]}).
+Model: `--model_name_or_path` (a BART checkpoint → `from_bart`, or a Dior-CVAE folder), or from scratch with
+`--config_name` / `--config_overrides "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian"`.
+
+Outputs in `--output_dir`: the final model + tokenizer (loadable with `trust_remote_code=True`), README.md (model
+card), eval_results.json, log_history.jsonl, training_args.json, `best/` (lowest validation loss), `step_N/` or
+`epoch_N/` checkpoints (accelerate state for exact resume + a `pretrained/` model folder), `runs/` (TensorBoard).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from huggingface_hub import HfApi
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import transformers
+from transformers import AutoTokenizer, PreTrainedConfig
+
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+from dior_cvae.data import (
+    DataCollatorForDior,
+    DataFormatError,
+    encode_examples,
+    load_bart_tokenizer_files,
+    load_dailydialog_dir,
+    load_dailydialog_hub,
+    load_jsonl,
+    load_personachat_hub,
+    load_personachat_parlai,
+    train_tokenizer,
+)
+from dior_cvae.metrics import score_generations
+from dior_cvae.training_utils import (
+    KL_ANNEALING_SCHEDULES,
+    LR_SCHEDULES,
+    METRIC_NAMES,
+    complete_from_scratch_overrides,
+    create_lr_scheduler,
+    format_duration,
+    kl_weight,
+    markdown_table,
+    model_index_yaml,
+    parse_config_overrides,
+    render_template,
+    weights_checksum,
+    yaml_list,
+)
+
+logger = get_logger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPO_ROOT / "data" / "dailydialog_sample"
+LOSS_KEYS = ("loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss")
+
+# `python examples/train.py` with no arguments: a small from-scratch model (3.8M parameters, diffusion prior) on the
+# shipped DailyDialog sample, about 4 minutes on 2 CPU cores, then 3 validation contexts with 4 sampled responses each
+# (4 prior draws).
+DEFAULT_ARGS = [
+    "--dataset_dir", str(SAMPLE_DIR),
+    "--train_tokenizer_vocab_size", "4000",
+    "--config_overrides", (
+        "d_model=192,encoder_layers=2,latent_size=16,max_position_embeddings=128,dropout=0.1,"
+        "attention_dropout=0.0,activation_dropout=0.0,denoiser_hidden_size=256,memory_dropout=0.3"
+    ),
+    "--max_source_length", "64",
+    "--max_target_length", "32",
+    "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "64",
+    "--learning_rate", "1e-3",
+    "--weight_decay", "0.01",
+    "--lr_scheduler_type", "inverse_sqrt",
+    "--num_warmup_steps", "100",
+    "--kl_annealing", "linear",
+    "--kl_annealing_steps", "300",
+    "--num_train_epochs", "3",
+    "--max_train_minutes", "4",  # 3 epochs take ~3.5 min on 2 idle cores; a busy machine stops early instead
+    "--max_eval_samples", "256",
+    "--num_eval_generation_samples", "32",
+    "--logging_steps", "20",
+    "--output_dir", "outputs/dior-cvae-dailydialog-sample",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_name", choices=["daily_dialog", "personachat"], default=None,
+                      help="A known dataset: `daily_dialog` (Hub) or `personachat` (--personachat_dir or the Hub).")
+    data.add_argument("--dataset_hub_id", default=None,
+                      help="Hub id to load for --dataset_name (default: daily_dialog / bavard/personachat_truecased).")
+    data.add_argument("--dataset_revision", default=None,
+                      help="Hub revision for --dataset_name (e.g. refs/convert/parquet for script-based datasets, "
+                           "which datasets>=4 no longer runs).")
+    data.add_argument("--dataset_dir", default=None, help="Folder with DailyDialog {train,validation,test} files.")
+    data.add_argument("--personachat_dir", default=None,
+                      help="Folder with ParlAI PersonaChat files {train,valid,test}_<variant>.txt[.gz].")
+    data.add_argument("--personachat_variant", default="self_original", help="ParlAI file variant (self_original, ...).")
+    data.add_argument("--train_file", default=None, help="JSON Lines training file.")
+    data.add_argument("--validation_file", default=None, help="JSON Lines validation file.")
+    data.add_argument("--test_file", default=None, help="JSON Lines test file.")
+    data.add_argument("--skip_bad_lines", action="store_true", help="Skip (and count) malformed JSON Lines lines.")
+    data.add_argument("--max_source_length", type=int, default=256, help="Context tokens (truncated from the left).")
+    data.add_argument("--max_target_length", type=int, default=64, help="Response tokens (truncated from the right).")
+    data.add_argument("--max_train_samples", type=int, default=None)
+    data.add_argument("--max_eval_samples", type=int, default=None, help="Cap on validation and test examples.")
+    data.add_argument("--turn_separator", default=None, help="String between context turns (default: tokenizer eos).")
+
+    model = p.add_argument_group("model and tokenizer")
+    model.add_argument("--model_name_or_path", default=None,
+                       help="A pretrained BART (hub id or folder; loaded with `from_bart`) or a Dior-CVAE folder.")
+    model.add_argument("--config_name", default=None, help="A Dior-CVAE config (folder or file) for training from scratch.")
+    model.add_argument("--config_overrides", default=None,
+                       help='Comma-separated config fields, e.g. "d_model=256,encoder_layers=4,latent_size=16". From '
+                            "scratch: one of encoder/decoder_layers sets both; d_model sets heads = d_model // 64 and "
+                            "ffn = 4 * d_model unless given.")
+    model.add_argument("--tokenizer_name", default=None,
+                       help="Tokenizer folder or hub id; a folder with only vocab.json + merges.txt is read as BART's.")
+    model.add_argument("--train_tokenizer_vocab_size", type=int, default=None,
+                       help="Train a byte-level BPE of this size on the training split (models from scratch).")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=8)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    train.add_argument("--learning_rate", type=float, default=5e-5)
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
+    train.add_argument("--num_train_epochs", type=int, default=3)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    train.add_argument("--max_train_minutes", type=float, default=None,
+                       help="Also stop after this much training time (checked every --logging_steps updates).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--lr_scheduler_type", choices=LR_SCHEDULES, default="linear",
+                       help="inverse_sqrt = the paper's Noam schedule (needs --num_warmup_steps).")
+    train.add_argument("--num_warmup_steps", type=int, default=0)
+    train.add_argument("--kl_annealing", choices=KL_ANNEALING_SCHEDULES, default="linear",
+                       help="linear: β 0→1 over --kl_annealing_steps (paper); cyclical: the authors' per-epoch cycle.")
+    train.add_argument("--kl_annealing_steps", type=int, default=None,
+                       help="linear: steps to reach β = 1 (default 20000, the paper). cyclical: length of each "
+                            "half-cycle (default: one epoch, the authors' schedule).")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Default: the accelerate config / launcher flag.")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
+    train.add_argument("--ddp_find_unused_parameters", action="store_true",
+                       help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
+
+    run = p.add_argument_group("checkpoints, evaluation, logging")
+    run.add_argument("--output_dir", default="outputs/dior-cvae")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="Delete --output_dir first.")
+    run.add_argument("--checkpointing_steps", default=None, help='"N" (every N updates) or "epoch".')
+    run.add_argument("--resume_from_checkpoint", default=None, help='A step_N/epoch_N folder, or "latest".')
+    run.add_argument("--eval_steps", type=int, default=None,
+                     help="Validate every N updates (the final model is always validated).")
+    run.add_argument("--num_eval_generation_samples", type=int, default=100,
+                     help="Validation contexts to sample responses for (BLEU / distinct / entropy); 0 disables.")
+    run.add_argument("--eval_samples_per_context", type=int, default=1, help="Sampled responses per context.")
+    run.add_argument("--num_sample_contexts", type=int, default=3, help="Contexts printed with samples at the end.")
+    run.add_argument("--num_samples_per_context", type=int, default=4, help="Samples (prior draws) per printed context.")
+    run.add_argument("--logging_steps", type=int, default=50)
+    run.add_argument("--with_tracking", action="store_true", help="Log to TensorBoard (output_dir/runs).")
+    run.add_argument("--report_to", default="tensorboard", help="accelerate tracker(s) for --with_tracking.")
+
+    hub = p.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", default=None, help="Repository id (default: the output folder's name).")
+    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_private_repo", action="store_true")
+    hub.add_argument("--license", default=None,
+                     help="Model card license (default: cc-by-nc-sa-4.0 for DailyDialog data, else apache-2.0).")
+    hub.add_argument("--model_card_template", default=str(REPO_ROOT / "model_card.md"))
+    p.add_argument("--debug_dump_rank_weights", default=None, help=argparse.SUPPRESS)  # tests: per-rank checksums
+
+    args = p.parse_args(argv)
+    sources = [args.dataset_name is not None, args.dataset_dir is not None, args.train_file is not None]
+    if sum(sources) != 1:
+        p.error("give exactly one data source: --dataset_name, --dataset_dir or --train_file")
+    if args.personachat_dir and args.dataset_name != "personachat":
+        p.error("--personachat_dir needs --dataset_name personachat")
+    if args.model_name_or_path is None and args.tokenizer_name is None and args.train_tokenizer_vocab_size is None:
+        p.error("a model from scratch needs --tokenizer_name or --train_tokenizer_vocab_size")
+    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
+        p.error('--checkpointing_steps must be an integer or "epoch"')
+    if args.push_to_hub and not Path(args.model_card_template).is_file():
+        p.error(f"--push_to_hub needs the model card template {args.model_card_template}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
+    """{split: examples}, a description of the data, and metadata for the model card."""
+    splits: dict[str, list[dict]] = {}
+    meta = {"hub_dataset": None, "skipped_lines": 0}
+    hub_kwargs = {"revision": args.dataset_revision} if args.dataset_revision else {}
+    if args.dataset_dir:
+        for split in ("train", "validation", "test"):
+            try:
+                splits.update(load_dailydialog_dir(args.dataset_dir, [split]))
+            except FileNotFoundError:
+                if split == "train":
+                    raise
+        sample = Path(args.dataset_dir).resolve() == SAMPLE_DIR.resolve()
+        description = ("The shipped DailyDialog sample (the first 1,000 / 100 / 100 dialogues of each split)" if sample
+                       else f"DailyDialog (ijcnlp files, {args.dataset_dir})")
+        meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
+    elif args.dataset_name == "daily_dialog":
+        splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", **hub_kwargs)
+        description = f"DailyDialog from the Hub ({args.dataset_hub_id or 'daily_dialog'})"
+        meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog")
+    elif args.dataset_name == "personachat" and args.personachat_dir:
+        folder = Path(args.personachat_dir)
+        for split, stem in (("train", "train"), ("validation", "valid"), ("test", "test")):
+            candidates = [folder / f"{stem}_{args.personachat_variant}.txt{gz}" for gz in ("", ".gz")]
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None and split == "train":
+                raise FileNotFoundError(f"PersonaChat training file not found: {candidates[0]}[.gz]")
+            if found is not None:
+                splits[split] = load_personachat_parlai(found)
+        description = f"PersonaChat (ParlAI {args.personachat_variant} files, {args.personachat_dir})"
+        meta.update(hub_dataset="bavard/personachat_truecased", dataset_name="PersonaChat")
+    elif args.dataset_name == "personachat":
+        hub_id = args.dataset_hub_id or "bavard/personachat_truecased"
+        splits = load_personachat_hub(hub_id, **hub_kwargs)
+        description = f"PersonaChat from the Hub ({hub_id})"
+        meta.update(hub_dataset=hub_id, dataset_name="PersonaChat")
+    else:
+        for split, path in (("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file)):
+            if path:
+                splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines)
+                if skipped:
+                    logger.warning(f"{path}: skipped {skipped} bad line(s) (--skip_bad_lines)", main_process_only=True)
+                meta["skipped_lines"] += skipped
+        description = "JSON Lines files: " + ", ".join(p for p in (args.train_file, args.validation_file, args.test_file) if p)
+        meta.update(dataset_name=Path(args.train_file).stem)
+    if args.max_train_samples is not None:
+        splits["train"] = splits["train"][: args.max_train_samples]
+    if args.max_eval_samples is not None:
+        for split in ("validation", "test"):
+            if split in splits:
+                splits[split] = splits[split][: args.max_eval_samples]
+    if not splits.get("train"):
+        raise ValueError("the training split is empty")
+    return {k: v for k, v in splits.items() if v}, description, meta
+
+
+def load_tokenizer(name_or_path: str):
+    """A tokenizer folder / hub id, or a folder holding only BART's vocab.json + merges.txt."""
+    folder = Path(name_or_path)
+    has_hf_files = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    if folder.is_dir() and not has_hf_files and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return load_bart_tokenizer_files(folder)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+
+
+def get_tokenizer(args, accelerator, train_examples, resume_dir: Path | None):
+    if resume_dir is not None and (resume_dir / "pretrained" / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(resume_dir / "pretrained"))  # the exact tokenizer the checkpoint was trained with
+    if args.tokenizer_name or (args.model_name_or_path and not args.train_tokenizer_vocab_size):
+        return load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+    # Train one on the training split: the main process trains and saves it, the others load that copy.
+    tokenizer_dir = Path(args.output_dir) / "tokenizer"
+    if accelerator.is_main_process:
+        texts = list(dict.fromkeys(t for ex in train_examples for t in (*ex.get("persona", []), *ex["context"], ex["response"])))
+        tokenizer = train_tokenizer(texts, args.train_tokenizer_vocab_size)
+        tokenizer.save_pretrained(tokenizer_dir)
+        logger.info(f"Trained a {len(tokenizer)}-token byte-level BPE on {len(texts)} training turns")
+    accelerator.wait_for_everyone()
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # saved with the model; this copy only served the other processes
+        shutil.rmtree(tokenizer_dir)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_model(args, tokenizer):
+    if args.model_name_or_path:
+        config_dict, _ = PreTrainedConfig.get_config_dict(args.model_name_or_path)
+        overrides = parse_config_overrides(args.config_overrides, DiorCVAEConfig, config_dict)
+        if config_dict.get("model_type") == DiorCVAEConfig.model_type:
+            config = DiorCVAEConfig.from_dict({**config_dict, **overrides})
+            model = DiorCVAEForConditionalGeneration.from_pretrained(args.model_name_or_path, config=config)
+        else:
+            model = DiorCVAEForConditionalGeneration.from_bart(args.model_name_or_path, **overrides)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        config_dict = PreTrainedConfig.get_config_dict(args.config_name)[0] if args.config_name else {}
+        overrides = parse_config_overrides(args.config_overrides, DiorCVAEConfig, config_dict)
+        overrides, derived = complete_from_scratch_overrides(overrides)
+        if derived:
+            logger.info("Derived config fields: " + ", ".join(derived))
+        specials = dict(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+            forced_eos_token_id=tokenizer.eos_token_id,
+        )
+        config = DiorCVAEConfig.from_dict({**config_dict, **overrides, **specials})
+        model = DiorCVAEForConditionalGeneration(config)
+    if args.max_source_length > model.config.max_position_embeddings:
+        raise ValueError(f"--max_source_length {args.max_source_length} > max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    # Dialog defaults for `generate()`: one prior draw per returned sequence, nucleus sampling (the model card's recipe).
+    model.generation_config.update(do_sample=True, top_k=50, top_p=0.9, max_new_tokens=args.max_target_length)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and samples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sample_responses(model, tokenizer, examples, encoded, args, num_return_sequences, seed) -> list[dict]:
+    """Sample `num_return_sequences` responses (one prior draw each, top-k 50 / top-p 0.9) per example."""
+    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    rows = []
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, len(examples), args.per_device_eval_batch_size):
+        batch = collator([{"input_ids": e["input_ids"]} for e in encoded[start : start + args.per_device_eval_batch_size]])
+        outputs = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            do_sample=True, top_k=50, top_p=0.9, num_return_sequences=num_return_sequences,
+            max_new_tokens=args.max_target_length, latent_generator=generator,
+        )
+        texts = [t.strip() for t in tokenizer.batch_decode(outputs, skip_special_tokens=True)]
+        for i, example in enumerate(examples[start : start + args.per_device_eval_batch_size]):
+            rows.append({"context": example["context"], "reference": example["response"],
+                         "samples": texts[i * num_return_sequences : (i + 1) * num_return_sequences]})
+    return rows
+
+
+def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded) -> dict:
+    """Mean loss components (β = 1, eval mode: no dropout, no memory dropout) and generation metrics.
+
+    Runs under a forked RNG with a fixed seed: the numbers are reproducible and training randomness is untouched.
+    """
+    model.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(args.seed)
+        totals, count = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=accelerator.device), 0
+        for batch in dataloader:
+            with accelerator.autocast():
+                out = model(**batch, kl_weight=1.0)
+            values = torch.stack([getattr(out, k).float() if getattr(out, k) is not None else out.loss.new_zeros(())
+                                  for k in LOSS_KEYS])
+            rows = accelerator.gather_for_metrics(values.expand(batch["input_ids"].shape[0], -1).contiguous())
+            totals += rows.double().sum(0)
+            count += rows.shape[0]
+        results = {k: (totals[i] / max(count, 1)).item() for i, k in enumerate(LOSS_KEYS)}
+        if accelerator.unwrap_model(model).config.prior_type != "diffusion":
+            results.pop("neg_entropy"), results.pop("prior_loss")
+        n = min(args.num_eval_generation_samples, len(examples))
+        if n > 0 and accelerator.is_main_process:
+            with accelerator.autocast():
+                rows = sample_responses(accelerator.unwrap_model(model), tokenizer, examples[:n], encoded[:n], args,
+                                        args.eval_samples_per_context, args.seed)
+            scores = score_generations(rows, semantic=False)
+            results.update({k: scores[k] for k in ("bleu1", "bleu2", "distinct1", "distinct2",
+                                                   "entropy1", "entropy2", "entropy3")})
+    accelerator.wait_for_everyone()
+    model.train()
+    return results
+
+
+def format_samples(rows: list[dict], markdown: bool = False) -> str:
+    lines = []
+    for i, row in enumerate(rows, 1):
+        if markdown:
+            lines.append(f"**Context {i}**\n")
+            lines += [f"> {'A' if (len(row['context']) - j) % 2 else 'B'}: {turn}  " for j, turn in enumerate(row["context"])]
+            lines.append(f"\n*Reference:* {row['reference']}\n")
+            lines += [f"{k}. {s}" for k, s in enumerate(row["samples"], 1)]
+            lines.append("")
+        else:
+            lines.append(f"[{i}] context:")
+            lines += [f"      {'A' if (len(row['context']) - j) % 2 else 'B'}: {turn}" for j, turn in enumerate(row["context"])]
+            lines.append(f"    reference: {row['reference']}")
+            lines += [f"    sample {k}: {s}" for k, s in enumerate(row["samples"], 1)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def save_model_folder(accelerator, model, tokenizer, folder: Path) -> None:
+    """save_pretrained (safetensors + remote code) and the tokenizer, written by the main process."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
+def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict) -> None:
+    """accelerate state (exact resume: weights, optimizer, lr schedule, RNG) + a loadable `pretrained/` folder."""
+    accelerator.save_state(str(folder))
+    save_model_folder(accelerator, model, tokenizer, folder / "pretrained")
+    if accelerator.is_main_process:
+        (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(args) -> Path | None:
+    if args.resume_from_checkpoint != "latest":
+        folder = Path(args.resume_from_checkpoint)
+        if not (folder / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a checkpoint of this script (no trainer_state.json)")
+        return folder
+    candidates = [d for d in Path(args.output_dir).glob("*_*") if (d / "trainer_state.json").is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda d: json.loads((d / "trainer_state.json").read_text())["completed_steps"])
+
+
+def write_model_card(args, output_dir: Path, info: dict) -> None:
+    template = Path(args.model_card_template)
+    if not template.is_file():
+        logger.warning(f"No model card template at {template}; README.md not written")
+        return
+    results, split = info["results"], info["results_split"]
+    config = info["config"]
+    repo_id = args.hub_model_id or output_dir.name
+    license_ = args.license or ("cc-by-nc-sa-4.0" if "DailyDialog" in info["meta"]["dataset_name"] else "apache-2.0")
+    hub_dataset = info["meta"]["hub_dataset"]
+    config_rows = [(k, getattr(config, k)) for k in (
+        "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "vocab_size",
+        "latent_size", "prior_type", "num_train_timesteps", "num_inference_steps", "sampler", "prediction_type",
+        "prior_loss_weighting", "memory_dropout", "cfg_dropout", "prior_guidance_scale", "label_smoothing")
+        if hasattr(config, k)]
+    hyper_rows = [
+        ("initialisation", args.model_name_or_path or "from scratch"),
+        ("parameters", f"{info['num_parameters'] / 1e6:.1f}M"),
+        ("optimizer", f"AdamW (lr {args.learning_rate}, betas ({args.adam_beta1}, {args.adam_beta2}), "
+                      f"eps {args.adam_epsilon}, weight decay {args.weight_decay})"),
+        ("lr schedule", f"{args.lr_scheduler_type}, {args.num_warmup_steps} warmup steps"),
+        ("KL annealing", f"{args.kl_annealing}" + (f" over {args.kl_annealing_steps} steps" if args.kl_annealing_steps else "")),
+        ("batch size", f"{args.per_device_train_batch_size} × {info['num_processes']} process(es) × "
+                       f"{args.gradient_accumulation_steps} accumulation = {info['total_batch_size']}"),
+        ("updates / epochs", f"{info['completed_steps']} / {info['epochs']:.2f}"),
+        ("max source / target length", f"{args.max_source_length} / {args.max_target_length} tokens"),
+        ("turn separator", repr(info["turn_separator"])),
+        ("mixed precision", info["mixed_precision"]),
+        ("seed", args.seed),
+        ("training time", f"{format_duration(info['training_time_s'])} on {info['device']}"),
+    ]
+    metric_rows = [(METRIC_NAMES[k][1] if k in METRIC_NAMES else k, results[k]) for k in (
+        "loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "bleu1", "bleu2", "distinct1", "distinct2",
+        "entropy1", "entropy2", "entropy3") if k in results]
+    values = {
+        "license": license_,
+        "datasets_yaml": yaml_list("datasets", [hub_dataset] if hub_dataset else []),
+        "base_model_yaml": yaml_list("base_model", [args.model_name_or_path])
+        if args.model_name_or_path and not Path(args.model_name_or_path).exists() else "",
+        "model_index_yaml": model_index_yaml(repo_id.split("/")[-1], results, hub_dataset or info["meta"]["dataset_name"],
+                                             info["meta"]["dataset_name"], split),
+        "model_name": repo_id.split("/")[-1],
+        "repo_id": repo_id,
+        "turn_separator": json.dumps(info["turn_separator"]),
+        "max_source_length": args.max_source_length,
+        "data_description": info["data_description"],
+        "data_table": markdown_table(["split", "examples"], list(info["counts"].items())),
+        "config_table": markdown_table(["field", "value"], config_rows),
+        "hyperparameter_table": markdown_table(["setting", "value"], hyper_rows),
+        "results_split": split,
+        "metrics_table": markdown_table(["metric", "value"], metric_rows) if metric_rows else "(no evaluation split)",
+        "sample_generations": format_samples(info["samples"], markdown=True) if info["samples"] else "(none)",
+        "samples_split": info["samples_split"],
+        "license_note": "the DailyDialog data is CC BY-NC-SA 4.0 (non-commercial, share-alike), and so is this model"
+        if license_ == "cc-by-nc-sa-4.0" else f"the model is released under {license_}; check your data's license",
+    }
+    card = render_template(template.read_text(encoding="utf-8"), values)
+    (output_dir / "README.md").write_text(card, encoding="utf-8")
+
+
+def push_to_hub(args, output_dir: Path) -> str:
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(args.hub_model_id or output_dir.name, exist_ok=True, private=args.hub_private_repo).repo_id
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(output_dir), commit_message="Upload Dior-CVAE (examples/train.py)",
+        ignore_patterns=["step_*", "step_*/**", "epoch_*", "epoch_*/**", "best/**", "tokenizer/**", "*.tmp"],
+    )
+    return repo_id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("No arguments: running the built-in demo (tiny Dior-CVAE on the shipped DailyDialog sample).", flush=True)
+        argv = DEFAULT_ARGS
+    args = parse_args(argv)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention failed on H100 for masked eval shapes
+    start_time = time.time()
+
+    # On a machine without GPUs, `torchrun`/`accelerate launch --multi_gpu` start N processes that accelerate treats
+    # as independent single-process runs unless told to use the CPU backend (gloo): do that.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = args.cpu or (world_size > 1 and not torch.cuda.is_available())
+    ddp_kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.ddp_find_unused_parameters else []
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        kwargs_handlers=ddp_kwargs,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate runs {accelerator.num_processes} "
+                           "process(es): the ranks would train independently")
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file checkpoint chatter
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # "Removed shared tensor" (tied embeddings)
+    transformers.utils.logging.disable_progress_bar()
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and output_dir.exists() and not args.resume_from_checkpoint:
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    resume_dir = find_checkpoint(args) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint == "latest" and resume_dir is None:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
+
+    # ---- data -----------------------------------------------------------------------------------------------------
+    try:
+        raw, data_description, data_meta = load_raw_splits(args)
+    except DataFormatError as exc:
+        raise SystemExit(f"train.py: error: bad data line: {exc} (use --skip_bad_lines to skip such lines)") from None
+    tokenizer = get_tokenizer(args, accelerator, raw["train"], resume_dir)
+    turn_separator = args.turn_separator if args.turn_separator is not None else tokenizer.eos_token
+    logger.info("***** Data *****")
+    encoded = {}
+    for split, examples in raw.items():
+        logger.info(f"  {split}: Num examples = {len(examples)}")
+        encoded[split] = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length,
+                                         turn_separator, desc=f"Tokenizing {split}",
+                                         show_progress=accelerator.is_local_main_process)
+    if data_meta["skipped_lines"]:
+        logger.info(f"  Skipped bad lines = {data_meta['skipped_lines']}")
+
+    # ---- model, optimizer, schedules ------------------------------------------------------------------------------
+    model = build_model(args, tokenizer)
+    # Saved with the tokenizer: `tokenizer(context, truncation=True)` keeps the latest turns and fits the model.
+    tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
+    tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = min(
+        tokenizer.model_max_length, model.config.max_position_embeddings)
+    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    train_dataloader = DataLoader(encoded["train"], shuffle=True, collate_fn=collator,
+                                  batch_size=args.per_device_train_batch_size,
+                                  generator=torch.Generator().manual_seed(args.seed))
+    eval_split = "validation" if "validation" in encoded else None
+    eval_dataloaders = {split: DataLoader(encoded[split], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+                        for split in ("validation", "test") if split in encoded}
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )
+    model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
+        model, optimizer, train_dataloader, *eval_dataloaders.values())
+    eval_dataloaders = dict(zip(eval_dataloaders, prepared_eval))
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    # Stepped by hand once per update (not through accelerate, which would step it once per process).
+    lr_scheduler = create_lr_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, args.max_train_steps)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    set_seed(args.seed, device_specific=True)  # per-rank noise (dropout, latents); the weights were broadcast by DDP
+
+    public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # training_args.json is uploaded
+    if args.with_tracking:
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in public_args.items()}
+        accelerator.init_trackers("runs", config=hparams)
+    if accelerator.is_main_process:
+        (output_dir / "training_args.json").write_text(json.dumps({**public_args, "turn_separator": turn_separator}, indent=2))
+
+    # ---- resume ---------------------------------------------------------------------------------------------------
+    completed_steps, starting_epoch, resume_batches = 0, 0, 0
+    state = {"best_eval_loss": None, "best_step": None, "training_time_s": 0.0}
+    if resume_dir is not None:
+        logger.info(f"Resuming from {resume_dir}")
+        accelerator.load_state(str(resume_dir))
+        state.update(json.loads((resume_dir / "trainer_state.json").read_text()))
+        completed_steps, starting_epoch, resume_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
+        if resume_batches >= len(train_dataloader):
+            starting_epoch, resume_batches = starting_epoch + 1, 0
+
+    total_batch_size = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(encoded['train'])}")
+    logger.info(f"  Num epochs = {num_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch_size}")
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Parameters = {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+
+    log_file = output_dir / "log_history.jsonl"
+    if accelerator.is_main_process and resume_dir is None:
+        log_file.unlink(missing_ok=True)  # a fresh run starts a fresh history (a resumed one appends)
+
+    def log(values: dict, step: int) -> None:
+        if args.with_tracking:
+            accelerator.log(values, step=step)
+        if accelerator.is_main_process:
+            with log_file.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    last_eval: dict[int, dict] = {}
+
+    def run_evaluation(step: int) -> dict:
+        results = evaluate(model, eval_dataloaders[eval_split], accelerator, args, tokenizer,
+                           raw[eval_split], encoded[eval_split])
+        logger.info(f"step {step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        log({f"eval_{k}": v for k, v in results.items()}, step)
+        if state["best_eval_loss"] is None or results["loss"] < state["best_eval_loss"]:
+            state["best_eval_loss"], state["best_step"] = results["loss"], step
+            save_model_folder(accelerator, model, tokenizer, output_dir / "best")
+        if accelerator.is_main_process:
+            (output_dir / "eval_results.json").write_text(json.dumps(
+                {"step": step, "epoch": step / steps_per_epoch, **{f"eval_{k}": v for k, v in results.items()}}, indent=2))
+        last_eval.clear()
+        last_eval[step] = results
+        return results
+
+    def trainer_state(epoch: int, batches_in_epoch: int) -> dict:
+        return {**state, "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                "training_time_s": state["training_time_s"] + time.time() - train_start}
+
+    # ---- train ----------------------------------------------------------------------------------------------------
+    progress = tqdm(range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
+    train_start = time.time()
+    running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
+    running_count = 0
+    model.train()
+    for epoch in range(starting_epoch, num_epochs):
+        if completed_steps >= args.max_train_steps:
+            break
+        train_dataloader.set_epoch(epoch)
+        skip = resume_batches if epoch == starting_epoch else 0
+        active_dataloader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch_index, batch in enumerate(active_dataloader, start=skip):
+            beta = kl_weight(completed_steps, args.kl_annealing, args.kl_annealing_steps, steps_per_epoch)
+            with accelerator.accumulate(model):
+                outputs = model(**batch, kl_weight=beta)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                optimizer.zero_grad()
+            running += torch.stack([getattr(outputs, k).detach().float() if getattr(outputs, k) is not None
+                                    else running.new_zeros(()) for k in LOSS_KEYS])
+            running_count += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
+                means = (accelerator.reduce(running, "mean") / running_count).tolist()
+                values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
+                          or accelerator.unwrap_model(model).config.prior_type == "diffusion"}
+                values.update(beta=beta, lr=lr_scheduler.get_last_lr()[0], epoch=completed_steps / steps_per_epoch)
+                progress.set_postfix(loss=f"{values['loss']:.3f}", rc=f"{values['rc_loss']:.2f}",
+                                     kl=f"{values['kl_loss']:.2f}", beta=f"{beta:.2f}")
+                log(values, completed_steps)
+                running.zero_()
+                running_count = 0
+                if args.max_train_minutes is not None:  # every rank must stop at the same update
+                    elapsed = state["training_time_s"] + time.time() - train_start
+                    out_of_time = torch.tensor(float(elapsed > 60 * args.max_train_minutes), device=accelerator.device)
+                    if accelerator.reduce(out_of_time, "max").item() > 0:
+                        logger.info(f"--max_train_minutes {args.max_train_minutes} reached after {completed_steps} updates")
+                        args.max_train_steps = completed_steps
+            if args.eval_steps and eval_split and completed_steps % args.eval_steps == 0:
+                run_evaluation(completed_steps)
+            if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
+                save_checkpoint(accelerator, model, tokenizer, output_dir / f"step_{completed_steps}",
+                                trainer_state(epoch, batch_index + 1))
+            if completed_steps >= args.max_train_steps:
+                break
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, model, tokenizer, output_dir / f"epoch_{epoch}",
+                            trainer_state(epoch, len(train_dataloader)))
+    progress.close()
+    training_time = state["training_time_s"] + time.time() - train_start
+
+    # ---- final evaluation, model, samples, card, hub --------------------------------------------------------------
+    final_results, results_split = {}, eval_split
+    if eval_split:
+        final_results = last_eval.get(completed_steps) or run_evaluation(completed_steps)
+    if "test" in eval_dataloaders:
+        test_results = evaluate(model, eval_dataloaders["test"], accelerator, args, tokenizer, raw["test"], encoded["test"])
+        logger.info("test: " + ", ".join(f"{k} {v:.4g}" for k, v in test_results.items()))
+        log({f"test_{k}": v for k, v in test_results.items()}, completed_steps)
+        final_results, results_split = test_results, "test"
+        if accelerator.is_main_process:
+            previous = json.loads((output_dir / "eval_results.json").read_text()) if eval_split else {}
+            (output_dir / "eval_results.json").write_text(json.dumps(
+                {**previous, **{f"test_{k}": v for k, v in test_results.items()}}, indent=2))
+    save_model_folder(accelerator, model, tokenizer, output_dir)
+
+    samples = []
+    if accelerator.is_main_process and args.num_sample_contexts > 0:
+        split = eval_split or "train"
+        picks = [round(i * (len(raw[split]) - 1) / max(1, args.num_sample_contexts - 1))
+                 for i in range(min(args.num_sample_contexts, len(raw[split])))]
+        unwrapped = accelerator.unwrap_model(model).eval()
+        with torch.random.fork_rng(devices=[]), accelerator.autocast():
+            torch.manual_seed(args.seed)
+            samples = sample_responses(unwrapped, tokenizer, [raw[split][i] for i in picks],
+                                       [encoded[split][i] for i in picks], args, args.num_samples_per_context, args.seed)
+        print(f"\n***** {len(samples)} {split} contexts, {args.num_samples_per_context} sampled responses each "
+              "(one prior draw per sample; top-k 50, top-p 0.9) *****", flush=True)
+        print(format_samples(samples), flush=True)
+
+    if args.debug_dump_rank_weights:
+        dump = Path(args.debug_dump_rank_weights)
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"rank{accelerator.process_index}.json").write_text(json.dumps({
+            "rank": accelerator.process_index, "num_processes": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type), "completed_steps": completed_steps,
+            "checksum": weights_checksum(accelerator.unwrap_model(model)),
+        }))
+
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        counts = {split: len(examples) for split, examples in raw.items()}
+        if data_meta["skipped_lines"]:
+            counts["skipped bad lines"] = data_meta["skipped_lines"]
+        write_model_card(args, output_dir, {
+            "results": final_results, "results_split": results_split or "-", "config": unwrapped.config,
+            "meta": data_meta, "data_description": data_description, "counts": counts, "samples": samples,
+            "samples_split": eval_split or "train",
+            "num_parameters": sum(p.numel() for p in unwrapped.parameters()), "num_processes": accelerator.num_processes,
+            "total_batch_size": total_batch_size, "completed_steps": completed_steps,
+            "epochs": completed_steps / steps_per_epoch, "turn_separator": turn_separator,
+            "mixed_precision": accelerator.mixed_precision, "training_time_s": training_time,
+            "device": f"{accelerator.num_processes} × {accelerator.device.type}",
+        })
+        if args.push_to_hub:
+            repo_id = push_to_hub(args, output_dir)
+            logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
+        logger.info(f"Saved the model to {output_dir} (training {format_duration(training_time)}, "
+                    f"total {format_duration(time.time() - start_time)})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Tests for examples/train.py (and dior_cvae.training_utils).
+
+Every training run is a real subprocess on the shipped DailyDialog sample with a tiny model (d_model 32, 2 layers)
+and a few steps; HF_HUB_OFFLINE=1 everywhere, so any unmocked Hub call fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dior_cvae.training_utils import (
+    complete_from_scratch_overrides,
+    kl_weight,
+    parse_config_overrides,
+    render_template,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "examples" / "train.py"
+SAMPLE_DIR = REPO / "data" / "dailydialog_sample"
+
+TINY = [
+    "--train_tokenizer_vocab_size", "400",
+    "--config_overrides", "d_model=32,encoder_layers=2,latent_size=4,denoiser_hidden_size=32,max_position_embeddings=128",
+    "--max_source_length", "64",
+    "--max_target_length", "16",
+    "--max_eval_samples", "8",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "8",
+    "--learning_rate", "1e-3",
+    "--num_eval_generation_samples", "4",
+    "--num_sample_contexts", "1",
+    "--num_samples_per_context", "2",
+    "--logging_steps", "1",
+]
+SAMPLE = ["--dataset_dir", str(SAMPLE_DIR)]
+
+LOAD_AND_GENERATE = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    path = sys.argv[1]
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    inputs = tokenizer("Hello , how are you ?" + tokenizer.eos_token + "Fine , thanks .", return_tensors="pt")
+    torch.manual_seed(0)
+    out = model.generate(**inputs, do_sample=True, top_k=50, top_p=0.9, num_return_sequences=2, max_new_tokens=8)
+    assert out.shape[0] == 2, out.shape
+    print("LOADED", type(model).__name__, tokenizer.batch_decode(out, skip_special_tokens=True))
+    """
+)
+
+
+def _env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+                                                                    "MASTER_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false", **extra})
+    return env
+
+
+def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True, timeout=300):
+    command = (launcher or [sys.executable]) + [str(TRAIN), *args]
+    result = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def load_in_fresh_process(tmp_path: Path, folder: Path) -> str:
+    """Load with trust_remote_code in `python -I` from an empty folder, offline, with a fresh HF_HOME; generate."""
+    workdir = tmp_path / "fresh"
+    workdir.mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_GENERATE, str(folder)], cwd=workdir,
+                            env=_env(tmp_path, HF_HOME=str(tmp_path / "hf_home_fresh")), capture_output=True, text=True,
+                            timeout=180, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "LOADED DiorCVAEForConditionalGeneration" in result.stdout
+    return result.stdout
+
+
+def read_log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "log_history.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. end to end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_output_loads_with_remote_code(tmp_path):
+    out = tmp_path / "out"
+    result = run_train(tmp_path, SAMPLE + TINY + [
+        "--max_train_samples", "64", "--max_train_steps", "3", "--eval_steps", "2", "--checkpointing_steps", "2",
+        "--with_tracking", "--output_dir", str(out)])
+    log = result.stdout + result.stderr
+    for split, n in (("train", 64), ("validation", 8), ("test", 8)):
+        assert f"{split}: Num examples = {n}" in log
+    assert "sampled responses each" in result.stdout and "sample 2:" in result.stdout
+
+    for name in ("config.json", "model.safetensors", "modeling_dior.py", "configuration_dior.py", "tokenizer.json",
+                 "tokenizer_config.json", "generation_config.json", "README.md", "eval_results.json",
+                 "training_args.json", "best/model.safetensors", "best/tokenizer.json",
+                 "step_2/trainer_state.json", "step_2/pretrained/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert not (out / "tokenizer").exists()
+
+    history = read_log(out)
+    train_rows = [r for r in history if "rc_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert {"loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "beta", "lr"} <= set(train_rows[0])
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["step"] == 3
+    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_bleu1", "eval_bleu2", "eval_distinct1",
+                "eval_distinct2", "eval_entropy1", "eval_entropy2", "eval_entropy3", "test_loss"):
+        assert key in results, key
+
+    load_in_fresh_process(tmp_path, out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. exact resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """6 updates straight (checkpoint at 2) vs resume from step_2 ("latest"): same losses, bit-identical weights.
+
+    40 examples / batch 8 / accumulation 2 = 3 updates per epoch (the last one a single batch), so the run crosses
+    an epoch boundary; validation every 2 updates must not disturb the training randomness."""
+    from safetensors.torch import load_file
+
+    common = SAMPLE + TINY + [
+        "--max_train_samples", "40", "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
+        "--eval_steps", "2", "--num_sample_contexts", "0", "--lr_scheduler_type", "inverse_sqrt",
+        "--num_warmup_steps", "2", "--kl_annealing", "linear", "--kl_annealing_steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(tmp_path, common + ["--checkpointing_steps", "2", "--output_dir", str(straight)])
+    state = json.loads((straight / "step_2" / "trainer_state.json").read_text())
+    assert (state["completed_steps"], state["epoch"], state["batches_in_epoch"]) == (2, 0, 4)
+
+    resumed.mkdir()
+    subprocess.run(["cp", "-r", str(straight / "step_2"), str(resumed / "step_2")], check=True)
+    result = run_train(tmp_path, common + ["--resume_from_checkpoint", "latest", "--output_dir", str(resumed)])
+    assert "Resuming from" in result.stderr + result.stdout
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a = {r["step"]: r for r in read_log(straight) if "rc_loss" in r and r["step"] > 2}
+    rows_b = {r["step"]: r for r in read_log(resumed) if "rc_loss" in r}
+    assert sorted(rows_b) == [3, 4, 5, 6]
+    for step, row in rows_b.items():
+        for key in ("loss", "rc_loss", "kl_loss", "beta", "lr"):
+            assert row[key] == rows_a[step][key], (step, key)
+    evals_a = {r["step"]: r["eval_loss"] for r in read_log(straight) if "eval_loss" in r}
+    evals_b = {r["step"]: r["eval_loss"] for r in read_log(resumed) if "eval_loss" in r}
+    assert evals_b == {4: evals_a[4], 6: evals_a[6]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. two-process CPU DDP
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
+    """torchrun with 2 processes and no GPU (no ACCELERATE_USE_CPU set: the script must switch to gloo itself).
+    No find_unused_parameters: every parameter gets a gradient every step (diffusion prior, accumulation 2)."""
+    dump = tmp_path / "ranks"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    result = run_train(tmp_path, SAMPLE + TINY + [
+        "--max_train_samples", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--max_train_steps", "4", "--eval_steps", "2", "--output_dir", str(tmp_path / "out"),
+        "--debug_dump_rank_weights", str(dump)], launcher=launcher)
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["num_processes"] == 2 and r["distributed_type"].endswith("MULTI_CPU") for r in ranks), ranks
+    assert all(r["completed_steps"] == 4 for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 16" in result.stderr + result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Hub push (mocked)
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_HUB_RUNNER = textwrap.dedent(
+    """
+    import json, runpy, shutil, sys
+    from pathlib import Path
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    fake_root, script = Path(__file__).parent / "fake_hub", sys.argv[1]
+    calls = []
+
+    class RepoUrl(str):
+        @property
+        def repo_id(self):
+            return self.split("huggingface.co/")[-1]
+
+    def create_repo(self, repo_id, *args, **kwargs):
+        calls.append({"create_repo": repo_id, "private": kwargs.get("private"), "token": self.token})
+        return RepoUrl("https://huggingface.co/" + repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        calls.append({"upload_folder": repo_id, "ignore_patterns": ignore_patterns})
+        root = Path(folder_path)
+        files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            target = fake_root / repo_id / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, target)
+        (fake_root / "calls.json").write_text(json.dumps(calls))
+        return "https://huggingface.co/" + repo_id
+
+    huggingface_hub.HfApi.create_repo = create_repo
+    huggingface_hub.HfApi.upload_folder = upload_folder
+    sys.argv = [script] + sys.argv[2:]
+    runpy.run_path(script, run_name="__main__")
+    """
+)
+
+
+def test_push_to_hub_mocked(tmp_path):
+    from huggingface_hub import ModelCard
+
+    fake = tmp_path / "fake_hub"
+    runner = tmp_path / "fake_hub_runner.py"
+    runner.write_text(FAKE_HUB_RUNNER)
+    run_train(tmp_path, SAMPLE + TINY + [
+        "--max_train_samples", "64", "--max_train_steps", "2", "--checkpointing_steps", "1",
+        "--output_dir", str(tmp_path / "out"), "--push_to_hub", "--hub_model_id", "someone/dior-tiny",
+        "--hub_token", "hf_fake"], launcher=[sys.executable, str(runner)])
+
+    calls = json.loads((fake / "calls.json").read_text())
+    assert calls[0] == {"create_repo": "someone/dior-tiny", "private": False, "token": "hf_fake"}
+    assert calls[1]["upload_folder"] == "someone/dior-tiny"
+    repo = fake / "someone" / "dior-tiny"
+    for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_dior.py",
+                 "configuration_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py", "tokenizer.json",
+                 "tokenizer_config.json", "eval_results.json"):
+        assert (repo / name).is_file(), name
+    assert not list(repo.glob("step_*")) and not (repo / "best").exists()
+    assert "hf_fake" not in "".join(p.read_text(errors="ignore") for p in repo.rglob("*") if p.is_file())
+
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.library_name == "transformers"
+    assert {"dior-cvae", "dialog", "cvae", "diffusion"} <= set(card.data.tags)
+    assert card.data.datasets == ["li2017dailydialog/daily_dialog"]
+    assert card.data.license == "cc-by-nc-sa-4.0"
+    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert {"BLEU-1", "BLEU-2", "Distinct-1", "Distinct-2"} <= set(metrics)
+    assert card.data.eval_results[0].dataset_name == "DailyDialog (sample)"
+    assert card.data.eval_results[0].dataset_split == "test"
+    assert "{{" not in card.text and 'from_pretrained(repo, trust_remote_code=True)' in card.text
+    assert 'repo = "someone/dior-tiny"' in card.text and "num_return_sequences=5" in card.text
+    assert "Sample generations" in card.text and "Reference:" in card.text
+
+    load_in_fresh_process(tmp_path, repo)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. JSON Lines input with a bad line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_bad_line_fails_with_location_or_is_skipped(tmp_path):
+    from dior_cvae.data import load_dailydialog_dir
+
+    splits = load_dailydialog_dir(SAMPLE_DIR, ["train", "validation"])
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    lines = [json.dumps(ex) for ex in splits["train"][:24]]
+    lines.insert(4, '{"context": ["unterminated", "response": "x"')  # line 5
+    train.write_text("\n".join(lines) + "\n")
+    validation.write_text("\n".join(json.dumps(ex) for ex in splits["validation"][:8]) + "\n")
+    args = ["--train_file", str(train), "--validation_file", str(validation)] + TINY + [
+        "--max_train_steps", "2", "--output_dir", str(tmp_path / "out")]
+
+    failed = run_train(tmp_path, args, check=False)
+    assert failed.returncode != 0
+    assert f"{train}:5:" in failed.stderr and "invalid JSON" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+    ok = run_train(tmp_path, args + ["--skip_bad_lines"])
+    log = ok.stdout + ok.stderr
+    assert "skipped 1 bad line" in log
+    assert "train: Num examples = 24" in log and "validation: Num examples = 8" in log
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "| skipped bad lines | 1 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process checks of the helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prior_type", ["diffusion", "gaussian", "standard"])
+def test_every_parameter_gets_a_gradient(tiny_model, prior_type):
+    """Why DDP needs no find_unused_parameters: one training step reaches every parameter, even at β = 0."""
+    model = tiny_model(prior_type=prior_type).train()
+    input_ids, labels = torch.randint(5, 96, (3, 10)), torch.randint(5, 96, (3, 6))
+    model(input_ids=input_ids, labels=labels, kl_weight=0.0).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_kl_weight_schedules():
+    assert [kl_weight(s, "linear", 4) for s in (0, 2, 4, 10)] == [0.0, 0.5, 1.0, 1.0]
+    assert kl_weight(10_000, "linear") == 0.5  # paper default: 20k steps
+    assert kl_weight(7, "none") == 1.0
+    # cyclical, 10 updates per epoch: epoch 0 flat at 1e-5, epoch 1 rising to 1 at its middle, epoch 2 flat again
+    betas = [kl_weight(s, "cyclical", steps_per_epoch=10) for s in range(30)]
+    assert betas[:10] == [1e-5] * 10
+    assert betas[10] == pytest.approx(1e-5) and betas[12] == pytest.approx(0.4, abs=1e-4)
+    assert betas[15:20] == [1.0] * 5 and betas[20:30] == [1e-5] * 10
+    assert kl_weight(5, "cyclical", 4) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)  # half-cycle of 4 updates
+
+
+def test_config_overrides_are_typed_from_the_config_fields():
+    from dior_cvae import DiorCVAEConfig
+
+    parsed = parse_config_overrides(
+        "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian,memory_dropout=0.5,clip_sample=true",
+        DiorCVAEConfig)
+    assert parsed == {"d_model": 256, "encoder_layers": 4, "latent_size": 16, "prior_type": "gaussian",
+                      "memory_dropout": 0.5, "clip_sample": True}
+    with pytest.raises(ValueError, match="not a field"):
+        parse_config_overrides("no_such_field=1", DiorCVAEConfig)
+    with pytest.raises(ValueError, match="expects a number"):
+        parse_config_overrides("latent_size=big", DiorCVAEConfig)
+    completed, _ = complete_from_scratch_overrides(parsed)
+    config = DiorCVAEConfig(**completed)  # the brief's example builds a valid configuration
+    assert (config.decoder_layers, config.encoder_attention_heads, config.decoder_ffn_dim) == (4, 4, 1024)
+
+
+def test_render_template_rejects_missing_values():
+    assert render_template("a {{ x }} b {{y}}", {"x": 1, "y": "z"}) == "a 1 b z"
+    with pytest.raises(KeyError, match="y"):
+        render_template("{{ x }} {{ y }}", {"x": 1})
