@@ -1,9 +1,10 @@
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tripwire: no test may reach the Hub
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the tests' subprocesses share 2 cores; spinning threads thrash
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_config_kwargs(**overrides):
