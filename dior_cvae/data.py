@@ -394,7 +394,7 @@ def _parse_jsonl_record(obj: Any) -> Example:
     return {"context": context, "response": response.strip(), "persona": persona}
 
 
-def load_jsonl(path: PathLike, skip_bad_lines: bool = False) -> tuple[list[Example], int]:
+def load_jsonl(path: PathLike, skip_bad_lines: bool = False, parse=None) -> tuple[list[Example], int]:
     """Load user examples from a JSON Lines file (``.jsonl`` or ``.jsonl.gz``).
 
     Each non-blank line is an object with ``"context"`` (a string = one turn, or
@@ -407,6 +407,8 @@ def load_jsonl(path: PathLike, skip_bad_lines: bool = False) -> tuple[list[Examp
         skip_bad_lines: if False (default), the first bad line raises
             :class:`DataFormatError`. If True, bad lines are skipped, each one
             logged as a warning with ``path:lineno``, and counted.
+        parse: turns one decoded JSON value into an example, raising ``ValueError`` for a bad one
+            (default: the training format above; ``examples/generate.py`` passes one with an optional response).
 
     Returns:
         ``(examples, n_skipped)``.
@@ -432,7 +434,7 @@ def load_jsonl(path: PathLike, skip_bad_lines: bool = False) -> tuple[list[Examp
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-                example = _parse_jsonl_record(obj)
+                example = (parse or _parse_jsonl_record)(obj)
             except ValueError as exc:
                 error = DataFormatError(path, lineno, str(exc))
                 if not skip_bad_lines:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import inspect
 import json
 import logging
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from dior_cvae.data import DataFormatError, encode_examples, load_dailydialog_dir
+from dior_cvae.data import encode_examples, load_dailydialog_dir, load_jsonl
 
 logger = logging.getLogger("generate")
 
@@ -137,40 +136,27 @@ def _string_list(value, field: str, allow_empty_items: bool = False) -> list[str
     return items
 
 
-def read_input_file(path: str | Path) -> list[dict]:
-    """Contexts from JSON Lines; the reference ("reference", else "response") is optional.
+def parse_context_record(obj) -> dict:
+    """One --input_file row: "context" required; "reference" (else "response") and "persona" optional."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "context" not in obj:
+        raise ValueError('missing field "context"')
+    example = {"context": _string_list(obj["context"], "context")}
+    persona = obj.get("persona")
+    if persona:
+        example["persona"] = [s for s in _string_list(persona, "persona", True) if s]
+    key = "reference" if obj.get("reference") is not None else "response"
+    if obj.get(key) is not None:
+        refs = _string_list(obj[key], key)
+        example["reference"] = refs[0] if isinstance(obj[key], str) else refs
+    return example
 
-    Unlike ``dior_cvae.data.load_jsonl`` (training data) rows need no response. Raises
-    ``DataFormatError`` (``path:lineno: reason``) for a bad line.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    examples = []
-    with opener(path, "rt", encoding="utf-8-sig") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                if "context" not in obj:
-                    raise ValueError('missing field "context"')
-                example = {"context": _string_list(obj["context"], "context")}
-                persona = obj.get("persona")
-                if persona:
-                    example["persona"] = [s for s in _string_list(persona, "persona", True) if s]
-                key = "reference" if obj.get("reference") is not None else "response"
-                if obj.get(key) is not None:
-                    refs = _string_list(obj[key], key)
-                    example["reference"] = refs[0] if isinstance(obj[key], str) else refs
-            except ValueError as exc:
-                raise DataFormatError(path, lineno, str(exc)) from None
-            examples.append(example)
-    return examples
+
+def read_input_file(path: str | Path) -> list[dict]:
+    """Contexts from JSON Lines; unlike training data, rows need no response. A bad line raises
+    ``DataFormatError`` (``path:lineno: reason``)."""
+    return load_jsonl(path, parse=parse_context_record)[0]
 
 
 def load_examples(args: argparse.Namespace) -> list[dict]:
