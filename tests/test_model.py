@@ -323,3 +323,23 @@ def test_changing_the_sampler_on_the_config_takes_effect(tiny_model):
     assert model.diffusion_prior.scheduler.sampler == "ddim"
     assert not torch.allclose(ddpm, ddim)
     assert model.sample_latents(context_vectors, num_inference_steps=4).shape == (2, 2, 8)
+
+
+def test_generate_feeds_a_streamer(tiny_model):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny_model().eval()
+    streamer = Recorder()
+    out = model.generate(context_batch(1, 8), max_new_tokens=5, do_sample=True, streamer=streamer)
+    assert streamer.ended
+    assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks]), out[0])
