@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "generate.py"
@@ -33,23 +34,7 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("generate_script")
     tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=300, model_max_length=64)
     torch.manual_seed(0)
-    config = DiorCVAEConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        latent_size=8,
-        denoiser_hidden_size=32,
-        num_train_timesteps=10,
-        num_inference_steps=10,
-        beta_start=0.01,
-        beta_end=0.8,
-    )
+    config = DiorCVAEConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), dropout=0.1))
     DiorCVAEForConditionalGeneration(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
 
