@@ -153,8 +153,16 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         """Run the shared encoder; returns its output (with every layer's states) and the pooled vectors (B, L, d)."""
         with sdpa_kernel(SDPA_BACKENDS):
             outputs = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        layer_states = outputs.hidden_states[-self.config.encoder_layers :]  # outputs of layers 1..L
-        return outputs, self.layer_pooling(layer_states, attention_mask)
+        return outputs, self.pool_layers(outputs, attention_mask)
+
+    def pool_layers(self, encoder_outputs: BaseModelOutput, attention_mask) -> torch.Tensor:
+        """Attention-pooled vector of each encoder layer's output, (B, L, d): the prior's condition."""
+        if encoder_outputs.hidden_states is None:
+            raise ValueError(
+                "`encoder_outputs` without `hidden_states`: pass the encoder's output with output_hidden_states=True "
+                "(or `latents`), since the latents are computed from every encoder layer"
+            )
+        return self.layer_pooling(encoder_outputs.hidden_states[-self.config.encoder_layers :], attention_mask)
 
     @torch.no_grad()
     def sample_latents(self, context_vectors, num_inference_steps=None, prior_guidance_scale=None, generator=None):
@@ -238,7 +246,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         if latents is None:
             if context_vectors is None:
-                context_vectors = self.layer_pooling(encoder_outputs.hidden_states[-self.config.encoder_layers :], attention_mask)
+                context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if labels is not None:
                 response_mask = labels.ne(-100).long()
                 response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
@@ -354,7 +362,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         if latents is None:
             if context_vectors is None:
-                context_vectors = self.layer_pooling(encoder_outputs.hidden_states[-self.config.encoder_layers :], attention_mask)
+                context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             context_vectors = context_vectors.repeat_interleave(num_sequences, dim=0)
             latents = self.sample_latents(context_vectors, num_inference_steps, prior_guidance_scale, latent_generator)
         elif latents.shape[0] == batch_size and num_sequences > 1:

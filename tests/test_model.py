@@ -343,3 +343,13 @@ def test_generate_feeds_a_streamer(tiny_model):
     out = model.generate(context_batch(1, 8), max_new_tokens=5, do_sample=True, streamer=streamer)
     assert streamer.ended
     assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks]), out[0])
+
+
+def test_encoder_outputs_without_hidden_states_need_latents(tiny_model):
+    model = tiny_model().eval()
+    input_ids = context_batch(2, 8)
+    bare = model.model.encoder(input_ids=input_ids)
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        model.generate(encoder_outputs=bare, attention_mask=torch.ones_like(input_ids), max_new_tokens=3)
+    full, _ = model.encode(input_ids, torch.ones_like(input_ids))
+    assert model.generate(encoder_outputs=full, attention_mask=torch.ones_like(input_ids), max_new_tokens=3).shape[0] == 2
