@@ -38,16 +38,20 @@ def random_latents(model, batch, seed=0):
     return torch.randn(shape, generator=g).to(model.device, model.dtype)
 
 
-def generate_pair(model, seed=0, batch=3, **kwargs):
-    """(default generate, generate with `kwargs` added), each after `torch.manual_seed(seed)`."""
+def generate_pair(model, seed=0, batch=3, latent_seed=None, **kwargs):
+    """(default generate, generate with `kwargs` added), each after `torch.manual_seed(seed)`; with `latent_seed`,
+    each call also gets a fresh `latent_generator` seeded with it."""
     input_ids, attention_mask = inputs(batch, device=model.device)
     base = {k: v for k, v in kwargs.items() if k not in ("cache_implementation", "custom_generate",
                                                           "compile_config", "use_cuda_graph", "compile_step")}
-    torch.manual_seed(seed)
-    expected = model.generate(input_ids, attention_mask=attention_mask, **base)
-    torch.manual_seed(seed)
-    actual = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    return expected, actual
+
+    def run(extra):
+        torch.manual_seed(seed)
+        if latent_seed is not None:
+            extra = dict(extra, latent_generator=torch.Generator().manual_seed(latent_seed))
+        return model.generate(input_ids, attention_mask=attention_mask, **extra)
+
+    return run(base), run(kwargs)
 
 
 class HostSyncDetector(TorchDispatchMode):
@@ -84,14 +88,8 @@ def test_static_cache_gives_the_same_tokens(tiny_model, do_sample):
 
 def test_static_cache_with_prior_samples(tiny_model):
     model = tiny_model().eval()
-    common = dict(SAMPLING, max_new_tokens=8, num_return_sequences=2)
-    input_ids, attention_mask = inputs()
-    torch.manual_seed(1)
-    expected = model.generate(input_ids, attention_mask=attention_mask,
-                              latent_generator=torch.Generator().manual_seed(5), **common)
-    torch.manual_seed(1)
-    actual = model.generate(input_ids, attention_mask=attention_mask, cache_implementation="static",
-                            latent_generator=torch.Generator().manual_seed(5), **common)
+    expected, actual = generate_pair(model, seed=1, latent_seed=5, max_new_tokens=8, num_return_sequences=2,
+                                     cache_implementation="static", **SAMPLING)
     assert actual.shape[0] == 6 and torch.equal(expected, actual)
 
 
@@ -140,14 +138,8 @@ def test_graphed_decoding_compiled_step_gives_the_same_tokens(tiny_model):
 
 def test_graphed_decoding_with_prior_and_return_sequences(tiny_model):
     model = tiny_model().eval()
-    common = dict(SAMPLING, max_new_tokens=6, num_return_sequences=2)
-    input_ids, attention_mask = inputs()
-    torch.manual_seed(4)
-    expected = model.generate(input_ids, attention_mask=attention_mask,
-                              latent_generator=torch.Generator().manual_seed(7), **common)
-    torch.manual_seed(4)
-    actual = model.generate(input_ids, attention_mask=attention_mask, custom_generate=dior_fast.graphed_decoding,
-                            use_cuda_graph=False, latent_generator=torch.Generator().manual_seed(7), **common)
+    expected, actual = generate_pair(model, seed=4, latent_seed=7, max_new_tokens=6, num_return_sequences=2,
+                                     custom_generate=dior_fast.graphed_decoding, use_cuda_graph=False, **SAMPLING)
     assert torch.equal(expected, actual)
 
 
