@@ -229,8 +229,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             attention_mask = input_ids.ne(self.config.pad_token_id).long()
         if labels is not None:
             use_cache = False
+            response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)  # `<s> r </s>`, padded
             if decoder_input_ids is None:
-                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels.masked_fill(labels == -100, self.config.pad_token_id))
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(response_ids)
 
         rc_loss = kl_loss = neg_entropy = prior_loss = None
         if encoder_outputs is None:
@@ -248,9 +249,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if context_vectors is None:
                 context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if labels is not None:
-                response_mask = labels.ne(-100).long()
-                response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-                _, response_vectors = self.encode(response_ids, response_mask)
+                _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
                 latents, posteriors, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
                 if self.diffusion_prior is None:
                     kl = self.hierarchy.prior_kl(posteriors, summaries, context_vectors)

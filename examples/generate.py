@@ -296,7 +296,6 @@ def generate_all(args, model, tokenizer, examples, generation_config, extra_kwar
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention failed on H100 for masked eval shapes
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from transformers import set_seed
 

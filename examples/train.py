@@ -541,7 +541,6 @@ def main(argv: list[str] | None = None) -> None:
         print("No arguments: running the built-in demo (tiny Dior-CVAE on the shipped DailyDialog sample).", flush=True)
         argv = DEFAULT_ARGS
     args = parse_args(argv)
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention failed on H100 for masked eval shapes
     start_time = time.time()
 
     # On a machine without GPUs, `torchrun`/`accelerate launch --multi_gpu` start N processes that accelerate treats
