@@ -2,14 +2,14 @@
 
 from transformers import BartConfig
 
-from .scheduling_dior import BETA_SCHEDULES, make_betas
+import math
 
-# Above this, the last diffusion step is barely noise and sampling starts far from the training distribution.
-MAX_TERMINAL_ALPHA_CUMPROD = 0.1
+from .scheduling_dior import PREDICTION_TYPES, SAMPLERS
 
-PRIOR_TYPES = ("diffusion", "gaussian", "standard")
-PREDICTION_TYPES = ("epsilon", "sample")
-SAMPLERS = ("ddpm", "ddim")
+# Above this log-SNR (α² ≈ 0.05) the noisiest latent is still mostly data and sampling starts off the distribution.
+MAX_TERMINAL_LOG_SNR = -3.0
+
+PRIOR_TYPES = ("diffusion", "gaussian", "standard", "none")
 
 
 class DiorCVAEConfig(BartConfig):
@@ -40,28 +40,25 @@ class DiorCVAEConfig(BartConfig):
     Prior (paper §3.4):
         prior_type (`str`, defaults to `"diffusion"`):
             `"diffusion"`: conditional latent diffusion prior; `"gaussian"`: learned conditional hierarchical Gaussian
-            p(z_l | z_<l, c) (the authors' "w/o diffusion"); `"standard"`: isotropic N(0, I) (the paper's wording).
-        num_train_timesteps (`int`, defaults to 50): Diffusion steps T used in training (paper and code: 50).
-        num_inference_steps (`int`, defaults to 50): Denoising steps at sampling time (≤ `num_train_timesteps`;
-            can be lowered per call in `generate()`).
-        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
-        beta_start (`float`, defaults to 0.002), beta_end (`float`, defaults to 0.4):
-            Linear-schedule endpoints. These are the authors' effective values (1e-4·1000/T … 0.02·1000/T for
-            T = 50), giving ᾱ_T ≈ 8e-6. The paper's stated 5e-6 … 1e-3 leaves ᾱ_T ≈ 0.97, i.e. the "noise" end is
-            still the data; schedules with ᾱ_T > 0.1 are rejected.
-        prediction_type (`str`, defaults to `"epsilon"`):
-            What the denoiser predicts: `"epsilon"` (the authors' code) or `"sample"` (x0, the paper's Eq. 5).
-        sampler (`str`, defaults to `"ddpm"`): `"ddpm"` (ancestral, the authors' code) or `"ddim"` (Alg. 1).
-        ddim_eta (`float`, defaults to 0.0): Noise scale σ of the DDIM update (0 = deterministic).
-        prior_loss_weighting (`str`, defaults to `"vlb"`):
-            Weight of the denoiser's squared error in the KL term. `"vlb"`: DDPM's variational-bound weights, so
-            that E[log q(z)] + this term estimates KL(q ‖ p) and cannot go below zero on average. `"simple"`: unit
-            weight as in the authors' code — not a bound: the E[log q(z)] term then keeps widening the posterior
-            (we saw the KL term reach −577 within 300 updates, posterior σ at its clamp), drowning the latent in
-            noise.
-        clip_sample (`bool`, defaults to `False`):
-            Clamp the predicted x0 to [-1, 1] at every sampling step. The authors do; posterior samples are not
-            bounded, so clipping shifts prior samples away from what the decoder was trained on.
+            p(z_l | z_<l, c) (the authors' "w/o diffusion"); `"standard"`: isotropic N(0, I) (the paper's wording);
+            `"none"`: no latent at all — no pooling, posterior, prior, infusion or memory dropout, so the model is
+            exactly `BartForConditionalGeneration` (the plain seq2seq control of every experiment).
+        log_snr_min (`float`, defaults to -10.0), log_snr_max (`float`, defaults to 10.0):
+            End points of the diffusion in log signal-to-noise ratio λ = log(α²/σ²) (variance preserving,
+            continuous time; see `dior_prior`). At -10 the noisiest latent keeps α² = 4.5e-5 of the data; at 10 the
+            cleanest is the data plus noise of std e^-5 ≈ 0.007. The authors' discrete schedule (T = 50, β linear
+            0.002 … 0.4) spans about the same range (ᾱ_T ≈ 8e-6); the paper's stated 5e-6 … 1e-3 would leave
+            ᾱ_T ≈ 0.97, no noise at all. The bound depends on the schedule only through these end points, so
+            training needs no step count.
+        num_inference_steps (`int`, defaults to 20): Denoising steps at sampling time (per call in `generate()`).
+        prediction_type (`str`, defaults to `"v_prediction"`):
+            What the denoiser predicts: `"v_prediction"` (v = α ε − σ x, zero-initialised output: the prior starts
+            as exactly N(0, I) and x̂0 stays bounded at high noise, see `dior_prior`), `"epsilon"` (the authors'
+            code) or `"sample"` (x0, the paper's Eq. 5).
+        sampler (`str`, defaults to `"dpmsolver++"`):
+            `"dpmsolver++"` (DPM-Solver++(2M), second order), `"ddim"` (Alg. 1, with `ddim_eta`) or `"ddpm"`
+            (ancestral, the authors' code). See `scheduling_dior` and `docs/results.md` for the steps each needs.
+        ddim_eta (`float`, defaults to 0.0): Noise scale η of the DDIM update (0 = deterministic, 1 = DDPM).
         cfg_dropout (`float`, defaults to 0.1):
             Classifier-free-guidance condition dropout η: per training example, the context condition of the
             denoiser is replaced by zeros with this probability (the authors drop it for the whole batch at once).
@@ -103,16 +100,12 @@ class DiorCVAEConfig(BartConfig):
     memory_dropout: float = 0.7
     memory_dropout_at_inference: bool = False
     prior_type: str = "diffusion"
-    num_train_timesteps: int = 50
-    num_inference_steps: int = 50
-    beta_schedule: str = "linear"
-    beta_start: float = 0.002
-    beta_end: float = 0.4
-    prediction_type: str = "epsilon"
-    prior_loss_weighting: str = "vlb"
-    sampler: str = "ddpm"
+    log_snr_min: float = -10.0
+    log_snr_max: float = 10.0
+    num_inference_steps: int = 20
+    prediction_type: str = "v_prediction"
+    sampler: str = "dpmsolver++"
     ddim_eta: float = 0.0
-    clip_sample: bool = False
     cfg_dropout: float = 0.1
     prior_guidance_scale: float = 0.1
     denoiser_hidden_size: int = 512
@@ -138,7 +131,7 @@ class DiorCVAEConfig(BartConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
 
-        for name in ("latent_size", "num_train_timesteps", "num_inference_steps", "denoiser_hidden_size"):
+        for name in ("latent_size", "num_inference_steps", "denoiser_hidden_size"):
             positive_int(name)
         if isinstance(self.denoiser_layers, bool) or not isinstance(self.denoiser_layers, int) or self.denoiser_layers < 0:
             raise ValueError(f"`denoiser_layers` must be an integer >= 0, got {self.denoiser_layers!r}")
@@ -146,38 +139,39 @@ class DiorCVAEConfig(BartConfig):
             probability(name)
         one_of("prior_type", PRIOR_TYPES)
         one_of("prediction_type", PREDICTION_TYPES)
-        one_of("prior_loss_weighting", ("vlb", "simple"))
         one_of("sampler", SAMPLERS)
-        one_of("beta_schedule", BETA_SCHEDULES)
-        if not isinstance(self.prior_guidance_scale, (int, float)) or self.prior_guidance_scale < 0:
-            raise ValueError(f"`prior_guidance_scale` must be a number >= 0, got {self.prior_guidance_scale!r}")
-        if self.num_inference_steps > self.num_train_timesteps:
+        guidance = self.prior_guidance_scale
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+            raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {guidance!r}")
+        for name in ("log_snr_min", "log_snr_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        if not self.log_snr_min < 0 < self.log_snr_max:
             raise ValueError(
-                f"`num_inference_steps` ({self.num_inference_steps}) must be <= `num_train_timesteps` "
-                f"({self.num_train_timesteps})"
+                f"`log_snr_min` ({self.log_snr_min}) must be < 0 < `log_snr_max` ({self.log_snr_max}): the diffusion must "
+                "run from mostly noise to mostly data"
             )
-        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+        if self.log_snr_min > MAX_TERMINAL_LOG_SNR:
             raise ValueError(
-                f"`beta_start`/`beta_end` must satisfy 0 < beta_start <= beta_end < 1, got "
-                f"{self.beta_start!r} / {self.beta_end!r}"
-            )
-        terminal = float((1.0 - make_betas(self)).prod())
-        if terminal > MAX_TERMINAL_ALPHA_CUMPROD:
-            raise ValueError(
-                f"`beta_schedule`/`beta_start`/`beta_end`/`num_train_timesteps` leave alpha_cumprod at the last step "
-                f"= {terminal:.3g} > {MAX_TERMINAL_ALPHA_CUMPROD}: the most-noised latent is still mostly data, so "
-                "sampling would start from the wrong distribution. Raise `beta_end` or `num_train_timesteps`."
+                f"`log_snr_min` = {self.log_snr_min} leaves α² = {1 / (1 + math.exp(-self.log_snr_min)):.3g} of the data "
+                f"in the noisiest latent (> {MAX_TERMINAL_LOG_SNR}): sampling would start from the wrong distribution"
             )
         if self.encoder_layers != self.decoder_layers:
             raise ValueError(
                 f"`encoder_layers` ({self.encoder_layers}) must equal `decoder_layers` ({self.decoder_layers}): "
                 "the latent of encoder layer l is infused into decoder layer l"
             )
-        if self.memory_dropout == 1.0 and not self.cross_attention_infusion:
+        if self.memory_dropout == 1.0 and not self.cross_attention_infusion and self.prior_type != "none":
             raise ValueError(
                 "`memory_dropout` = 1 with `cross_attention_infusion` off would leave the cross-attention nothing "
                 "to attend to"
             )
+
+    @property
+    def has_latent(self) -> bool:
+        """False for `prior_type="none"`: the model is plain BART."""
+        return self.prior_type != "none"
 
     @property
     def total_latent_size(self) -> int:

@@ -7,12 +7,14 @@ Shapes: B batch, S context length, L layers, d = d_model, ls = latent_size.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.bart.modeling_bart import ALL_ATTENTION_FUNCTIONS, BartAttention, eager_attention_forward
 
-from .dior_fast import fit_static_cross_cache, shared_slot_mask, slot_stash, store_slot
+from .dior_compat import pop_cache
 
-# σ ≤ 1: posterior noise never exceeds the unit scale of the prior's noise (the authors allow σ up to 12)
+# e^-7 ≤ σ ≤ 1, as soft bounds (softplus, so no entry ever sits on a bound without a gradient): posterior noise
+# never exceeds the unit scale of the prior's noise (the authors allow σ up to 12)
 LOG_STD_MIN, LOG_STD_MAX = -7.0, 0.0
 
 
@@ -48,12 +50,14 @@ class DiagonalGaussian:
 
     def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
         self.mean = mean
-        self.log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        self.log_std = log_std
 
     @classmethod
     def from_params(cls, params: torch.Tensor) -> "DiagonalGaussian":
-        mean, log_std = params.chunk(2, dim=-1)
-        return cls(mean, log_std)
+        """[mean; raw] of a network head; log σ = raw squashed softly into [LOG_STD_MIN, LOG_STD_MAX]."""
+        mean, raw = params.chunk(2, dim=-1)
+        log_std = LOG_STD_MAX - F.softplus(LOG_STD_MAX - raw)
+        return cls(mean, LOG_STD_MIN + F.softplus(log_std - LOG_STD_MIN))
 
     @classmethod
     def standard(cls, like: torch.Tensor) -> "DiagonalGaussian":
@@ -162,82 +166,58 @@ def _prepend_visible_column(attention_mask, query_length: int, key_length: int, 
 
 
 class LatentSlotAttention(BartAttention):
-    """BART attention that, when `latent_memory` (B, L, d) is passed, adds `k_proj`/`v_proj` of
-    `latent_memory[:, layer_idx]` as one extra key/value that every query sees.
+    """BART attention that, when `infuse` is set, adds `k_proj`/`v_proj` of the layer's latent slot
+    `latent_memory[:, layer_idx]` (B, 1, d) as one extra key/value that every query sees.
 
     This is exactly the authors' decoder (a slot at position 0 replaced by Linear_l(z_l) before every layer and
     prepended to the cross-attention memory), without materialising the slot: its own query output was discarded.
-    Self-attention caches hold only real tokens (so positions are BART's); the cross-attention cache holds
-    [slot; encoder states], computed once, and the self-attention slot's key/value is computed once per cache too
-    (kept beside it, see `dior_fast.slot_stash`): one latent per sequence for a cache's lifetime, as before. The
-    weights keep BART's names, so BART checkpoints load unchanged.
+    The cache holds what BART's holds: self-attention keys of real tokens only (so token positions are BART's), and
+    the cross-attention keys of [slot; encoder states], projected once at the first step. The self-attention slot is
+    projected at every step from `latent_memory`, which `forward` always passes. The weights keep BART's names, so
+    BART checkpoints load unchanged.
     """
 
     def __init__(self, *args, infuse: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.infuse = infuse
 
-    def forward(self, hidden_states, key_value_states=None, past_key_values=None, attention_mask=None,
-                latent_memory=None, **kwargs):
+    def _heads(self, states: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        batch = states.shape[0]
+        return proj(states).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, len, hd)
+
+    def forward(self, hidden_states, key_value_states=None, attention_mask=None, latent_memory=None, **kwargs):
+        cache = pop_cache(kwargs)  # EncoderDecoderCache or None
         is_cross_attention = key_value_states is not None
         batch, query_length = hidden_states.shape[:2]
-        head_shape = (batch, -1, self.num_heads, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
+        slot = None
+        if self.infuse:
+            if latent_memory is None:
+                raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_memory` is required")
+            slot = latent_memory[:, self.layer_idx : self.layer_idx + 1].to(hidden_states.dtype)  # (B, 1, d)
 
-        cache = stash = None
-        primed = False  # this layer's cross-attention cache is filled: the slot was projected at the first step
-        if past_key_values is not None:
-            cache = past_key_values.cross_attention_cache if is_cross_attention else past_key_values.self_attention_cache
-            stash = slot_stash(past_key_values)
-            primed = bool(past_key_values.is_updated.get(self.layer_idx))
-        # with a primed cache the slot's keys/values are stored (cross: in the cache; self: in the stash), so
-        # `latent_memory` may be left out of later steps
-        slot_key_states = None
+        query_states = self._heads(hidden_states, self.q_proj)
         if is_cross_attention:
-            recorded = stash.get(("cross", self.layer_idx)) if primed else None  # whether the cache holds a slot
-            infuse = recorded if recorded is not None else (self.infuse and latent_memory is not None)
-        else:
-            if primed and self.infuse:
-                slot_key_states = stash.get(("self", self.layer_idx))
-                if slot_key_states is not None and slot_key_states[0].shape[0] != batch:
-                    if latent_memory is None:
-                        raise ValueError("the cache's batch changed since its first step: pass `latent_memory` again")
-                    slot_key_states = None  # rows were selected/expanded since: recompute
-            infuse = self.infuse and (latent_memory is not None or slot_key_states is not None)
-
-        if is_cross_attention and primed:
-            key_states = cache.layers[self.layer_idx].keys  # already [slot; memory] when infused
-            value_states = cache.layers[self.layer_idx].values
-        else:
-            current_states = key_value_states if is_cross_attention else hidden_states
-            if is_cross_attention and infuse:
-                slot = latent_memory[:, self.layer_idx : self.layer_idx + 1]  # (B, 1, d)
-                current_states = torch.cat([slot.to(current_states.dtype), current_states], dim=1)
-            key_states = self.k_proj(current_states).view(head_shape).transpose(1, 2)
-            value_states = self.v_proj(current_states).view(head_shape).transpose(1, 2)
-            if cache is not None:
-                if is_cross_attention:  # a static cache sized to the encoder length needs one more for the slot
-                    fit_static_cross_cache(cache, self.layer_idx, key_states.shape[2])
-                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-                if is_cross_attention:
-                    past_key_values.is_updated[self.layer_idx] = True
-                    stash[("cross", self.layer_idx)] = infuse
-
-        if infuse:
-            if not is_cross_attention:
-                if slot_key_states is None:
-                    slot = latent_memory[:, self.layer_idx : self.layer_idx + 1].to(hidden_states.dtype)
-                    slot_key_states = (
-                        self.k_proj(slot).view(head_shape).transpose(1, 2),
-                        self.v_proj(slot).view(head_shape).transpose(1, 2),
+            if cache is not None and cache.is_updated.get(self.layer_idx):
+                layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
+                key_states, value_states = layer_cache.keys, layer_cache.values  # [slot; memory], from step one
+            else:
+                memory = key_value_states if slot is None else torch.cat([slot, key_value_states], dim=1)
+                key_states, value_states = self._heads(memory, self.k_proj), self._heads(memory, self.v_proj)
+                if cache is not None:
+                    key_states, value_states = cache.cross_attention_cache.update(
+                        key_states, value_states, self.layer_idx
                     )
-                    if stash is not None:
-                        slot_key_states = store_slot(stash, ("self", self.layer_idx), slot_key_states)
-                key_states = torch.cat([slot_key_states[0], key_states], dim=2)
-                value_states = torch.cat([slot_key_states[1], value_states], dim=2)
-            attention_mask = shared_slot_mask(  # built by the first layer, reused by the others
-                stash, _prepend_visible_column, attention_mask, query_length, key_states.shape[2] - 1,
-                not is_cross_attention, hidden_states,
+                    cache.is_updated[self.layer_idx] = True
+        else:
+            key_states, value_states = self._heads(hidden_states, self.k_proj), self._heads(hidden_states, self.v_proj)
+            if cache is not None:
+                key_states, value_states = cache.self_attention_cache.update(key_states, value_states, self.layer_idx)
+            if slot is not None:
+                key_states = torch.cat([self._heads(slot, self.k_proj), key_states], dim=2)
+                value_states = torch.cat([self._heads(slot, self.v_proj), value_states], dim=2)
+        if slot is not None:
+            attention_mask = _prepend_visible_column(
+                attention_mask, query_length, key_states.shape[2] - 1, not is_cross_attention, hidden_states
             )
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(

@@ -11,7 +11,6 @@ Training forward pass (labels given), top to bottom:
 Generation: encode the context, draw one latent per returned sequence from the prior, decode with any HF strategy.
 """
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,48 +19,46 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, GenerationMixin
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
+from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig
+from .dior_compat import CACHE_NAME, check_transformers_version
 from .dior_latent import HierarchicalLatents, LatentSlotAttention, LayerPooling
-from .dior_prior import DiffusionPrior
+from .dior_prior import DiffusionPrior, ZeroInitLinear
 
+check_transformers_version()
 
 # cuDNN's fused attention failed on an H100 (torch 2.11) for our masked, eval-mode shapes
 # ("mha_graph.execute(...).is_good()"); the other SDPA kernels handle them.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
+UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
 
 @dataclass
-class DiorCVAEOutput(ModelOutput):
+class DiorCVAEOutput(Seq2SeqLMOutput):
     """
+    [`Seq2SeqLMOutput`] (loss, logits, the decoder cache, decoder/encoder hidden states and attentions) plus:
+
     Args:
-        loss (`torch.FloatTensor` of shape `()`): `rc_loss + kl_weight * kl_loss`, when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch_size, target_length, vocab_size)`).
+        loss (`torch.FloatTensor` of shape `()`): `rc_loss + kl_weight * kl_loss` when `labels` are given (only
+            `rc_loss` when `latents` are given too: the KL is a property of the posterior, not of given latents).
         rc_loss (`torch.FloatTensor`): reconstruction cross-entropy, summed over tokens, averaged over examples.
         kl_loss (`torch.FloatTensor`): KL term per example, averaged; for the diffusion prior it is
             `neg_entropy + prior_loss` (Eq. 16).
         neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] (diffusion prior only).
-        prior_loss (`torch.FloatTensor`): the denoiser's regression loss (diffusion prior only).
+        prior_loss (`torch.FloatTensor`): the bound on −log p(z | c) of the posterior samples (diffusion prior only).
         latents (`torch.FloatTensor` of shape `(batch_size, num_layers, latent_size)`): the latents decoded with.
-        past_key_values (`EncoderDecoderCache`): decoder cache, when `use_cache`.
-        encoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, source_length, d_model)`).
-        decoder_hidden_states, decoder_attentions, cross_attentions: as in [`Seq2SeqLMOutput`].
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     rc_loss: torch.FloatTensor | None = None
     kl_loss: torch.FloatTensor | None = None
     neg_entropy: torch.FloatTensor | None = None
     prior_loss: torch.FloatTensor | None = None
     latents: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    encoder_last_hidden_state: torch.FloatTensor | None = None
-    decoder_hidden_states: tuple | None = None
-    decoder_attentions: tuple | None = None
-    cross_attentions: tuple | None = None
 
 
 def _latent_slot_attention(config, layer_idx: int, is_causal: bool, infuse: bool) -> LatentSlotAttention:
@@ -85,20 +82,22 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     _keys_to_ignore_on_load_missing = ["final_logits_bias"]
     _supports_flash_attn = False
     _supports_flex_attn = False
+    _keep_in_fp32_modules_strict = ["diffusion_prior"]
 
     def __init__(self, config: DiorCVAEConfig):
         super().__init__(config)
         self.model = BartModel(config)
-        for idx, layer in enumerate(self.model.decoder.layers):
-            layer.self_attn = _latent_slot_attention(config, idx, True, config.self_attention_infusion)
-            layer.encoder_attn = _latent_slot_attention(config, idx, False, config.cross_attention_infusion)
+        if config.has_latent:
+            for idx, layer in enumerate(self.model.decoder.layers):
+                layer.self_attn = _latent_slot_attention(config, idx, True, config.self_attention_infusion)
+                layer.encoder_attn = _latent_slot_attention(config, idx, False, config.cross_attention_infusion)
         self.final_logits_bias = nn.Buffer(torch.zeros((1, self.model.shared.num_embeddings)))
         self.lm_head = nn.Linear(config.d_model, self.model.shared.num_embeddings, bias=False)
 
-        self.layer_pooling = LayerPooling(config)
-        self.hierarchy = HierarchicalLatents(config)
+        self.layer_pooling = LayerPooling(config) if config.has_latent else None
+        self.hierarchy = HierarchicalLatents(config) if config.has_latent else None
         self.latent_to_memory = None
-        if config.self_attention_infusion or config.cross_attention_infusion:
+        if config.has_latent and (config.self_attention_infusion or config.cross_attention_infusion):
             self.latent_to_memory = nn.ModuleList(
                 nn.Linear(config.latent_size, config.d_model) for _ in range(config.decoder_layers)
             )
@@ -113,6 +112,27 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if isinstance(module, DiorCVAEForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+        if isinstance(module, ZeroInitLinear):  # the denoiser's v̂ = 0 at the start: the prior is exactly N(0, I)
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+
+    @staticmethod
+    def _refuse_reentrant_checkpointing(checkpointing_kwargs):
+        if (checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True is not supported: the latents reach every decoder "
+                "layer as a keyword argument, which reentrant checkpointing cannot differentiate. Use the default "
+                "use_reentrant=False."
+            )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self._refuse_reentrant_checkpointing(gradient_checkpointing_kwargs)
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        """transformers >= 5.24's name of `gradient_checkpointing_enable`."""
+        self._refuse_reentrant_checkpointing(activation_checkpointing_kwargs)
+        return super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     @classmethod
     def from_bart(cls, pretrained_model_name_or_path, **kwargs) -> "DiorCVAEForConditionalGeneration":
@@ -149,11 +169,15 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     # ---- latent machinery -------------------------------------------------------------------------------------
 
-    def encode(self, input_ids, attention_mask):
-        """Run the shared encoder; returns its output (with every layer's states) and the pooled vectors (B, L, d)."""
+    def encode(self, input_ids, attention_mask, **kwargs):
+        """Run the shared encoder; returns its output (with every layer's states) and the pooled vectors (B, L, d)
+        (None for `prior_type="none"`). `kwargs` (e.g. `output_attentions`) go to the encoder."""
         with sdpa_kernel(SDPA_BACKENDS):
-            outputs = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        return outputs, self.pool_layers(outputs, attention_mask)
+            outputs = self.model.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+            )
+        pooled = self.pool_layers(outputs, attention_mask) if self.config.has_latent else None
+        return outputs, pooled
 
     def pool_layers(self, encoder_outputs: BaseModelOutput, attention_mask) -> torch.Tensor:
         """Attention-pooled vector of each encoder layer's output, (B, L, d): the prior's condition."""
@@ -173,6 +197,15 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             context_vectors.flatten(1), num_inference_steps, prior_guidance_scale, generator=generator
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
+
+    def posterior(self, input_ids, attention_mask, labels):
+        """The posterior q(z | c, r) of (context, response) pairs: (latents (B, L, ls), [DiagonalGaussian per layer],
+        layer summaries, context vectors (B, L, d)). `labels` are responses as in `forward` (padding = -100)."""
+        response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
+        _, context_vectors = self.encode(input_ids, attention_mask)
+        _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
+        latents, dists, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
+        return latents, dists, summaries, context_vectors
 
     def memory_dropout_mask(self, attention_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """Hide each memory token with probability `config.memory_dropout` (the latent slot is not part of it)."""
@@ -200,8 +233,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 f"({self.config.max_position_embeddings}); truncate it (keep the most recent turns)"
             )
 
+    def _prepare_static_cache(self, *args, **kwargs):
+        """transformers' static cache, with one more cross-attention position where that cache holds the slot."""
+        cache = super()._prepare_static_cache(*args, **kwargs)
+        if self.config.has_latent and self.config.cross_attention_infusion:
+            for layer in cache.cross_attention_cache.layers:
+                layer.max_cache_len += 1
+        return cache
+
     # ---- forward ------------------------------------------------------------------------------------------------
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -210,10 +252,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         decoder_attention_mask: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
         past_key_values=None,
+        cache=None,
         labels: torch.LongTensor | None = None,
         latents: torch.FloatTensor | None = None,
         kl_weight: float = 1.0,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> DiorCVAEOutput:
         r"""
@@ -221,67 +265,73 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(B, T)`): the response `<s> r </s>`, padding = -100. It is both the
             reconstruction target and, through the shared encoder, the input of the posterior.
         latents (`torch.FloatTensor` of shape `(B, L, latent_size)`, *optional*): decode with these latents instead
-            of posterior (with labels) or prior (without) samples.
+            of posterior (with labels) or prior (without) samples; with `labels`, `loss` is then `rc_loss`.
         kl_weight (`float`): β multiplying the KL term, for annealing by the training loop.
+        past_key_values / cache: the decoder cache (transformers < 5.24 / ≥ 5.24 name).
         """
         self._check_context(input_ids)
+        cache = cache if cache is not None else past_key_values
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if attention_mask is None and input_ids is not None:
             attention_mask = input_ids.ne(self.config.pad_token_id).long()
         if labels is not None:
             use_cache = False
-            response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)  # `<s> r </s>`, padded
             if decoder_input_ids is None:
+                response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)  # `<s> r </s>`, padded
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(response_ids)
 
-        rc_loss = kl_loss = neg_entropy = prior_loss = None
+        # encode → latents
+        context_vectors = None
         if encoder_outputs is None:
-            encoder_outputs, context_vectors = self.encode(input_ids, attention_mask)
+            encoder_outputs, context_vectors = self.encode(input_ids, attention_mask, **kwargs)
         elif not isinstance(encoder_outputs, BaseModelOutput):
-            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
-            context_vectors = None
-        else:
-            context_vectors = None
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
         memory = encoder_outputs.last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
 
-        if latents is None:
-            if context_vectors is None:
-                context_vectors = self.pool_layers(encoder_outputs, attention_mask)
-            if labels is not None:
-                _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-                latents, posteriors, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
+        kl_loss = neg_entropy = prior_loss = None
+        if self.config.has_latent:
+            if latents is None and labels is not None:
+                latents, posteriors, summaries, context_vectors = self.posterior(input_ids, attention_mask, labels)
                 if self.diffusion_prior is None:
                     kl = self.hierarchy.prior_kl(posteriors, summaries, context_vectors)
                 else:
-                    entropy_term = sum(q.log_prob(latents[:, i]) for i, q in enumerate(posteriors))
-                    regression = self.diffusion_prior.loss(latents.flatten(1), context_vectors.flatten(1))
-                    kl = entropy_term + regression
-                    neg_entropy, prior_loss = entropy_term.mean(), regression.mean()
+                    neg_entropy = sum(q.log_prob(latents[:, i]) for i, q in enumerate(posteriors))
+                    prior_loss = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1))
+                    kl = neg_entropy + prior_loss
+                    neg_entropy, prior_loss = neg_entropy.mean(), prior_loss.mean()
                 kl_loss = kl.mean()
-            else:
+            elif latents is None:
+                if context_vectors is None:
+                    context_vectors = self.pool_layers(encoder_outputs, attention_mask)
                 latents = self.sample_latents(context_vectors)
-        else:
             self._check_latents(latents, memory.shape[0])
+        elif latents is not None:
+            raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
 
+        # infuse → decode
         memory_mask = attention_mask
-        if self.training and self.config.memory_dropout > 0:
+        if self.training and self.config.has_latent and self.config.memory_dropout > 0:
             memory_mask = self.memory_dropout_mask(attention_mask)
-
+        latent_memory = self._latent_memory(latents.to(memory.dtype)) if latents is not None else None
         with sdpa_kernel(SDPA_BACKENDS):
             decoder_outputs = self.model.decoder(
                 input_ids=decoder_input_ids,
                 attention_mask=decoder_attention_mask,
                 encoder_hidden_states=memory,
                 encoder_attention_mask=memory_mask,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
-                latent_memory=self._latent_memory(latents.to(memory.dtype)),
+                output_hidden_states=output_hidden_states,
+                latent_memory=latent_memory,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
         logits = self.lm_head(decoder_outputs.last_hidden_state) + self.final_logits_bias.to(memory.dtype)
 
-        loss = None
+        # ELBO
+        loss = rc_loss = None
         if labels is not None:
             token_losses = F.cross_entropy(
                 logits.float().flatten(0, 1),
@@ -291,7 +341,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 reduction="none",
             )
             rc_loss = token_losses.view(labels.shape).sum(-1).mean()
-            loss = rc_loss + kl_weight * kl_loss
+            loss = rc_loss if kl_loss is None else rc_loss + kl_weight * kl_loss
         return DiorCVAEOutput(
             loss=loss,
             logits=logits,
@@ -300,11 +350,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             neg_entropy=neg_entropy,
             prior_loss=prior_loss,
             latents=latents,
-            past_key_values=decoder_outputs.past_key_values,
-            encoder_last_hidden_state=memory,
             decoder_hidden_states=decoder_outputs.hidden_states,
             decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=memory,
+            encoder_hidden_states=encoder_outputs.hidden_states if output_hidden_states else None,
+            encoder_attentions=encoder_outputs.attentions,
+            **{CACHE_NAME: getattr(decoder_outputs, CACHE_NAME)},
         )
 
     # ---- generation -------------------------------------------------------------------------------------------
@@ -323,23 +375,29 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     ):
         r"""
         Encode the context once, draw one latent per returned sequence from the prior, then decode with any HF
-        strategy (greedy, beam, sampling, streamers, ...). With `num_return_sequences=k` every input gets k
-        independent prior draws, returned as `(B·k, T)` in `repeat_interleave` order; with `num_beams=n` each draw
-        is beam-searched and its best beam returned (the beams of one draw share its latent).
+        strategy (greedy, beam, sampling, streamers, static cache, ...). With `num_return_sequences=k` every input
+        gets k independent prior draws, returned as `(B·k, T)` in `repeat_interleave` order; with `num_beams=n` each
+        draw is beam-searched and its best beam returned (the beams of one draw share its latent).
 
         latents (`torch.FloatTensor`, *optional*): decode with these instead of prior samples, shaped
             `(B, L, latent_size)` (reused by the k sequences of an input) or `(B·k, L, latent_size)`.
         num_inference_steps / prior_guidance_scale (*optional*): override the configuration for this call.
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
+        Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
         """
-        generation_config = copy.deepcopy(generation_config or self.generation_config)
-        # k sequences per input = k prior draws; HF itself then returns one sequence per draw
-        num_sequences = kwargs.pop("num_return_sequences", None) or generation_config.num_return_sequences or 1
-        generation_config.num_return_sequences = 1
-        model_kwargs = generation_config.update(**kwargs)
+        for name in UNSUPPORTED_GENERATE_ARGS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` is not supported by Dior-CVAE: assisted and lookup decoding verify drafted tokens "
+                    "with a second forward that would need the draft's latent"
+                )
+        num_sequences = kwargs.get("num_return_sequences")
+        if num_sequences is None:
+            num_sequences = (generation_config or self.generation_config).num_return_sequences or 1
+        kwargs["num_return_sequences"] = 1  # k sequences per input = k prior draws, expanded here
 
-        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        encoder_outputs = kwargs.pop("encoder_outputs", None)
         if encoder_outputs is None and input_ids is None:
             raise ValueError("`generate` needs `input_ids` (the context) or `encoder_outputs`")
         self._check_context(input_ids)
@@ -351,31 +409,48 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if empty:
             raise ValueError(f"empty context (no unmasked token) in batch row(s) {empty}")
 
+        context_vectors = None
         if encoder_outputs is None:
-            encoder_outputs, context_vectors = self.encode(input_ids, attention_mask)
-        else:
-            context_vectors = None
+            encoder_outputs, context_vectors = self.encode(
+                input_ids, attention_mask, output_attentions=kwargs.get("output_attentions")
+            )
         batch_size = attention_mask.shape[0]
-        memory = encoder_outputs.last_hidden_state.repeat_interleave(num_sequences, dim=0)
-        memory_mask = attention_mask.repeat_interleave(num_sequences, dim=0)
 
-        if latents is None:
-            if context_vectors is None:
-                context_vectors = self.pool_layers(encoder_outputs, attention_mask)
-            context_vectors = context_vectors.repeat_interleave(num_sequences, dim=0)
-            latents = self.sample_latents(context_vectors, num_inference_steps, prior_guidance_scale, latent_generator)
-        elif latents.shape[0] == batch_size and num_sequences > 1:
-            latents = latents.repeat_interleave(num_sequences, dim=0)
-        self._check_latents(latents, batch_size * num_sequences)
+        def expand(tensors):
+            if tensors is None:
+                return None
+            if isinstance(tensors, torch.Tensor):
+                return tensors.repeat_interleave(num_sequences, dim=0)
+            return tuple(expand(t) for t in tensors)
 
-        if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:
-            memory_mask = self.memory_dropout_mask(memory_mask, latent_generator)
+        memory = BaseModelOutput(
+            last_hidden_state=expand(encoder_outputs.last_hidden_state),
+            hidden_states=expand(encoder_outputs.hidden_states) if kwargs.get("output_hidden_states") else None,
+            attentions=expand(encoder_outputs.attentions),
+        )
+        memory_mask = expand(attention_mask)
+
+        if self.config.has_latent:
+            if latents is None:
+                if context_vectors is None:
+                    context_vectors = self.pool_layers(encoder_outputs, attention_mask)
+                latents = self.sample_latents(
+                    expand(context_vectors), num_inference_steps, prior_guidance_scale, latent_generator
+                )
+            elif latents.shape[0] == batch_size and num_sequences > 1:
+                latents = expand(latents)
+            self._check_latents(latents, batch_size * num_sequences)
+            latents = latents.to(memory.last_hidden_state.dtype)
+            if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:
+                memory_mask = self.memory_dropout_mask(memory_mask, latent_generator)
+        elif latents is not None:
+            raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
         return super().generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=memory),
+            encoder_outputs=memory,
             attention_mask=memory_mask,
-            latents=latents.to(memory.dtype),
+            latents=latents,
             generation_config=generation_config,
-            **model_kwargs,
+            **kwargs,
         )
 
 

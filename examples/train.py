@@ -472,8 +472,8 @@ def write_model_card(args, output_dir: Path, info: dict) -> None:
     hub_dataset = info["meta"]["hub_dataset"]
     config_rows = [(k, getattr(config, k)) for k in (
         "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "vocab_size",
-        "latent_size", "prior_type", "num_train_timesteps", "num_inference_steps", "sampler", "prediction_type",
-        "prior_loss_weighting", "memory_dropout", "cfg_dropout", "prior_guidance_scale", "label_smoothing")
+        "latent_size", "prior_type", "log_snr_min", "log_snr_max", "num_inference_steps", "sampler", "prediction_type",
+        "memory_dropout", "cfg_dropout", "prior_guidance_scale", "label_smoothing")
         if hasattr(config, k)]
     hyper_rows = [
         ("initialisation", args.model_name_or_path or "from scratch"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 LOAD_AND_GENERATE = textwrap.dedent(
@@ -25,12 +26,59 @@ LOAD_AND_GENERATE = textwrap.dedent(
     torch.manual_seed(123)
     tokens = model.generate(input_ids, do_sample=True, num_return_sequences=2, max_new_tokens=6,
                             latent_generator=torch.Generator().manual_seed(7))
-    scheduler = model.diffusion_prior.scheduler
-    json.dump({"tokens": tokens.tolist(), "alphas_cumprod": scheduler.alphas_cumprod.tolist(),
+    latents = model.sample_latents(torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(3)),
+                                   generator=torch.Generator().manual_seed(4))
+    json.dump({"tokens": tokens.tolist(), "latents": latents.tolist(),
                "model_type": config.model_type,
                "final_logits_bias": model.final_logits_bias.abs().max().item()}, open(out, "w"))
     """
 )
+
+
+SAVE = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])  # the repository (this script runs with -I)
+    sys.path.insert(0, sys.argv[1] + "/tests")
+    from conftest import tiny_config_kwargs
+    from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+    torch.manual_seed(0)
+    DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs(num_inference_steps=7))).save_pretrained(sys.argv[2])
+    """
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_isolated(python, script_text, args, tmp_path, hide_package=True):
+    """Run a script in a fresh `python -I` process from /, with `dior_cvae` not importable (unless it adds it)."""
+    script = tmp_path / f"script_{abs(hash(script_text))}.py"
+    script.write_text(script_text)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    runner = script
+    if hide_package:
+        runner = tmp_path / "site_hidden.py"
+        runner.write_text(
+            "import sys\nsys.meta_path.insert(0, type('Block', (), {'find_spec': staticmethod("
+            "lambda name, path=None, target=None: (_ for _ in ()).throw(ImportError(name)) "
+            "if name == 'dior_cvae' or name.startswith('dior_cvae.') else None)})())\n"
+            f"sys.argv = [{str(script)!r}] + sys.argv[1:]\nexec(open({str(script)!r}).read())\n"
+        )
+    result = subprocess.run([python, "-I", str(runner), *map(str, args)], cwd="/", env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def expected_outputs(model):
+    input_ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 10, 2, 1, 1]])
+    torch.manual_seed(123)
+    tokens = model.generate(
+        input_ids, do_sample=True, num_return_sequences=2, max_new_tokens=6,
+        latent_generator=torch.Generator().manual_seed(7),
+    )
+    latents = model.sample_latents(torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(3)),
+                                   generator=torch.Generator().manual_seed(4))
+    return tokens.tolist(), latents
 
 
 def test_save_and_load_as_remote_code_in_a_fresh_process(tiny_model, tmp_path):
@@ -38,40 +86,41 @@ def test_save_and_load_as_remote_code_in_a_fresh_process(tiny_model, tmp_path):
     folder = tmp_path / "dior"
     model.save_pretrained(folder)
     files = set(os.listdir(folder))
-    code_files = {"configuration_dior.py", "modeling_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py"}
+    code_files = {"configuration_dior.py", "modeling_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py",
+                  "dior_compat.py"}
     assert code_files | {"config.json", "generation_config.json", "model.safetensors"} <= files
     assert {f for f in files if not f.endswith((".py", ".json"))} == {"model.safetensors"}  # safetensors only
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}
 
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_AND_GENERATE)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    # -I: isolated mode, and run from / so neither the repo nor an editable install of it is on sys.path
-    site_hidden = tmp_path / "site_hidden.py"
-    site_hidden.write_text(
-        "import sys\nsys.meta_path.insert(0, type('Block', (), {'find_spec': staticmethod("
-        "lambda name, path=None, target=None: (_ for _ in ()).throw(ImportError(name)) "
-        "if name == 'dior_cvae' or name.startswith('dior_cvae.') else None)})())\n"
-        f"exec(open({str(script)!r}).read())\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-I", str(site_hidden), str(folder), str(tmp_path / "out.json")],
-        cwd="/", env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_isolated(sys.executable, LOAD_AND_GENERATE, [folder, tmp_path / "out.json"], tmp_path)
     loaded = json.loads((tmp_path / "out.json").read_text())
-
-    input_ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 10, 2, 1, 1]])
-    torch.manual_seed(123)
-    expected = model.generate(
-        input_ids, do_sample=True, num_return_sequences=2, max_new_tokens=6,
-        latent_generator=torch.Generator().manual_seed(7),
-    )
-    assert loaded["tokens"] == expected.tolist()
+    tokens, latents = expected_outputs(model)
+    assert loaded["tokens"] == tokens
     assert loaded["model_type"] == "dior_cvae"
     assert loaded["final_logits_bias"] == 0.0
-    torch.testing.assert_close(
-        torch.tensor(loaded["alphas_cumprod"], dtype=torch.float64), model.diffusion_prior.scheduler.alphas_cumprod
-    )
+    torch.testing.assert_close(torch.tensor(loaded["latents"]), latents)
+
+
+OTHER_PYTHON = os.environ.get("DIOR_OTHER_PYTHON")
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="set DIOR_OTHER_PYTHON to a Python with another transformers (CI does)")
+def test_a_folder_saved_under_one_transformers_generates_the_same_under_the_other(tiny_model, tmp_path):
+    """Both directions: saved here → loaded there, and saved there → loaded here (both must give these tokens)."""
+    model = tiny_model(num_inference_steps=7).eval()
+    tokens, latents = expected_outputs(model)
+    versions = {}
+    for python in (sys.executable, OTHER_PYTHON):
+        versions[python] = subprocess.run([python, "-c", "import transformers; print(transformers.__version__)"],
+                                          capture_output=True, text=True).stdout.strip()
+    assert versions[sys.executable] != versions[OTHER_PYTHON], versions
+    for saver, loader in ((sys.executable, OTHER_PYTHON), (OTHER_PYTHON, sys.executable)):
+        folder = tmp_path / f"saved_by_{versions[saver]}"
+        run_isolated(saver, SAVE, [ROOT, folder], tmp_path, hide_package=False)
+        assert json.loads((folder / "config.json").read_text())["transformers_version"] == versions[saver]
+        out = tmp_path / f"loaded_by_{versions[loader]}.json"
+        run_isolated(loader, LOAD_AND_GENERATE, [folder, out], tmp_path)
+        loaded = json.loads(out.read_text())
+        assert loaded["tokens"] == tokens, (versions[saver], versions[loader])
+        torch.testing.assert_close(torch.tensor(loaded["latents"]), latents)

@@ -339,10 +339,10 @@ def test_config_overrides_are_typed_from_the_config_fields():
     from dior_cvae import DiorCVAEConfig
 
     parsed = parse_config_overrides(
-        "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian,memory_dropout=0.5,clip_sample=true",
+        "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian,memory_dropout=0.5,ddim_eta=0.5",
         DiorCVAEConfig)
     assert parsed == {"d_model": 256, "encoder_layers": 4, "latent_size": 16, "prior_type": "gaussian",
-                      "memory_dropout": 0.5, "clip_sample": True}
+                      "memory_dropout": 0.5, "ddim_eta": 0.5}
     with pytest.raises(ValueError, match="not a field"):
         parse_config_overrides("no_such_field=1", DiorCVAEConfig)
     with pytest.raises(ValueError, match="expects a number"):
