@@ -6,15 +6,17 @@ log signal-to-noise ratio λ = log(α²/σ²), with α² = sigmoid(λ), σ² = s
     z_λ = α_λ x + σ_λ ε,   λ ∈ [log_snr_min, log_snr_max]   (log_snr_min: almost pure noise; log_snr_max: almost x)
 
 Training needs no time grid: the prior's bound depends on the end points only (see `dior_prior`). Sampling walks a
-grid of `num_inference_steps` steps uniform in λ from `log_snr_min` to `log_snr_max`: every step count starts from
-pure noise ("trailing" spacing in diffusers' terms; a 1-step sampler is a one-shot denoiser, not N(0, I)).
+grid of `num_inference_steps` steps uniform in λ from `log_snr_min` to `log_snr_max` (`log_snr_grid`): every step
+count starts from pure noise ("trailing" spacing in diffusers' terms; a 1-step sampler is a one-shot denoiser, not
+N(0, I)).
 
 Solvers (`sampler`), all in terms of the denoiser's x̂0 and ε̂ at the current point s and the next point t:
 
 - `"ddim"` (Song et al. 2021): z_t = α_t x̂0 + √(σ_t² − c²) ε̂ + c·n, c = η σ_t √(1 − e^(λ_s − λ_t)), η = `ddim_eta`.
 - `"ddpm"`: ancestral sampling from q(z_t | z_s, x̂0) (Ho et al. 2020), which is DDIM with η = 1.
 - `"dpmsolver++"`: DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver in data prediction, with
-  first-order first and (below 15 steps) last steps, as diffusers' `DPMSolverMultistepScheduler` does.
+  first-order first and last steps (diffusers' `lower_order_final`; we use it at every step count, because the
+  second-order update across the last, widest step in λ was unstable: its error at 20 steps exceeded that at 10).
 
 Every per-step coefficient is precomputed by `set_timesteps` into one device tensor, so `step` issues only tensor
 arithmetic (no host syncs: the loop can be captured in a CUDA graph). `tests/test_scheduler.py` checks the solvers
@@ -48,6 +50,15 @@ def to_x0_eps(prediction_type: str, model_output, sample, alpha, sigma):
     return model_output, (sample - alpha * model_output) / sigma
 
 
+def log_snr_grid(log_snr_min: float, log_snr_max: float, steps: int) -> torch.Tensor:
+    """`steps + 1` points uniform in λ from `log_snr_min` to `log_snr_max` (float64, noisiest first).
+
+    Uniform in λ treats every data scale alike. We measured the alternative, uniform in the time of the cosine
+    schedule (dense around λ ≈ 0): on Gaussian data of std 0.05 its DPM-Solver++ error at 20 steps was 0.31 std
+    against 0.001 here (0.002 against 0.011 at std 0.4)."""
+    return torch.linspace(log_snr_min, log_snr_max, steps + 1, dtype=torch.float64)
+
+
 class SchedulerOutput(NamedTuple):
     prev_sample: torch.Tensor  # z at the next (less noisy) point
     pred_original_sample: torch.Tensor  # x̂0 at the current point (the multistep solver's memory)
@@ -79,7 +90,7 @@ class DiorScheduler:
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
         steps = num_inference_steps
-        grid = torch.linspace(self.log_snr_min, self.log_snr_max, steps + 1, dtype=torch.float64)
+        grid = log_snr_grid(self.log_snr_min, self.log_snr_max, steps)
         lam_s, lam_t = grid[:-1], grid[1:]
         alpha_s, sigma_s = alpha_sigma(lam_s)
         alpha_t, sigma_t = alpha_sigma(lam_t)
@@ -88,12 +99,10 @@ class DiorScheduler:
         h = (lam_t - lam_s) / 2
         dpm_z = sigma_t / sigma_s
         dpm_d = -alpha_t * torch.expm1(-h)
-        # D = (1 + 1/2r) x̂0_s − (1/2r) x̂0_prev, r = h_prev / h; first order at the first and (< 15 steps) last step
+        # D = (1 + 1/2r) x̂0_s − (1/2r) x̂0_prev, r = h_prev / h; first order at the first and the last step
         r = torch.cat([h[:1], h[:-1]]) / h
         second_order = torch.ones(steps, dtype=torch.bool)
-        second_order[0] = False
-        if steps < 15:
-            second_order[-1] = False
+        second_order[0] = second_order[-1] = False
         dpm_prev = torch.where(second_order, -1 / (2 * r), torch.zeros_like(r))
         dpm_cur = 1 - dpm_prev
         table = torch.stack([alpha_s, sigma_s, alpha_t, sigma_t, noise, dpm_z, dpm_d, dpm_cur, dpm_prev], dim=1)
@@ -122,4 +131,4 @@ class DiorScheduler:
         return sample / self._final_alpha
 
 
-__all__ = ["DiorScheduler", "PREDICTION_TYPES", "SAMPLERS", "SchedulerOutput", "alpha_sigma", "to_x0_eps"]
+__all__ = ["DiorScheduler", "log_snr_grid", "PREDICTION_TYPES", "SAMPLERS", "SchedulerOutput", "alpha_sigma", "to_x0_eps"]
