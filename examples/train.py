@@ -40,6 +40,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -237,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true",
                    help="Let a --tokenizer_name / --model_name_or_path folder or repo run its own Python code.")
     p.add_argument("--debug_dump_rank_weights", default=None, help=argparse.SUPPRESS)  # tests: per-rank checksums
+    # tests: "update:N" SIGKILLs the process after update N; "checkpoint:step_N" in the middle of writing step_N
+    p.add_argument("--debug_sigkill", default=None, help=argparse.SUPPRESS)
 
     args = p.parse_args(argv)
     sources = [args.dataset_name is not None, args.dataset_dir is not None, args.train_file is not None]
@@ -564,12 +567,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict) -> None:
+def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict, debug_sigkill=None) -> None:
     """accelerate state (exact resume: weights, optimizer, RNG) + a loadable `pretrained/` folder, then
     trainer_state.json (written last; the lr schedule, the run id, and each file's size and sha256)."""
     assert_finite_weights(accelerator.unwrap_model(model), str(folder))
     with atomic_folder(accelerator, folder) as tmp:
         accelerator.save_state(str(tmp))
+        if debug_sigkill == f"checkpoint:{folder.name}":
+            os.kill(os.getpid(), signal.SIGKILL)
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained")
             tokenizer.save_pretrained(tmp / "pretrained")
@@ -978,7 +983,8 @@ def main(argv: list[str] | None = None) -> None:
                 "lr_scheduler": lr_scheduler.state_dict()}
 
     def checkpoint(name: str, epoch: int, batches_in_epoch: int) -> None:
-        save_checkpoint(accelerator, model, tokenizer, output_dir / name, trainer_state(epoch, batches_in_epoch))
+        save_checkpoint(accelerator, model, tokenizer, output_dir / name, trainer_state(epoch, batches_in_epoch),
+                        args.debug_sigkill)
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, run_id, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
@@ -1025,6 +1031,8 @@ def main(argv: list[str] | None = None) -> None:
 
             completed_steps += 1
             progress.update(1)
+            if args.debug_sigkill == f"update:{completed_steps}":
+                os.kill(os.getpid(), signal.SIGKILL)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 means = (accelerator.reduce(running, "mean") / running_count).tolist()
                 values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
