@@ -241,6 +241,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # tests: "update:N" SIGKILLs the process after update N; "checkpoint:step_N" in the middle of writing step_N
     p.add_argument("--debug_sigkill", default=None, help=argparse.SUPPRESS)
 
+    for action in p._actions:  # flags without a help text show their default too
+        if action.help is None:
+            action.help = "(default: %(default)s)"
     args = p.parse_args(argv)
     sources = [args.dataset_name is not None, args.dataset_dir is not None, args.train_file is not None]
     if sum(sources) != 1:
@@ -524,7 +527,9 @@ def atomic_folder(accelerator, folder: Path, merge: bool = False):
     """Yield a hidden temporary folder to fill (by every process); then the main process renames it to `folder`
     (`merge=True`: moves its files into an existing `folder`, one `os.replace` each). A kill at any point leaves
     the previous `folder` or the new one, plus temporary folders that the next save removes."""
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    folder = folder.resolve()  # "." has no name
+    tmp = folder / ".model.tmp" if merge else folder.with_name(f".{folder.name}.tmp")
+    old = folder.with_name(f".{folder.name}.old")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -534,7 +539,7 @@ def atomic_folder(accelerator, folder: Path, merge: bool = False):
     if accelerator.is_main_process:
         if merge:
             folder.mkdir(parents=True, exist_ok=True)
-            for item in sorted(tmp.rglob("*"), key=lambda q: len(q.parts)):
+            for item in sorted(tmp.rglob("*"), key=lambda q: len(q.parts)):  # folders before their files
                 target = folder / item.relative_to(tmp)
                 if item.is_dir():
                     target.mkdir(exist_ok=True)

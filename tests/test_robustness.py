@@ -12,7 +12,7 @@ import argparse
 import gzip
 import importlib.util
 import json
-import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -245,3 +245,199 @@ def test_bad_input(case, tiny, tmp_path, capsys, monkeypatch):
 
 def test_table_has_at_least_30_bad_inputs():
     assert len(BAD_INPUTS) >= 30
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subprocess runs of train.py
+# ---------------------------------------------------------------------------------------------------------------
+
+RUN = SAMPLE + TINY + ["--max_train_samples", "40", "--max_train_steps", "6", "--num_eval_generation_samples", "0",
+                       "--num_sample_contexts", "0", "--checkpointing_steps", "2", "--lr_scheduler_type",
+                       "inverse_sqrt", "--num_warmup_steps", "2", "--kl_annealing_steps", "4"]
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_kill_and_resume_end_with_the_same_weights(tmp_path):
+    """SIGKILL after update 3 (mid-run) and in the middle of writing step_4: each resume ("latest") ends with the
+    weights of the uninterrupted run, and log_history.jsonl has each step once."""
+    straight = tmp_path / "straight"
+    run_train(tmp_path, RUN + ["--output_dir", str(straight)])
+    reference = _weights(straight)
+    for kill, resumed_from in (("update:3", "step_2"), ("checkpoint:step_4", "step_2")):
+        out = tmp_path / kill.replace(":", "_")
+        killed = run_train(tmp_path, RUN + ["--output_dir", str(out), "--debug_sigkill", kill], check=False)
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        assert not (out / "step_4").exists()
+        if kill.startswith("checkpoint"):
+            assert (out / ".step_4.tmp").is_dir()  # the interrupted write, never renamed into place
+        result = run_train(tmp_path, RUN + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
+        assert f"Resuming from {out / resumed_from}" in result.stderr
+        weights = _weights(out)
+        assert all(torch.equal(weights[k], reference[k]) for k in reference), kill
+        steps = [r["step"] for r in read_log(out) if "rc_loss" in r]
+        assert steps == [1, 2, 3, 4, 5, 6], steps
+        assert not (out / ".step_4.tmp").exists()
+
+
+def test_latest_falls_back_past_a_broken_checkpoint_of_this_run_only(tmp_path, caplog):
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's logger needs it
+    out = tmp_path / "out"
+    run_train(tmp_path, RUN + ["--max_train_steps", "4", "--output_dir", str(out)])
+    run_id = train.read_run_id(out)
+    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(out))
+    assert train.find_checkpoint(args, run_id) == out / "step_4"
+    optimizer = out / "step_4" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated newest checkpoint
+    assert train.find_checkpoint(args, run_id) == out / "step_2"
+    assert f"skipping {out / 'step_4'}: {optimizer} is truncated" in caplog.text
+    assert train.find_checkpoint(args, "another-run") is None  # another run's checkpoints are never picked
+    with pytest.raises(SystemExit, match="optimizer.bin is truncated"):
+        train.find_checkpoint(argparse.Namespace(resume_from_checkpoint=str(out / "step_4"), output_dir=str(out)), None)
+
+
+def test_nan_loss_stops_with_the_step_and_saves_no_nonfinite_weights(tmp_path):
+    out = tmp_path / "out"
+    result = run_train(tmp_path, RUN + ["--learning_rate", "1e30", "--eval_steps", "1", "--checkpointing_steps", "1",
+                                        "--output_dir", str(out)], check=False)
+    assert result.returncode != 0
+    assert "non-finite loss or gradient" in result.stderr
+    assert re.search(r"at update step \d+ \(epoch 0, batch \d+\)", result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "README.md").exists()
+    if (out / "best").exists():  # only a finite validation loss is "best"
+        state = json.loads((out / "step_1" / "trainer_state.json").read_text())
+        assert state["best_step"] == 1 and state["best_eval_loss"] < float("inf")
+    saved = list(out.rglob("*.safetensors"))
+    assert saved  # step_1, taken before the loss became NaN
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in _weights(path.parent).values()), path
+
+
+def test_output_dir_is_refused_or_written_into_without_deleting(tmp_path):
+    out = tmp_path / "work"
+    run_train(tmp_path, RUN + ["--max_train_steps", "2", "--output_dir", str(out)])
+    first_model = (out / "model.safetensors").read_bytes()
+    first_run = train.read_run_id(out)
+
+    refused = run_train(tmp_path, RUN + ["--output_dir", str(out)], check=False)
+    assert refused.returncode != 0 and "is not empty" in refused.stderr and "--overwrite_output_dir" in refused.stderr
+    assert (out / "model.safetensors").read_bytes() == first_model and train.read_run_id(out) == first_run
+
+    (out / "my_notes.txt").write_text("not the script's")
+    # `--output_dir . --overwrite_output_dir` from inside the folder: writes, deletes nothing
+    subprocess.run([sys.executable, str(REPO / "examples" / "train.py"), *RUN, "--max_train_steps", "1",
+                    "--checkpointing_steps", "1", "--output_dir", ".", "--overwrite_output_dir"], cwd=out, check=True,
+                   capture_output=True, env=train_env(tmp_path), timeout=300)
+    assert (out / "my_notes.txt").read_text() == "not the script's"
+    assert (out / "step_2" / "trainer_state.json").is_file()  # the first run's checkpoint is kept ...
+    second_run = train.read_run_id(out)
+    assert second_run != first_run
+    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(out))
+    assert train.find_checkpoint(args, second_run) == out / "step_1"  # ... but `latest` only picks this run's
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def train_env(tmp_path):
+    from test_train import _env
+
+    return _env(tmp_path)
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_no_code_runs_from_checkpoints_tokenizers_or_model_folders(tmp_path, tiny, monkeypatch):
+    from accelerate import Accelerator
+
+    from dior_cvae.data import train_tokenizer
+
+    marker = tmp_path / "pwned"
+    # 1. accelerate state as train.py saves it: a pickle in place of the RNG state or beside it is never executed
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    torch.save(_Payload(marker), tmp_path / "ckpt" / "custom_checkpoint_0.pkl")  # the old lr-scheduler pickle
+    with pytest.raises(RuntimeError, match="custom checkpoints"):  # refused: train.py registers no pickled object
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "custom_checkpoint_0.pkl").unlink()
+    torch.save(_Payload(marker), tmp_path / "ckpt" / "random_states_0.pkl")
+    accelerator.load_state(str(tmp_path / "ckpt"))  # torch.load(weights_only=True) refuses the payload
+    assert not marker.exists()
+    sources = "".join((REPO / p).read_text() for p in ("examples/train.py", "examples/generate.py"))
+    assert "register_for_checkpointing" not in sources and "weights_only=False" not in sources
+
+    # 2. a model folder whose tokenizer and model code were replaced: loaded without running either
+    folder = tmp_path / "model"
+    tiny.save_pretrained(folder)
+    train_tokenizer(["hello there", "general kenobi"] * 5, 120).save_pretrained(folder)
+    payload = f"open({str(marker)!r}, 'w').write('pwned')\n"
+    for name in ("modeling_dior.py", "configuration_dior.py", "tokenization_evil.py"):
+        (folder / name).write_text(payload)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    args = generate.parse_args(["--model_name_or_path", str(folder), "--output", "o", "--input_file", "i"])
+    loaded, tokenizer = generate.load_model_and_tokenizer(args, torch.device("cpu"))
+    assert type(loaded).__module__ == "dior_cvae.modeling_dior"
+    train.load_tokenizer(str(folder))
+    assert not marker.exists()
+
+
+def test_push_to_hub_creates_the_repo_before_training_and_fails_early_offline(tmp_path):
+    runner = tmp_path / "fake_hub_runner.py"
+    runner.write_text(FAKE_HUB_RUNNER.replace(
+        'calls.append({"create_repo": repo_id,',
+        'calls.append({"trained": any(Path(a).joinpath("log_history.jsonl").exists() for a in sys.argv), '
+        '"create_repo": repo_id,'))
+    out = tmp_path / "out"
+    run_train(tmp_path, RUN + ["--max_train_steps", "1", "--output_dir", str(out), "--push_to_hub",
+                               "--hub_model_id", "someone/dior-tiny", "--hub_token", "hf_fake"],
+              launcher=[sys.executable, str(runner)])
+    calls = json.loads((tmp_path / "fake_hub" / "calls.json").read_text())
+    assert calls[0]["create_repo"] == "someone/dior-tiny" and calls[0]["trained"] is False
+    assert calls[1]["upload_folder"] == "someone/dior-tiny"
+
+    offline = tmp_path / "offline"  # the real HfApi under HF_HUB_OFFLINE=1
+    failed = run_train(tmp_path, RUN + ["--output_dir", str(offline), "--push_to_hub", "--hub_model_id", "a/b"],
+                       check=False)
+    assert failed.returncode != 0 and "--push_to_hub: cannot create the Hub repository 'a/b'" in failed.stderr
+    assert "Nothing was trained" in failed.stderr and not (offline / "log_history.jsonl").exists()
+
+
+def test_every_transformers_schedule_works_and_its_state_is_json():
+    from transformers import SchedulerType
+
+    assert {s.value for s in SchedulerType} <= set(train.LR_SCHEDULES)
+    model = torch.nn.Linear(2, 2)
+    for name in train.LR_SCHEDULES:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        kwargs = {"min_lr_rate": 0.1} if "min_lr" in name else None
+        scheduler = train.create_lr_scheduler(name, optimizer, 2, 10, kwargs)
+        state = json.loads(json.dumps(scheduler.state_dict()))  # trainer_state.json holds it as JSON
+        scheduler.load_state_dict(state)
+
+
+def test_help_lists_defaults(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--learning_rate", "5e-05"), ("--logging_steps", "50"), ("--output_dir", "outputs/dior-cvae"),
+                          ("--lr_scheduler_type", "linear"), ("--trust_remote_code", "False")):
+        assert flag in help_text and f"(default: {default})" in help_text, flag
