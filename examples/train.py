@@ -788,7 +788,7 @@ def prepare_output_dir(args, accelerator) -> tuple[str, Path | None]:
     if output_dir.exists() and not output_dir.is_dir():
         raise SystemExit(f"train.py: error: --output_dir {output_dir} is a file, not a folder")
     if output_dir.is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        entries = sorted(q.name for q in output_dir.iterdir())
+        entries = sorted(q.name for q in output_dir.iterdir() if q.name != "run.json")  # a run that failed early
         if entries:
             raise SystemExit(
                 f"train.py: error: --output_dir {output_dir} is not empty ({len(entries)} entries: "
@@ -907,7 +907,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"train.py: error: --lr_scheduler_type {args.lr_scheduler_type} "
                          f"(--lr_scheduler_kwargs {args.lr_scheduler_kwargs}): {exc}") from None
     # Stepped with each validation loss instead of once per update; its state goes into trainer_state.json (JSON,
-    # not accelerate's pickled custom_checkpoint_0.pkl, which loads with weights_only=False).
+    # not accelerate's custom_checkpoint_0.pkl, which accelerate unpickles without the weights-only restriction).
     metric_scheduler = scheduler_needs_metric(lr_scheduler)
     set_seed(args.seed, device_specific=True)  # per-rank noise (dropout, latents); the weights were broadcast by DDP
 

@@ -428,7 +428,7 @@ def test_every_transformers_schedule_works_and_its_state_is_json():
     model = torch.nn.Linear(2, 2)
     for name in train.LR_SCHEDULES:
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        kwargs = {"min_lr_rate": 0.1} if "min_lr" in name else None
+        kwargs = {"min_lr_rate": 0.1} if "min_lr" in name else {"num_decay_steps": 2} if name == "warmup_stable_decay" else None
         scheduler = train.create_lr_scheduler(name, optimizer, 2, 10, kwargs)
         state = json.loads(json.dumps(scheduler.state_dict()))  # trainer_state.json holds it as JSON
         scheduler.load_state_dict(state)
