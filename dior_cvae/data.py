@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,27 @@ def _open_text(path: PathLike) -> io.TextIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8", newline="\n")  # type: ignore[return-value]
     return open(path, encoding="utf-8", newline="\n")
+
+
+def _read_lines(path: PathLike):
+    """``(lineno, raw bytes)`` of a file, gunzipping ``*.gz``; a truncated or corrupt gzip stream raises
+    :class:`DataFormatError` naming the file and the last line read."""
+    path = Path(path)
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+            for lineno, line in enumerate(handle, start=1):
+                yield lineno, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataFormatError(path, lineno + 1, f"truncated or corrupt gzip file ({exc})") from None
+
+
+def _decode(line: bytes, lineno: int) -> str:
+    """One line as UTF-8 (a BOM on the first line is dropped); `ValueError` names the offending byte."""
+    try:
+        return line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {line[exc.start]:#04x} at column {exc.start + 1})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -192,12 +214,20 @@ def load_dailydialog_dir(
     for split in splits:
         file = _find_split_file(folder, split)
         examples: list[Example] = []
-        with _open_text(file) as handle:
-            for line in handle:
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                examples.extend(dialog_to_examples(dailydialog_line_to_utterances(line)))
+        dropped = 0
+        for lineno, raw in _read_lines(file):
+            try:
+                line = _decode(raw, lineno).rstrip("\n")
+            except ValueError as exc:
+                raise DataFormatError(file, lineno, str(exc)) from None
+            if not line.strip():
+                continue
+            utterances = dailydialog_line_to_utterances(line)
+            kept = [u for u in utterances if u]  # an empty turn would become an empty response or context turn
+            dropped += len(utterances) - len(kept)
+            examples.extend(dialog_to_examples(kept))
+        if dropped:
+            logger.warning("%s: dropped %d empty utterance(s)", file, dropped)
         result[split] = examples
     return result
 
@@ -415,34 +445,30 @@ def load_jsonl(path: PathLike, skip_bad_lines: bool = False, parse=None) -> tupl
 
     Raises:
         DataFormatError: a bad line (invalid JSON, missing field, wrong type,
-            empty context or response); the message starts with ``path:lineno:``.
+            empty context or response, not UTF-8); the message starts with ``path:lineno:``.
+            A truncated ``.gz`` file raises it too, even with ``skip_bad_lines``.
     """
     path = Path(path)
     examples: list[Example] = []
     skipped = 0
-    opener = (
-        (lambda: gzip.open(path, "rt", encoding="utf-8-sig"))
-        if path.suffix == ".gz"
-        else (lambda: open(path, encoding="utf-8-sig"))
-    )
-    with opener() as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    for lineno, raw in _read_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            line = _decode(raw, lineno)
             try:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-                example = (parse or _parse_jsonl_record)(obj)
-            except ValueError as exc:
-                error = DataFormatError(path, lineno, str(exc))
-                if not skip_bad_lines:
-                    raise error from None
-                logger.warning("skipping bad line %s", error)
-                skipped += 1
-                continue
-            examples.append(example)
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            example = (parse or _parse_jsonl_record)(obj)
+        except ValueError as exc:
+            error = DataFormatError(path, lineno, str(exc))
+            if not skip_bad_lines:
+                raise error from None
+            logger.warning("skipping bad line %s", error)
+            skipped += 1
+            continue
+        examples.append(example)
     if skipped:
         logger.warning("%s: skipped %d bad line(s), kept %d example(s)", path, skipped, len(examples))
     return examples, skipped

@@ -386,6 +386,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
         """
+        self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
+                                       prior_guidance_scale, kwargs)
         for name in UNSUPPORTED_GENERATE_ARGS:
             if kwargs.get(name) is not None:
                 raise ValueError(
@@ -452,6 +454,48 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             **kwargs,
         )
+
+    def _validate_generate_inputs(self, input_ids, attention_mask, latents, generation_config, num_inference_steps,
+                                  prior_guidance_scale, kwargs) -> None:
+        """`generate()`'s own arguments: a `ValueError` that names the argument and the value, not a silent default
+        or a bare `IndexError` deep in the model."""
+
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        config = self.config
+        if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        if prior_guidance_scale is not None and not (
+            isinstance(prior_guidance_scale, (int, float)) and 0 <= prior_guidance_scale < float("inf")  # NaN fails
+        ):
+            raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {prior_guidance_scale!r}")
+        settings = generation_config or self.generation_config
+        for name in ("num_return_sequences", "max_new_tokens", "max_length"):
+            value = kwargs.get(name, getattr(settings, name, None))
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+        max_new_tokens = kwargs.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+        if max_new_tokens is not None and max_new_tokens + 1 > config.max_position_embeddings:
+            raise ValueError(f"`max_new_tokens` ({max_new_tokens}) + the decoder start token exceeds "
+                             f"`max_position_embeddings` ({config.max_position_embeddings})")
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int, torch.int16):
+                raise ValueError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+            if input_ids.ndim != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}")
+            vocab = self.get_input_embeddings().num_embeddings
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+                raise ValueError(f"`input_ids` must lie in [0, {vocab}) (the vocabulary), got values in "
+                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
+                             f"{tuple(input_ids.shape)}")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                raise ValueError(f"`latents` must be a floating-point tensor, got {getattr(latents, 'dtype', type(latents))}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` contain NaN or infinite values")
 
 
 DiorCVAEConfig.register_for_auto_class()

@@ -55,26 +55,38 @@ def kl_weight(step: int, schedule: str, annealing_steps: int | None = None, step
 # Learning rate
 # ---------------------------------------------------------------------------------------------------------------
 
-LR_SCHEDULES = ("inverse_sqrt", "linear", "constant")
+#: transformers' `SchedulerType` values (`inverse_sqrt` first: the paper's schedule).
+LR_SCHEDULES = ("inverse_sqrt", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                "constant_with_warmup", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                "warmup_stable_decay", "greedy")
 
 
-def create_lr_scheduler(name: str, optimizer, num_warmup_steps: int, num_training_steps: int):
-    """A `LambdaLR` stepped once per optimizer update.
+def create_lr_scheduler(name: str, optimizer, num_warmup_steps: int, num_training_steps: int, kwargs=None):
+    """`transformers.get_scheduler(name, ...)`, stepped once per optimizer update (or, for the metric-driven ones,
+    `reduce_lr_on_plateau` and `greedy`, once per validation with its loss: see `scheduler_needs_metric`).
 
     - `"inverse_sqrt"`: the paper's Noam schedule, normalised so the peak is the optimizer's lr: linear warmup to
       lr over `num_warmup_steps`, then lr·sqrt(warmup / step) (transformers' `inverse_sqrt` with timescale = warmup).
-    - `"linear"`: linear warmup, then linear decay to 0 at `num_training_steps`.
-    - `"constant"`: linear warmup (if any), then constant.
+    - `"constant"` with warmup steps is `"constant_with_warmup"`.
+    `kwargs` are transformers' `scheduler_specific_kwargs` (e.g. `{"min_lr_rate": 0.1}` for `cosine_with_min_lr`).
     """
-    from transformers import get_scheduler
+    from transformers import SchedulerType, get_scheduler
 
-    if name not in LR_SCHEDULES:
+    if name not in LR_SCHEDULES or name not in {s.value for s in SchedulerType}:
         raise ValueError(f"unknown lr schedule {name!r}; choose from {LR_SCHEDULES}")
     if name == "constant" and num_warmup_steps > 0:
         name = "constant_with_warmup"
     if name == "inverse_sqrt" and num_warmup_steps <= 0:
         raise ValueError("`inverse_sqrt` (Noam) needs --num_warmup_steps >= 1: its decay is sqrt(warmup / step)")
-    return get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
+                         scheduler_specific_kwargs=kwargs or None)
+
+
+def scheduler_needs_metric(scheduler) -> bool:
+    """True for schedulers stepped with a validation metric (`step(metrics)`), not once per update."""
+    import inspect
+
+    return "metrics" in inspect.signature(scheduler.step).parameters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,6 +302,7 @@ __all__ = [
     "METRIC_NAMES",
     "kl_weight",
     "create_lr_scheduler",
+    "scheduler_needs_metric",
     "parse_config_overrides",
     "complete_from_scratch_overrides",
     "weights_checksum",

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from dior_cvae.data import encode_examples, load_dailydialog_dir, load_jsonl
+from dior_cvae.data import DataFormatError, encode_examples, load_dailydialog_dir, load_jsonl
 
 logger = logging.getLogger("generate")
 
@@ -73,7 +73,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", required=True, help="local folder or hub id (trust_remote_code)")
+    p.add_argument("--model_name_or_path", required=True,
+                   help="local folder or hub id; a Dior-CVAE loads with this package's code")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="let the model / tokenizer folder run its own Python code (other architectures)")
     p.add_argument("--tokenizer_name_or_path", help="default: --model_name_or_path")
     p.add_argument("--output", required=True, help="generations JSON Lines file to write")
 
@@ -118,6 +121,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num_beams must be >= 1")
     if args.semantic and not args.score:
         p.error("--semantic needs --score")
+    if args.num_inference_steps is not None and args.num_inference_steps < 1:
+        p.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
+    if args.prior_guidance_scale is not None and not 0 <= args.prior_guidance_scale < float("inf"):
+        p.error(f"--prior_guidance_scale must be a finite number >= 0, got {args.prior_guidance_scale}")
+    if args.input_file and Path(args.output).resolve() == Path(args.input_file).resolve():
+        p.error(f"--output {args.output} is the --input_file: it would overwrite its own input")
     return args
 
 
@@ -161,7 +170,10 @@ def read_input_file(path: str | Path) -> list[dict]:
 
 def load_examples(args: argparse.Namespace) -> list[dict]:
     if args.input_file:
-        examples = read_input_file(args.input_file)
+        try:
+            examples = read_input_file(args.input_file)
+        except DataFormatError as exc:
+            raise SystemExit(f"generate.py: error: {exc}") from None
     else:
         pairs = load_dailydialog_dir(args.dataset_dir, splits=[args.split])[args.split]
         examples = [{"context": ex["context"], "persona": ex["persona"], "reference": ex["response"]} for ex in pairs]
@@ -180,10 +192,16 @@ def load_examples(args: argparse.Namespace) -> list[dict]:
 def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=True)
-    model = AutoModelForSeq2SeqLM.from_pretrained(
-        args.model_name_or_path, trust_remote_code=True, dtype=DTYPES[args.dtype]
-    )
+    # `dior_cvae` is imported (dior_cvae.data), so its Auto classes are registered: a Dior-CVAE folder loads with
+    # this package's code; the folder's own .py files run only with --trust_remote_code.
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
+                                                  trust_remote_code=args.trust_remote_code)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            args.model_name_or_path, trust_remote_code=args.trust_remote_code, dtype=DTYPES[args.dtype]
+        )
+    except Exception as exc:  # e.g. a truncated model.safetensors, whose own error names no file
+        raise SystemExit(f"generate.py: error: cannot load {args.model_name_or_path}: {type(exc).__name__}: {exc}") from None
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         raise SystemExit("the tokenizer has no pad token")

@@ -49,18 +49,24 @@ def attach_multiref(rows: list[dict], multiref_path: str) -> int:
     return matched
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="generations JSON Lines file")
     parser.add_argument("--output", help="also write the metrics JSON here")
     parser.add_argument("--no_semantic", action="store_true", help="skip the embedding-based sample_cosine")
     parser.add_argument("--embedding_model", help="sentence-transformers path or name (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--multiref_file", help="DailyDialog++ JSON Lines (.gz) for multi-reference BLEU")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    rows = read_generations(args.input)
+    try:
+        rows = read_generations(args.input)
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # a truncated / non-UTF-8 file: name it
+        raise SystemExit(f"score.py: error: --input {args.input}: {type(exc).__name__}: {exc}") from None
     if args.multiref_file:
-        matched = attach_multiref(rows, args.multiref_file)
+        try:
+            matched = attach_multiref(rows, args.multiref_file)
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+            raise SystemExit(f"score.py: error: --multiref_file {args.multiref_file}: {type(exc).__name__}: {exc}") from None
         print(f"multiref: matched {matched}/{len(rows)} rows to DailyDialog++ contexts", file=sys.stderr)
     model = None if args.no_semantic else load_embedding_model(args.embedding_model)
     text = json.dumps(score_generations(rows, embedding_model=model, semantic=not args.no_semantic), indent=2)

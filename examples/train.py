@@ -18,20 +18,32 @@ Model: `--model_name_or_path` (a BART checkpoint → `from_bart`, or a Dior-CVAE
 `--config_name` / `--config_overrides "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian"`.
 
 Outputs in `--output_dir`: the final model + tokenizer (loadable with `trust_remote_code=True`), README.md (model
-card), eval_results.json, log_history.jsonl, training_args.json, `best/` (lowest validation loss), `step_N/` or
-`epoch_N/` checkpoints (accelerate state for exact resume + a `pretrained/` model folder), `runs/` (TensorBoard).
+card), eval_results.json, log_history.jsonl, training_args.json, training_curves.png, run.json (this run's id),
+`best/` (lowest finite validation loss), `step_N/` or `epoch_N/` checkpoints (accelerate state for exact resume + a
+`pretrained/` model folder), `runs/` (TensorBoard).
+
+Safety: a non-empty `--output_dir` is refused unless `--resume_from_checkpoint` or `--overwrite_output_dir` is given
+(which writes into it and deletes nothing). Checkpoints are written to a hidden temporary folder, then renamed; their
+trainer_state.json lists every file's size and sha256 and the run id, so `--resume_from_checkpoint latest` takes the
+newest intact checkpoint of this run (warning about any it skips). A non-finite loss or gradient norm stops training
+with the step; non-finite weights are never saved. No pickle is unpickled beyond `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -66,6 +78,7 @@ from dior_cvae.training_utils import (
     complete_from_scratch_overrides,
     create_lr_scheduler,
     format_duration,
+    scheduler_needs_metric,
     kl_weight,
     markdown_table,
     model_index_yaml,
@@ -107,6 +120,7 @@ DEFAULT_ARGS = [
     "--num_eval_generation_samples", "32",
     "--logging_steps", "20",
     "--output_dir", "outputs/dior-cvae-dailydialog-sample",
+    "--overwrite_output_dir",  # the demo may be re-run; files it does not write are kept
 ]
 
 
@@ -115,8 +129,17 @@ DEFAULT_ARGS = [
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag with its default; the description as written."""
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (`namespace/name`): ./x, ../x, /x, ~/x, a/b/c."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", choices=["daily_dialog", "personachat"], default=None,
                       help="A known dataset: `daily_dialog` (Hub) or `personachat` (--personachat_dir or the Hub).")
@@ -167,7 +190,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Also stop after this much training time (checked every --logging_steps updates).")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--lr_scheduler_type", choices=LR_SCHEDULES, default="linear",
-                       help="inverse_sqrt = the paper's Noam schedule (needs --num_warmup_steps).")
+                       help="transformers' schedules; inverse_sqrt = the paper's Noam schedule (needs "
+                            "--num_warmup_steps); reduce_lr_on_plateau / greedy step with each validation loss.")
+    train.add_argument("--lr_scheduler_kwargs", type=json.loads, default=None,
+                       help='JSON of schedule-specific arguments, e.g. \'{"min_lr_rate": 0.1}\' for cosine_with_min_lr.')
     train.add_argument("--num_warmup_steps", type=int, default=0)
     train.add_argument("--kl_annealing", choices=KL_ANNEALING_SCHEDULES, default="linear",
                        help="linear: β 0→1 over --kl_annealing_steps (paper); cyclical: the authors' per-epoch cycle.")
@@ -183,9 +209,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     run = p.add_argument_group("checkpoints, evaluation, logging")
     run.add_argument("--output_dir", default="outputs/dior-cvae")
-    run.add_argument("--overwrite_output_dir", action="store_true", help="Delete --output_dir first.")
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="Write into a non-empty --output_dir (replacing this script's outputs; nothing is deleted).")
     run.add_argument("--checkpointing_steps", default=None, help='"N" (every N updates) or "epoch".')
-    run.add_argument("--resume_from_checkpoint", default=None, help='A step_N/epoch_N folder, or "latest".')
+    run.add_argument("--checkpoints_total_limit", type=int, default=None,
+                     help="Keep only the newest N checkpoints of this run (older ones are deleted).")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help='A step_N/epoch_N folder, or "latest" (the newest intact checkpoint of the run in --output_dir).')
     run.add_argument("--eval_steps", type=int, default=None,
                      help="Validate every N updates (the final model is always validated).")
     run.add_argument("--num_eval_generation_samples", type=int, default=100,
@@ -205,8 +235,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--license", default=None,
                      help="Model card license (default: cc-by-nc-sa-4.0 for DailyDialog data, else apache-2.0).")
     hub.add_argument("--model_card_template", default=str(REPO_ROOT / "model_card.md"))
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="Let a --tokenizer_name / --model_name_or_path folder or repo run its own Python code.")
     p.add_argument("--debug_dump_rank_weights", default=None, help=argparse.SUPPRESS)  # tests: per-rank checksums
+    # tests: "update:N" SIGKILLs the process after update N; "checkpoint:step_N" in the middle of writing step_N
+    p.add_argument("--debug_sigkill", default=None, help=argparse.SUPPRESS)
 
+    for action in p._actions:  # flags without a help text show their default too
+        if action.help is None:
+            action.help = "(default: %(default)s)"
     args = p.parse_args(argv)
     sources = [args.dataset_name is not None, args.dataset_dir is not None, args.train_file is not None]
     if sum(sources) != 1:
@@ -215,8 +252,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--personachat_dir needs --dataset_name personachat")
     if args.model_name_or_path is None and args.tokenizer_name is None and args.train_tokenizer_vocab_size is None:
         p.error("a model from scratch needs --tokenizer_name or --train_tokenizer_vocab_size")
-    if args.checkpointing_steps not in (None, "epoch") and not str(args.checkpointing_steps).isdigit():
-        p.error('--checkpointing_steps must be an integer or "epoch"')
+    if args.checkpointing_steps not in (None, "epoch") and not (
+            str(args.checkpointing_steps).isdigit() and int(args.checkpointing_steps) >= 1):
+        p.error(f'--checkpointing_steps must be an integer >= 1 or "epoch", got {args.checkpointing_steps!r}')
+    at_least = {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1,
+                "logging_steps": 1, "num_train_epochs": 1, "max_source_length": 1, "max_target_length": 2,
+                "num_warmup_steps": 0, "num_eval_generation_samples": 0, "eval_samples_per_context": 1,
+                "num_sample_contexts": 0, "num_samples_per_context": 1, "max_train_steps": 1, "eval_steps": 1,
+                "checkpoints_total_limit": 1, "kl_annealing_steps": 0, "max_train_samples": 1, "max_eval_samples": 1,
+                "train_tokenizer_vocab_size": 1}
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low and not (name == "num_train_epochs" and args.max_train_steps):
+            p.error(f"--{name} must be >= {low}, got {value}")
+    for name in ("learning_rate", "max_train_minutes"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:
+            p.error(f"--{name} must be a finite number > 0, got {value}")
+    for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+        if not 0 <= getattr(args, name) < math.inf:
+            p.error(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
+        p.error("--lr_scheduler_kwargs must be a JSON object")
+    for flag in ("model_name_or_path", "tokenizer_name", "config_name", "dataset_dir", "personachat_dir"):
+        value = getattr(args, flag)
+        if value and _looks_local(value) and not Path(value).expanduser().exists():
+            p.error(f"--{flag}: no such folder: {value}")
+    for flag in ("train_file", "validation_file", "test_file"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            p.error(f"--{flag}: no such file: {value}")
     if args.push_to_hub and not Path(args.model_card_template).is_file():
         p.error(f"--push_to_hub needs the model card template {args.model_card_template}")
     return args
@@ -267,6 +335,8 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         for split, path in (("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file)):
             if path:
                 splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines)
+                if not splits[split]:
+                    raise ValueError(f"--{split}_file {path}: no examples in the file")
                 if skipped:
                     logger.warning(f"{path}: skipped {skipped} bad line(s) (--skip_bad_lines)", main_process_only=True)
                 meta["skipped_lines"] += skipped
@@ -283,20 +353,22 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
     return {k: v for k, v in splits.items() if v}, description, meta
 
 
-def load_tokenizer(name_or_path: str):
-    """A tokenizer folder / hub id, or a folder holding only BART's vocab.json + merges.txt."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """A tokenizer folder / hub id, or a folder holding only BART's vocab.json + merges.txt. Code that ships with
+    the tokenizer runs only with `trust_remote_code` (--trust_remote_code)."""
     folder = Path(name_or_path)
     has_hf_files = (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
     if folder.is_dir() and not has_hf_files and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return load_bart_tokenizer_files(folder)
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 def get_tokenizer(args, accelerator, train_examples, resume_dir: Path | None):
     if resume_dir is not None and (resume_dir / "pretrained" / "tokenizer_config.json").is_file():
-        return load_tokenizer(str(resume_dir / "pretrained"))  # the exact tokenizer the checkpoint was trained with
+        # the exact tokenizer the checkpoint was trained with
+        return load_tokenizer(str(resume_dir / "pretrained"), args.trust_remote_code)
     if args.tokenizer_name or (args.model_name_or_path and not args.train_tokenizer_vocab_size):
-        return load_tokenizer(args.tokenizer_name or args.model_name_or_path)
+        return load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.trust_remote_code)
     # Train one on the training split: the main process trains and saves it, the others load that copy.
     tokenizer_dir = Path(args.output_dir) / "tokenizer"
     if accelerator.is_main_process:
@@ -323,9 +395,14 @@ def build_model(args, tokenizer):
         overrides = parse_config_overrides(args.config_overrides, DiorCVAEConfig, config_dict)
         if config_dict.get("model_type") == DiorCVAEConfig.model_type:
             config = DiorCVAEConfig.from_dict({**config_dict, **overrides})
-            model = DiorCVAEForConditionalGeneration.from_pretrained(args.model_name_or_path, config=config)
+            loader = lambda: DiorCVAEForConditionalGeneration.from_pretrained(args.model_name_or_path, config=config)  # noqa: E731
         else:
-            model = DiorCVAEForConditionalGeneration.from_bart(args.model_name_or_path, **overrides)
+            loader = lambda: DiorCVAEForConditionalGeneration.from_bart(args.model_name_or_path, **overrides)  # noqa: E731
+        try:
+            model = loader()
+        except Exception as exc:  # e.g. a truncated safetensors file: name the folder
+            raise ValueError(f"--model_name_or_path {args.model_name_or_path}: cannot load the weights "
+                             f"({type(exc).__name__}: {exc})") from exc
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -341,9 +418,10 @@ def build_model(args, tokenizer):
         )
         config = DiorCVAEConfig.from_dict({**config_dict, **overrides, **specials})
         model = DiorCVAEForConditionalGeneration(config)
-    if args.max_source_length > model.config.max_position_embeddings:
-        raise ValueError(f"--max_source_length {args.max_source_length} > max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")
+    for flag in ("max_source_length", "max_target_length"):
+        if getattr(args, flag) > model.config.max_position_embeddings:
+            raise ValueError(f"--{flag} {getattr(args, flag)} > the model's max_position_embeddings "
+                             f"{model.config.max_position_embeddings}")
     # Dialog defaults for `generate()`: one prior draw per returned sequence, nucleus sampling (the model card's recipe).
     model.generation_config.update(do_sample=True, top_k=50, top_p=0.9, max_new_tokens=args.max_target_length)
     return model
@@ -430,34 +508,155 @@ def format_samples(rows: list[dict], markdown: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def save_model_folder(accelerator, model, tokenizer, folder: Path) -> None:
-    """save_pretrained (safetensors + remote code) and the tokenizer, written by the main process."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and `os.replace`: a kill leaves the old or the new file, not half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def assert_finite_weights(model, where: str) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"train.py: error: non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                         f"when saving {where}: not saved")
+
+
+@contextlib.contextmanager
+def atomic_folder(accelerator, folder: Path, merge: bool = False):
+    """Yield a hidden temporary folder to fill (by every process); then the main process renames it to `folder`
+    (`merge=True`: moves its files into an existing `folder`, one `os.replace` each). A kill at any point leaves
+    the previous `folder` or the new one, plus temporary folders that the next save removes."""
+    folder = folder.resolve()  # "." has no name
+    tmp = folder / ".model.tmp" if merge else folder.with_name(f".{folder.name}.tmp")
+    old = folder.with_name(f".{folder.name}.old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    yield tmp
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        if merge:
+            folder.mkdir(parents=True, exist_ok=True)
+            for item in sorted(tmp.rglob("*"), key=lambda q: len(q.parts)):  # folders before their files
+                target = folder / item.relative_to(tmp)
+                if item.is_dir():
+                    target.mkdir(exist_ok=True)
+                else:
+                    os.replace(item, target)
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            if folder.exists():
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict) -> None:
-    """accelerate state (exact resume: weights, optimizer, lr schedule, RNG) + a loadable `pretrained/` folder."""
-    accelerator.save_state(str(folder))
-    save_model_folder(accelerator, model, tokenizer, folder / "pretrained")
-    if accelerator.is_main_process:
-        (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    accelerator.wait_for_everyone()
+def save_model_folder(accelerator, model, tokenizer, folder: Path, merge: bool = False) -> None:
+    """save_pretrained (safetensors + remote code) and the tokenizer, written atomically by the main process."""
+    assert_finite_weights(accelerator.unwrap_model(model), str(folder))
+    with atomic_folder(accelerator, folder, merge) as tmp:
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
 
-def find_checkpoint(args) -> Path | None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict, debug_sigkill=None) -> None:
+    """accelerate state (exact resume: weights, optimizer, RNG) + a loadable `pretrained/` folder, then
+    trainer_state.json (written last; the lr schedule, the run id, and each file's size and sha256)."""
+    assert_finite_weights(accelerator.unwrap_model(model), str(folder))
+    with atomic_folder(accelerator, folder) as tmp:
+        accelerator.save_state(str(tmp))
+        if debug_sigkill == f"checkpoint:{folder.name}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(tmp / "pretrained")
+            tokenizer.save_pretrained(tmp / "pretrained")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = {q.relative_to(tmp).as_posix(): {"size": q.stat().st_size, "sha256": _sha256(q)}
+                     for q in sorted(tmp.rglob("*")) if q.is_file()}
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "files": files}, indent=2))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (naming the file), or None when it is intact."""
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return f"{state_file} is missing (not a checkpoint of this script, or an interrupted save)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{state_file} is not valid JSON ({exc})"
+    missing = [k for k in ("completed_steps", "epoch", "batches_in_epoch", "lr_scheduler", "files") if k not in state]
+    if missing:
+        return f"{state_file} lacks {', '.join(missing)} (written by an older train.py? it is not loaded)"
+    for name, expected in state["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path} is truncated or changed ({path.stat().st_size} bytes, {expected['size']} expected)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path} does not match its sha256 in {state_file} (changed or mixed with another save)"
+    return None
+
+
+def _checkpoint_states(output_dir: Path, run_id: str | None) -> list[tuple[float, Path, dict | None]]:
+    """(completed_steps, folder, trainer state) of the step_N / epoch_N folders in `output_dir`, newest first: the
+    run `run_id`'s (every run's for None) and those whose state is unreadable (their step and run are unknown:
+    listed first, as inf)."""
+    found = []
+    for folder in output_dir.glob("*_*"):
+        if not (folder.is_dir() and re.fullmatch(r"(step|epoch)_\d+", folder.name)):
+            continue
+        try:
+            state = json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            state = None
+        if isinstance(state, dict) and run_id is not None and state.get("run_id") != run_id:
+            continue  # another run's, kept from before --overwrite_output_dir
+        steps = state.get("completed_steps") if isinstance(state, dict) else None
+        found.append((steps if isinstance(steps, int) else math.inf, folder, state))
+    return sorted(found, key=lambda x: x[0], reverse=True)
+
+
+def find_checkpoint(args, run_id: str | None) -> Path | None:
+    """The checkpoint to resume from: the one given (it must be intact), or with "latest" the newest intact one of
+    the run `run_id` (the run that last wrote to --output_dir), warning about each broken one skipped."""
     if args.resume_from_checkpoint != "latest":
         folder = Path(args.resume_from_checkpoint)
-        if not (folder / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a checkpoint of this script (no trainer_state.json)")
+        problem = checkpoint_problem(folder)
+        if problem:
+            raise SystemExit(f"train.py: error: --resume_from_checkpoint {folder}: {problem}")
         return folder
-    candidates = [d for d in Path(args.output_dir).glob("*_*") if (d / "trainer_state.json").is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda d: json.loads((d / "trainer_state.json").read_text())["completed_steps"])
+    for _, folder, _ in _checkpoint_states(Path(args.output_dir), run_id):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"--resume_from_checkpoint latest: skipping {folder}: {problem}")
+    return None
+
+
+def prune_checkpoints(output_dir: Path, run_id: str, limit: int | None) -> None:
+    """--checkpoints_total_limit: delete this run's oldest checkpoints beyond `limit` (never another run's)."""
+    if limit is None:
+        return
+    ours = [folder for steps, folder, state in _checkpoint_states(output_dir, run_id) if steps < math.inf]
+    for folder in ours[limit:]:
+        logger.info(f"--checkpoints_total_limit {limit}: deleting {folder}")
+        shutil.rmtree(folder)
 
 
 def write_model_card(args, output_dir: Path, info: dict) -> None:
@@ -517,22 +716,95 @@ def write_model_card(args, output_dir: Path, info: dict) -> None:
         if license_ == "cc-by-nc-sa-4.0" else f"the model is released under {license_}; check your data's license",
     }
     card = render_template(template.read_text(encoding="utf-8"), values)
-    (output_dir / "README.md").write_text(card, encoding="utf-8")
+    write_text_atomic(output_dir / "README.md", card)
 
 
-def push_to_hub(args, output_dir: Path) -> str:
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(args.hub_model_id or output_dir.name, exist_ok=True, private=args.hub_private_repo).repo_id
-    api.upload_folder(
+def create_hub_repo(args, output_dir: Path) -> str:
+    """--push_to_hub: create the repository (and so check the token and the network) before any training."""
+    name = args.hub_model_id or output_dir.resolve().name
+    try:
+        return HfApi(token=args.hub_token).create_repo(name, exist_ok=True, private=args.hub_private_repo).repo_id
+    except Exception as exc:  # offline mode, no or bad token, no network, a bad name
+        raise SystemExit(f"train.py: error: --push_to_hub: cannot create the Hub repository {name!r} "
+                         f"({type(exc).__name__}: {exc}); check --hub_token / `hf auth login`, the network, and "
+                         "that HF_HUB_OFFLINE is not set. Nothing was trained.") from None
+
+
+def push_to_hub(args, output_dir: Path, repo_id: str) -> None:
+    HfApi(token=args.hub_token).upload_folder(
         repo_id=repo_id, folder_path=str(output_dir), commit_message="Upload Dior-CVAE (examples/train.py)",
-        ignore_patterns=["step_*", "step_*/**", "epoch_*", "epoch_*/**", "best/**", "tokenizer/**", "*.tmp"],
+        ignore_patterns=["step_*", "step_*/**", "epoch_*", "epoch_*/**", "best/**", "tokenizer/**", ".*", ".*/**",
+                         "*.tmp", "run.json"],
     )
-    return repo_id
+
+
+def write_training_curves(log_file: Path, output_dir: Path) -> None:
+    """training_curves.png: loss, KL, β and the validation metrics against the update step (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no training_curves.png (pip install matplotlib)")
+        return
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
+    panels = [("training loss", ["loss", "rc_loss"]), ("KL", ["kl_loss"]), ("β (KL weight)", ["beta"]),
+              ("validation", ["eval_loss", "eval_rc_loss", "eval_kl_loss"]),
+              ("validation generation", ["eval_bleu1", "eval_bleu2", "eval_distinct1", "eval_distinct2"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("update step")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = output_dir / ".training_curves.png.tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, output_dir / "training_curves.png")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def read_run_id(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / "run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_output_dir(args, accelerator) -> tuple[str, Path | None]:
+    """Refuse a non-empty --output_dir unless resuming or --overwrite_output_dir (nothing is ever deleted); find the
+    checkpoint to resume from; return this run's id (a resumed run keeps its checkpoint's), kept in run.json."""
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SystemExit(f"train.py: error: --output_dir {output_dir} is a file, not a folder")
+    if output_dir.is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
+        entries = sorted(q.name for q in output_dir.iterdir() if q.name != "run.json")  # a run that failed early
+        if entries:
+            raise SystemExit(
+                f"train.py: error: --output_dir {output_dir} is not empty ({len(entries)} entries: "
+                f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
+                "continue a run, --overwrite_output_dir to write into it anyway (replacing this script's outputs, "
+                "deleting nothing), or choose another folder")
+    resume_dir = find_checkpoint(args, read_run_id(output_dir)) if args.resume_from_checkpoint else None
+    if args.resume_from_checkpoint == "latest" and resume_dir is None:
+        logger.warning(f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir}, starting from scratch")
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        run_id = json.loads((resume_dir / "trainer_state.json").read_text()).get("run_id") if resume_dir else None
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / "run.json", json.dumps({"run_id": run_id or uuid.uuid4().hex}))
+    accelerator.wait_for_everyone()
+    return read_run_id(output_dir), resume_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -572,20 +844,17 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
 
     output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        if args.overwrite_output_dir and output_dir.exists() and not args.resume_from_checkpoint:
-            shutil.rmtree(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    resume_dir = find_checkpoint(args) if args.resume_from_checkpoint else None
-    if args.resume_from_checkpoint == "latest" and resume_dir is None:
-        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
+    run_id, resume_dir = prepare_output_dir(args, accelerator)
+    hub_repo_id = create_hub_repo(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
 
     # ---- data -----------------------------------------------------------------------------------------------------
     try:
         raw, data_description, data_meta = load_raw_splits(args)
     except DataFormatError as exc:
-        raise SystemExit(f"train.py: error: bad data line: {exc} (use --skip_bad_lines to skip such lines)") from None
+        hint = "" if "gzip" in exc.reason else " (use --skip_bad_lines to skip such lines)"
+        raise SystemExit(f"train.py: error: bad data line: {exc}{hint}") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"train.py: error: {exc}") from None
     tokenizer = get_tokenizer(args, accelerator, raw["train"], resume_dir)
     turn_separator = args.turn_separator if args.turn_separator is not None else tokenizer.eos_token
     logger.info("***** Data *****")
@@ -599,7 +868,10 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"  Skipped bad lines = {data_meta['skipped_lines']}")
 
     # ---- model, optimizer, schedules ------------------------------------------------------------------------------
-    model = build_model(args, tokenizer)
+    try:
+        model = build_model(args, tokenizer)
+    except ValueError as exc:
+        raise SystemExit(f"train.py: error: {exc}") from None
     # Saved with the tokenizer: `tokenizer(context, truncation=True)` keeps the latest turns and fits the model.
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = min(
@@ -628,8 +900,15 @@ def main(argv: list[str] | None = None) -> None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     # Stepped by hand once per update (not through accelerate, which would step it once per process).
-    lr_scheduler = create_lr_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps, args.max_train_steps)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    try:
+        lr_scheduler = create_lr_scheduler(args.lr_scheduler_type, optimizer, args.num_warmup_steps,
+                                           args.max_train_steps, args.lr_scheduler_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"train.py: error: --lr_scheduler_type {args.lr_scheduler_type} "
+                         f"(--lr_scheduler_kwargs {args.lr_scheduler_kwargs}): {exc}") from None
+    # Stepped with each validation loss instead of once per update; its state goes into trainer_state.json (JSON,
+    # not accelerate's custom_checkpoint_0.pkl, which accelerate unpickles without the weights-only restriction).
+    metric_scheduler = scheduler_needs_metric(lr_scheduler)
     set_seed(args.seed, device_specific=True)  # per-rank noise (dropout, latents); the weights were broadcast by DDP
 
     public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # training_args.json is uploaded
@@ -637,16 +916,22 @@ def main(argv: list[str] | None = None) -> None:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in public_args.items()}
         accelerator.init_trackers("runs", config=hparams)
     if accelerator.is_main_process:
-        (output_dir / "training_args.json").write_text(json.dumps({**public_args, "turn_separator": turn_separator}, indent=2))
+        write_text_atomic(output_dir / "training_args.json",
+                          json.dumps({**public_args, "run_id": run_id, "turn_separator": turn_separator}, indent=2))
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     completed_steps, starting_epoch, resume_batches = 0, 0, 0
     state = {"best_eval_loss": None, "best_step": None, "training_time_s": 0.0}
     if resume_dir is not None:
         logger.info(f"Resuming from {resume_dir}")
-        accelerator.load_state(str(resume_dir))
-        state.update(json.loads((resume_dir / "trainer_state.json").read_text()))
-        completed_steps, starting_epoch, resume_batches = state["completed_steps"], state["epoch"], state["batches_in_epoch"]
+        saved = json.loads((resume_dir / "trainer_state.json").read_text())
+        try:
+            accelerator.load_state(str(resume_dir))  # safetensors + torch.load(weights_only=True)
+            lr_scheduler.load_state_dict(saved.pop("lr_scheduler"))
+        except Exception as exc:
+            raise SystemExit(f"train.py: error: cannot resume from {resume_dir}: {type(exc).__name__}: {exc}") from None
+        state.update({k: v for k, v in saved.items() if k in state})
+        completed_steps, starting_epoch, resume_batches = saved["completed_steps"], saved["epoch"], saved["batches_in_epoch"]
         if resume_batches >= len(train_dataloader):
             starting_epoch, resume_batches = starting_epoch + 1, 0
 
@@ -661,8 +946,13 @@ def main(argv: list[str] | None = None) -> None:
     logger.info(f"  Parameters = {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
 
     log_file = output_dir / "log_history.jsonl"
-    if accelerator.is_main_process and resume_dir is None:
-        log_file.unlink(missing_ok=True)  # a fresh run starts a fresh history (a resumed one appends)
+    if accelerator.is_main_process:  # a fresh run starts a fresh history; a resumed one drops the rows it replays
+        kept = []
+        for line in (log_file.read_text().splitlines() if resume_dir is not None and log_file.is_file() else []):
+            with contextlib.suppress(ValueError):  # a line cut by a kill
+                if json.loads(line)["step"] <= completed_steps:
+                    kept.append(line + "\n")
+        write_text_atomic(log_file, "".join(kept))
 
     def log(values: dict, step: int) -> None:
         if args.with_tracking:
@@ -678,11 +968,15 @@ def main(argv: list[str] | None = None) -> None:
                            raw[eval_split], encoded[eval_split])
         logger.info(f"step {step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         log({f"eval_{k}": v for k, v in results.items()}, step)
-        if state["best_eval_loss"] is None or results["loss"] < state["best_eval_loss"]:
+        if not math.isfinite(results["loss"]):
+            logger.warning(f"step {step}: validation loss {results['loss']} is not finite: not a candidate for best/")
+        elif state["best_eval_loss"] is None or results["loss"] < state["best_eval_loss"]:
             state["best_eval_loss"], state["best_step"] = results["loss"], step
             save_model_folder(accelerator, model, tokenizer, output_dir / "best")
+        if metric_scheduler and math.isfinite(results["loss"]):
+            lr_scheduler.step(results["loss"])
         if accelerator.is_main_process:
-            (output_dir / "eval_results.json").write_text(json.dumps(
+            write_text_atomic(output_dir / "eval_results.json", json.dumps(
                 {"step": step, "epoch": step / steps_per_epoch, **{f"eval_{k}": v for k, v in results.items()}}, indent=2))
         last_eval.clear()
         last_eval[step] = results
@@ -690,13 +984,22 @@ def main(argv: list[str] | None = None) -> None:
 
     def trainer_state(epoch: int, batches_in_epoch: int) -> dict:
         return {**state, "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-                "training_time_s": state["training_time_s"] + time.time() - train_start}
+                "training_time_s": state["training_time_s"] + time.time() - train_start, "run_id": run_id,
+                "lr_scheduler": lr_scheduler.state_dict()}
+
+    def checkpoint(name: str, epoch: int, batches_in_epoch: int) -> None:
+        save_checkpoint(accelerator, model, tokenizer, output_dir / name, trainer_state(epoch, batches_in_epoch),
+                        args.debug_sigkill)
+        if accelerator.is_main_process:
+            prune_checkpoints(output_dir, run_id, args.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
 
     # ---- train ----------------------------------------------------------------------------------------------------
     progress = tqdm(range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
     train_start = time.time()
     running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
     running_count = 0
+    nonfinite = torch.zeros((), device=accelerator.device)  # NaN / inf losses in the current update (any rank)
     model.train()
     for epoch in range(starting_epoch, num_epochs):
         if completed_steps >= args.max_train_steps:
@@ -709,10 +1012,19 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 outputs = model(**batch, kl_weight=beta)
                 accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                nonfinite += (~torch.isfinite(outputs.loss.detach())).float()
+                if accelerator.sync_gradients:
+                    grad_norm = (accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                                 if accelerator.mixed_precision != "fp16" else torch.zeros(()))  # fp16: the scaler skips
+                    nonfinite += (~torch.isfinite(grad_norm.to(nonfinite.device))).float()
+                    if accelerator.reduce(nonfinite, "max").item() > 0:  # every rank stops at the same update
+                        raise SystemExit(
+                            f"train.py: error: non-finite loss or gradient (loss {outputs.loss.item()}) at update "
+                            f"step {completed_steps + 1} (epoch {epoch}, batch {batch_index}): stopping before the "
+                            "weights change; nothing of this step is saved. Try a lower --learning_rate, "
+                            "--max_grad_norm, or --mixed_precision no.")
                 optimizer.step()
-                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped and not metric_scheduler:
                     lr_scheduler.step()
                 optimizer.zero_grad()
             running += torch.stack([getattr(outputs, k).detach().float() if getattr(outputs, k) is not None
@@ -720,9 +1032,12 @@ def main(argv: list[str] | None = None) -> None:
             running_count += 1
             if not accelerator.sync_gradients:
                 continue
+            nonfinite.zero_()
 
             completed_steps += 1
             progress.update(1)
+            if args.debug_sigkill == f"update:{completed_steps}":
+                os.kill(os.getpid(), signal.SIGKILL)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
                 means = (accelerator.reduce(running, "mean") / running_count).tolist()
                 values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
@@ -742,13 +1057,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.eval_steps and eval_split and completed_steps % args.eval_steps == 0:
                 run_evaluation(completed_steps)
             if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, model, tokenizer, output_dir / f"step_{completed_steps}",
-                                trainer_state(epoch, batch_index + 1))
+                checkpoint(f"step_{completed_steps}", epoch, batch_index + 1)
             if completed_steps >= args.max_train_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, model, tokenizer, output_dir / f"epoch_{epoch}",
-                            trainer_state(epoch, len(train_dataloader)))
+            checkpoint(f"epoch_{epoch}", epoch, len(train_dataloader))
     progress.close()
     training_time = state["training_time_s"] + time.time() - train_start
 
@@ -763,9 +1076,9 @@ def main(argv: list[str] | None = None) -> None:
         final_results, results_split = test_results, "test"
         if accelerator.is_main_process:
             previous = json.loads((output_dir / "eval_results.json").read_text()) if eval_split else {}
-            (output_dir / "eval_results.json").write_text(json.dumps(
+            write_text_atomic(output_dir / "eval_results.json", json.dumps(
                 {**previous, **{f"test_{k}": v for k, v in test_results.items()}}, indent=2))
-    save_model_folder(accelerator, model, tokenizer, output_dir)
+    save_model_folder(accelerator, model, tokenizer, output_dir, merge=True)
 
     samples = []
     if accelerator.is_main_process and args.num_sample_contexts > 0:
@@ -805,9 +1118,10 @@ def main(argv: list[str] | None = None) -> None:
             "mixed_precision": accelerator.mixed_precision, "training_time_s": training_time,
             "device": f"{accelerator.num_processes} × {accelerator.device.type}",
         })
+        write_training_curves(log_file, output_dir)
         if args.push_to_hub:
-            repo_id = push_to_hub(args, output_dir)
-            logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
+            push_to_hub(args, output_dir, hub_repo_id)
+            logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")
         logger.info(f"Saved the model to {output_dir} (training {format_duration(training_time)}, "
                     f"total {format_duration(time.time() - start_time)})")
     accelerator.wait_for_everyone()
