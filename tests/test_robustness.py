@@ -209,7 +209,6 @@ BAD_INPUTS = [
     ("score truncated gz", _score_truncated_gz, ["--input", "g.jsonl.gz"]),
     # model.generate()
     ("generate() num_inference_steps 0", _generate(num_inference_steps=0), ["`num_inference_steps`", "0"]),
-    ("generate() num_inference_steps > T", _generate(num_inference_steps=21), ["`num_inference_steps` (21)", "20"]),
     ("generate() guidance nan", _generate(prior_guidance_scale=float("nan")), ["`prior_guidance_scale`", "nan"]),
     ("generate() guidance negative", _generate(prior_guidance_scale=-0.5), ["`prior_guidance_scale`", "-0.5"]),
     ("generate() num_return_sequences 0", _generate(num_return_sequences=0), ["`num_return_sequences`", "0"]),
