@@ -1,14 +1,12 @@
 """Helpers for `examples/train.py`: KL annealing, learning-rate schedules, `--config_overrides` parsing, a weights
-checksum, and model-card rendering. Plain Python + torch; `transformers`, `huggingface_hub` and `yaml` are imported
-where they are used.
+checksum, markdown helpers for the model card, and the Trainer route. Plain Python + torch; `transformers` is imported
+where it is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -202,70 +200,6 @@ def weights_checksum(model: torch.nn.Module) -> str:
 # Model card
 # ---------------------------------------------------------------------------------------------------------------
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def render_template(template: str, values: Mapping[str, Any]) -> str:
-    """Replace every `{{ name }}` by `str(values[name])`; a placeholder without a value raises `KeyError`."""
-    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
-    if missing:
-        raise KeyError(f"model card template placeholders without a value: {missing}")
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
-
-
-METRIC_NAMES = {
-    "bleu1": ("bleu", "BLEU-1"),
-    "bleu2": ("bleu", "BLEU-2"),
-    "distinct1": ("distinct-1", "Distinct-1"),
-    "distinct2": ("distinct-2", "Distinct-2"),
-    "entropy1": ("entropy-1", "Entropy-1"),
-    "entropy2": ("entropy-2", "Entropy-2"),
-    "entropy3": ("entropy-3", "Entropy-3"),
-    "loss": ("loss", "Loss (rc + KL, per example)"),
-    "rc_loss": ("loss", "Reconstruction loss (per example)"),
-    "kl_loss": ("kl", "KL term (per example)"),
-}
-
-
-def model_index_yaml(
-    model_name: str,
-    results: Mapping[str, float],
-    dataset_type: str,
-    dataset_name: str,
-    dataset_split: str,
-) -> str:
-    """The `model-index:` YAML block (Papers-with-Code format) for one dataset split's metrics."""
-    import yaml
-    from huggingface_hub import EvalResult
-    from huggingface_hub.repocard_data import eval_results_to_model_index
-
-    eval_results = [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Dialogue response generation",
-            dataset_type=dataset_type,
-            dataset_name=dataset_name,
-            dataset_split=dataset_split,
-            metric_type=METRIC_NAMES[key][0],
-            metric_name=METRIC_NAMES[key][1],
-            metric_value=round(float(results[key]), 4),
-        )
-        for key in METRIC_NAMES
-        if key in results and results[key] is not None and math.isfinite(float(results[key]))
-    ]
-    if not eval_results:
-        return ""
-    index = eval_results_to_model_index(model_name, eval_results)
-    return yaml.safe_dump({"model-index": index}, sort_keys=False, allow_unicode=True).rstrip("\n")
-
-
-def yaml_list(key: str, items: Sequence[str]) -> str:
-    """`key:\\n- a\\n- b` (empty string for no items)."""
-    import yaml
-
-    return yaml.safe_dump({key: list(items)}, sort_keys=False).rstrip("\n") if items else ""
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
@@ -287,15 +221,11 @@ def format_duration(seconds: float) -> str:
 __all__ = [
     "KL_ANNEALING_SCHEDULES",
     "LR_SCHEDULES",
-    "METRIC_NAMES",
     "kl_weight",
     "create_lr_scheduler",
     "parse_config_overrides",
     "complete_from_scratch_overrides",
     "weights_checksum",
-    "render_template",
-    "model_index_yaml",
-    "yaml_list",
     "markdown_table",
     "format_duration",
 ]

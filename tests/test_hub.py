@@ -108,3 +108,109 @@ def test_pipeline_inputs_and_generation_kwargs(saved):
     assert decoded[2:] == [f"<s>{TURNS[0]} | {TURNS[1]}</s>", f"<s>{TURNS[2]}</s>"]
     with pytest.raises(ValueError, match="non-empty string"):
         chat(["Hi", ""])
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub patched at class level (hf-v5-notes §4): repos are folders under tmp_path/hub."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.utils import filter_repo_objects
+
+    root, calls, load = tmp_path / "hub", [], ModelCard.load.__func__
+
+    class RepoUrl(str):
+        repo_id = property(lambda self: self.split("huggingface.co/")[-1])
+
+    def create_repo(self, repo_id, *args, **kwargs):
+        (root / repo_id).mkdir(parents=True, exist_ok=True)
+        return RepoUrl("https://huggingface.co/" + repo_id)
+
+    def put(repo_id, rel, source):
+        calls.append((repo_id, rel))
+        (root / repo_id / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / repo_id / rel)
+
+    def create_commit(self, repo_id, operations, *args, **kwargs):  # transformers' own push (the tokenizer's)
+        for op in operations:
+            put(repo_id, op.path_in_repo, op.path_or_fileobj)
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+        for rel in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            put(repo_id, rel, Path(folder_path) / rel)
+
+    def card_load(cls, repo_id_or_path, *args, **kwargs):
+        if Path(repo_id_or_path).is_file():
+            return load(cls, repo_id_or_path, *args, **kwargs)
+        if not (root / repo_id_or_path / "README.md").is_file():
+            raise EntryNotFoundError("no README.md")
+        return load(cls, root / repo_id_or_path / "README.md")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(card_load))
+    return root, calls
+
+
+def test_push_to_hub_publishes_the_dior_card_and_the_tokenizer_push_keeps_it(saved, fake_hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    root, calls = fake_hub
+    _, model, tokenizer = saved
+    model.push_to_hub("someone/dior", tags=["my-tag"])
+    repo = root / "someone" / "dior"
+    assert {"config.json", "model.safetensors", "modeling_dior.py", "pipeline_dior.py", "README.md"} <= set(
+        os.listdir(repo))
+    card = (repo / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"dior-cvae", "dialog", "my-tag"} <= set(meta["tags"]) and "text2text-generation" not in meta["tags"]
+    assert "automatically generated" not in card and "## Citation" in card
+
+    tokenizer.push_to_hub("someone/dior")  # transformers re-uploads the repo's card: unchanged
+    assert ("someone/dior", "tokenizer.json") in calls
+    assert (repo / "README.md").read_text() == card
+
+    # a Dior card already on the Hub (e.g. train.py's, with results) is kept by a later model push
+    rich = ModelCard(card.replace("## How to use", "## Results\n\nBLEU-1 99\n\n## How to use"))
+    rich.save(repo / "README.md")
+    model.push_to_hub("someone/dior")
+    assert "BLEU-1 99" in (repo / "README.md").read_text()
+
+    # ... but transformers' generic card (a tokenizer pushed first) is replaced
+    tokenizer.push_to_hub("someone/other")
+    assert "automatically generated" in (root / "someone" / "other" / "README.md").read_text()
+    model.push_to_hub("someone/other")
+    assert "dior-cvae" in ModelCard.load(root / "someone" / "other" / "README.md").data.tags
+
+    # save_pretrained(push_to_hub=True) uploads the folder's own card
+    folder = tmp_path / "local"
+    folder.mkdir()
+    ModelCard(card.replace("## How to use", "## Local notes\n\n## How to use")).save(folder / "README.md")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="someone/third")
+    assert "## Local notes" in (root / "someone" / "third" / "README.md").read_text()
+
+
+def test_model_card_yaml(saved):
+    from huggingface_hub import ModelCard
+
+    from dior_cvae.modelcard_dior import eval_results, model_card
+
+    _, model, _ = saved
+    results = eval_results({"bleu1": 23.14159, "distinct2": 34.5, "loss": float("nan")}, "li2017dailydialog/daily_dialog",
+                           "DailyDialog", "test")
+    card = model_card(model.config, "someone/dior-bart", license="cc-by-nc-sa-4.0", base_model="facebook/bart-base",
+                      datasets=["li2017dailydialog/daily_dialog"], results=results, max_source_length=256,
+                      sections="## Training data\n\nSome dialogs.")
+    meta = yaml.safe_load(str(card).split("---\n")[1])
+    assert meta["base_model"] == "facebook/bart-base" and meta["license"] == "cc-by-nc-sa-4.0"
+    assert meta["datasets"] == ["li2017dailydialog/daily_dialog"] and meta["language"] == ["en"]
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert [(m["name"], m["value"]) for m in metrics] == [("BLEU-1, paper protocol (nltk method7)", 23.1416),
+                                                          ("Distinct-2", 34.5)]  # the NaN loss is left out
+    assert meta["model-index"][0]["results"][0]["task"]["type"] == "text-generation"
+    assert "## Training data\n\nSome dialogs." in card.text and "at most 256 context tokens" in card.text
+    assert str(ModelCard(str(card))) == str(card)  # loads back unchanged (what a tokenizer push re-uploads)

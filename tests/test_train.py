@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dior_cvae.training_utils import (
     complete_from_scratch_overrides,
     kl_weight,
     parse_config_overrides,
-    render_template,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,17 +264,23 @@ def test_push_to_hub_mocked(tmp_path):
     assert "hf_fake" not in "".join(p.read_text(errors="ignore") for p in repo.rglob("*") if p.is_file())
 
     card = ModelCard.load(repo / "README.md")
-    assert card.data.library_name == "transformers"
-    assert {"dior-cvae", "dialog", "cvae", "diffusion"} <= set(card.data.tags)
-    assert card.data.datasets == ["li2017dailydialog/daily_dialog"]
-    assert card.data.license == "cc-by-nc-sa-4.0"
-    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert {"BLEU-1", "BLEU-2", "Distinct-1", "Distinct-2"} <= set(metrics)
-    assert card.data.eval_results[0].dataset_name == "DailyDialog (sample)"
-    assert card.data.eval_results[0].dataset_split == "test"
-    assert "{{" not in card.text and 'from_pretrained(repo, trust_remote_code=True)' in card.text
-    assert 'repo = "someone/dior-tiny"' in card.text and "num_return_sequences=5" in card.text
-    assert "Sample generations" in card.text and "Reference:" in card.text
+    meta = yaml.safe_load(card.content.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"dior-cvae", "dialog", "cvae", "diffusion"} <= set(meta["tags"]) and "text2text-generation" not in meta["tags"]
+    assert meta["datasets"] == ["li2017dailydialog/daily_dialog"] and meta["license"] == "cc-by-nc-sa-4.0"
+    assert "base_model" not in meta  # from scratch
+    (index,) = meta["model-index"]
+    assert index["name"] == "dior-tiny"
+    (result,) = index["results"]
+    assert result["dataset"]["name"] == "DailyDialog (sample)" and result["dataset"]["split"] == "test"
+    metrics = {m["name"]: m["value"] for m in result["metrics"]}
+    assert {"BLEU-1, paper protocol (nltk method7)", "BLEU-2, paper protocol (nltk method7)", "Distinct-1",
+            "Distinct-2"} <= set(metrics)
+    eval_results = json.loads((repo / "eval_results.json").read_text())
+    assert metrics["BLEU-1, paper protocol (nltk method7)"] == round(eval_results["test_bleu1"], 4)
+    assert 'pipeline("dialog-generation", model="someone/dior-tiny", trust_remote_code=True)' in card.text
+    assert 'from_pretrained("someone/dior-tiny", trust_remote_code=True)' in card.text
+    assert "Sample generations" in card.text and "Reference:" in card.text and "## Citation" in card.text
 
     load_in_fresh_process(tmp_path, repo)
 
@@ -351,8 +357,3 @@ def test_config_overrides_are_typed_from_the_config_fields():
     config = DiorCVAEConfig(**completed)  # the brief's example builds a valid configuration
     assert (config.decoder_layers, config.encoder_attention_heads, config.decoder_ffn_dim) == (4, 4, 1024)
 
-
-def test_render_template_rejects_missing_values():
-    assert render_template("a {{ x }} b {{y}}", {"x": 1, "y": "z"}) == "a 1 b z"
-    with pytest.raises(KeyError, match="y"):
-        render_template("{{ x }} {{ y }}", {"x": 1})
