@@ -12,8 +12,10 @@
         --checkpointing_steps 5000 --eval_steps 5000 --with_tracking --output_dir outputs/dior-dd
 
 Data (one source): `--dataset_name daily_dialog` (Hub, via `datasets`), `--dataset_dir DIR` (ijcnlp DailyDialog
-files, plain or .gz), `--dataset_name personachat [--personachat_dir DIR]` (ParlAI files, or the Hub), or
-`--train_file/--validation_file/--test_file` JSON Lines ({"context": [...], "response": "...", "persona": [...]}).
+files, plain or .gz), `--dataset_name personachat [--personachat_dir DIR]` (ParlAI files, or the Hub), any other
+`--dataset_name` Hub id, or `--train_file/--validation_file/--test_file`: JSON Lines ({"context": [...], "response":
+"...", "persona": [...]}, read without `datasets`) or JSON / CSV (read with `datasets`). Column names:
+`--context_column/--response_column/--persona_column`; a string context holds turns separated by `__eou__`.
 Model: `--model_name_or_path` (a BART checkpoint → `from_bart`, or a Dior-CVAE folder), or from scratch with
 `--config_name` / `--config_overrides "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian"`.
 
@@ -25,6 +27,7 @@ card), eval_results.json, log_history.jsonl, training_args.json, `best/` (lowest
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -43,19 +46,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import transformers
-from transformers import AutoTokenizer, PreTrainedConfig
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedConfig
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
 from dior_cvae.data import (
-    DataCollatorForDior,
     DataFormatError,
     encode_examples,
     load_bart_tokenizer_files,
     load_dailydialog_dir,
     load_dailydialog_hub,
+    load_dialog_dataset,
     load_jsonl,
     load_personachat_hub,
     load_personachat_parlai,
+    parse_record,
+    tokenize_dataset,
     train_tokenizer,
 )
 from dior_cvae.metrics import score_generations
@@ -115,8 +120,9 @@ DEFAULT_ARGS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", choices=["daily_dialog", "personachat"], default=None,
-                      help="A known dataset: `daily_dialog` (Hub) or `personachat` (--personachat_dir or the Hub).")
+    data.add_argument("--dataset_name", default=None,
+                      help="`daily_dialog` (Hub), `personachat` (--personachat_dir or the Hub), or any Hub dataset id "
+                           "(read with --context_column/--response_column/--persona_column; needs `datasets`).")
     data.add_argument("--dataset_hub_id", default=None,
                       help="Hub id to load for --dataset_name (default: daily_dialog / bavard/personachat_truecased).")
     data.add_argument("--dataset_revision", default=None,
@@ -126,9 +132,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--personachat_dir", default=None,
                       help="Folder with ParlAI PersonaChat files {train,valid,test}_<variant>.txt[.gz].")
     data.add_argument("--personachat_variant", default="self_original", help="ParlAI file variant (self_original, ...).")
-    data.add_argument("--train_file", default=None, help="JSON Lines training file.")
-    data.add_argument("--validation_file", default=None, help="JSON Lines validation file.")
-    data.add_argument("--test_file", default=None, help="JSON Lines test file.")
+    data.add_argument("--train_file", default=None,
+                      help="Training file: .jsonl[.gz] (read line by line, errors name file:line) or .json/.csv[.gz] "
+                           "(read with `datasets`).")
+    data.add_argument("--validation_file", default=None, help="Validation file (same formats as --train_file).")
+    data.add_argument("--test_file", default=None, help="Test file (same formats as --train_file).")
+    data.add_argument("--context_column", default="context",
+                      help="Column with the context: a list of turns (oldest first) or a string, whose turns are "
+                           "separated by `__eou__` (no `__eou__`: one turn).")
+    data.add_argument("--response_column", default="response", help="Column with the response (a string).")
+    data.add_argument("--persona_column", default="persona",
+                      help="Optional column with persona sentences (a string or a list), put before the context.")
+    data.add_argument("--num_proc", type=int, default=None, help="Processes for `datasets` map (reading, tokenizing).")
     data.add_argument("--skip_bad_lines", action="store_true", help="Skip (and count) malformed JSON Lines lines.")
     data.add_argument("--max_source_length", type=int, default=256, help="Context tokens (truncated from the left).")
     data.add_argument("--max_target_length", type=int, default=64, help="Response tokens (truncated from the right).")
@@ -223,8 +238,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
     """{split: examples}, a description of the data, and metadata for the model card."""
-    splits: dict[str, list[dict]] = {}
+    splits: dict = {}  # split -> list of examples, or a datasets.Dataset
     meta = {"hub_dataset": None, "skipped_lines": 0}
+    columns = dict(context_column=args.context_column, response_column=args.response_column,
+                   persona_column=args.persona_column)
+    files = {split: path for split, path in (("train", args.train_file), ("validation", args.validation_file),
+                                             ("test", args.test_file)) if path}
     hub_kwargs = {"revision": args.dataset_revision} if args.dataset_revision else {}
     if args.dataset_dir:
         for split in ("train", "validation", "test"):
@@ -238,7 +257,7 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                        else f"DailyDialog (ijcnlp files, {args.dataset_dir})")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
     elif args.dataset_name == "daily_dialog":
-        splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", **hub_kwargs)
+        splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
         description = f"DailyDialog from the Hub ({args.dataset_hub_id or 'daily_dialog'})"
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog")
     elif args.dataset_name == "personachat" and args.personachat_dir:
@@ -254,27 +273,41 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         meta.update(hub_dataset="bavard/personachat_truecased", dataset_name="PersonaChat")
     elif args.dataset_name == "personachat":
         hub_id = args.dataset_hub_id or "bavard/personachat_truecased"
-        splits = load_personachat_hub(hub_id, **hub_kwargs)
+        splits = load_personachat_hub(hub_id, num_proc=args.num_proc, **hub_kwargs)
         description = f"PersonaChat from the Hub ({hub_id})"
         meta.update(hub_dataset=hub_id, dataset_name="PersonaChat")
+    elif args.dataset_name:
+        splits = load_dialog_dataset(args.dataset_name, num_proc=args.num_proc, **columns, **hub_kwargs)
+        description = f"{args.dataset_name} from the Hub"
+        meta.update(hub_dataset=args.dataset_name, dataset_name=args.dataset_name)
+    elif not all(str(p).removesuffix(".gz").endswith(".jsonl") for p in files.values()):
+        splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        description = "Data files: " + ", ".join(map(str, files.values()))
+        meta.update(dataset_name=Path(args.train_file).name.split(".")[0])
     else:
-        for split, path in (("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file)):
+        parse = functools.partial(parse_record, **columns)
+        for split, path in files.items():
             if path:
-                splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines)
+                splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines, parse=parse)
                 if skipped:
                     logger.warning(f"{path}: skipped {skipped} bad line(s) (--skip_bad_lines)", main_process_only=True)
                 meta["skipped_lines"] += skipped
         description = "JSON Lines files: " + ", ".join(p for p in (args.train_file, args.validation_file, args.test_file) if p)
         meta.update(dataset_name=Path(args.train_file).stem)
     if args.max_train_samples is not None:
-        splits["train"] = splits["train"][: args.max_train_samples]
+        splits["train"] = head(splits["train"], args.max_train_samples)
     if args.max_eval_samples is not None:
         for split in ("validation", "test"):
             if split in splits:
-                splits[split] = splits[split][: args.max_eval_samples]
+                splits[split] = head(splits[split], args.max_eval_samples)
     if not splits.get("train"):
         raise ValueError("the training split is empty")
-    return {k: v for k, v in splits.items() if v}, description, meta
+    return {k: v for k, v in splits.items() if v and k in ("train", "validation", "test")}, description, meta
+
+
+def head(examples, n: int):
+    """The first n examples of a list or a datasets.Dataset."""
+    return examples.select(range(min(n, len(examples)))) if hasattr(examples, "select") else examples[:n]
 
 
 def load_tokenizer(name_or_path: str):
@@ -350,7 +383,7 @@ def build_model(args, tokenizer):
 
 def sample_responses(model, tokenizer, examples, encoded, args, num_return_sequences, seed) -> list[dict]:
     """Sample `num_return_sequences` responses (one prior draw each, top-k 50 / top-p 0.9) per example."""
-    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    collator = DataCollatorForSeq2Seq(tokenizer)
     device = next(model.parameters()).device
     rows = []
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -392,7 +425,8 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
         n = min(args.num_eval_generation_samples, len(examples))
         if n > 0 and accelerator.is_main_process:
             with accelerator.autocast():
-                rows = sample_responses(accelerator.unwrap_model(model), tokenizer, examples[:n], encoded[:n], args,
+                rows = sample_responses(accelerator.unwrap_model(model), tokenizer, [examples[i] for i in range(n)],
+                                    [encoded[i] for i in range(n)], args,
                                         args.eval_samples_per_context, args.seed)
             scores = score_generations(rows, semantic=False)
             results.update({k: scores[k] for k in ("bleu1", "bleu2", "distinct1", "distinct2",
@@ -596,15 +630,22 @@ def main(argv: list[str] | None = None) -> None:
         raw, data_description, data_meta = load_raw_splits(args)
     except DataFormatError as exc:
         raise SystemExit(f"train.py: error: bad data line: {exc} (use --skip_bad_lines to skip such lines)") from None
+    except (ValueError, ImportError) as exc:  # a missing column, a bad row, no `datasets`: the message says which
+        raise SystemExit(f"train.py: error: {exc}") from None
     tokenizer = get_tokenizer(args, accelerator, raw["train"], resume_dir)
     turn_separator = args.turn_separator if args.turn_separator is not None else tokenizer.eos_token
     logger.info("***** Data *****")
     encoded = {}
     for split, examples in raw.items():
         logger.info(f"  {split}: Num examples = {len(examples)}")
-        encoded[split] = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length,
-                                         turn_separator, desc=f"Tokenizing {split}",
-                                         show_progress=accelerator.is_local_main_process)
+        if hasattr(examples, "map"):  # a datasets.Dataset: batched, cached map
+            with accelerator.main_process_first():
+                encoded[split] = tokenize_dataset(examples, tokenizer, args.max_source_length, args.max_target_length,
+                                                  turn_separator, num_proc=args.num_proc, desc=f"Tokenizing {split}")
+        else:
+            encoded[split] = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length,
+                                             turn_separator, desc=f"Tokenizing {split}",
+                                             show_progress=accelerator.is_local_main_process)
     if data_meta["skipped_lines"]:
         logger.info(f"  Skipped bad lines = {data_meta['skipped_lines']}")
 
@@ -614,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = min(
         tokenizer.model_max_length, model.config.max_position_embeddings)
-    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    collator = DataCollatorForSeq2Seq(tokenizer)  # labels padded with -100; the model shifts them itself
     train_dataloader = DataLoader(encoded["train"], shuffle=True, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size,
                                   generator=torch.Generator().manual_seed(args.seed))

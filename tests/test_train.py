@@ -315,6 +315,40 @@ def test_jsonl_bad_line_fails_with_location_or_is_skipped(tmp_path):
     assert "| skipped bad lines | 1 |" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_csv_with_custom_column_names_trains(tmp_path):
+    """CSV through `datasets` (map + DataCollatorForSeq2Seq); the string context column holds `__eou__`-separated
+    turns."""
+    import csv
+
+    from dior_cvae.data import load_dailydialog_dir
+
+    splits = load_dailydialog_dir(SAMPLE_DIR, ["train", "validation"])
+    files = {}
+    for split, n in (("train", 24), ("validation", 8)):
+        files[split] = tmp_path / f"{split}.csv"
+        with files[split].open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "history", "reply"])
+            writer.writerows((i, " __eou__ ".join(ex["context"]), ex["response"]) for i, ex in enumerate(splits[split][:n]))
+    out = tmp_path / "out"
+    result = run_train(tmp_path, TINY + [
+        "--train_file", str(files["train"]), "--validation_file", str(files["validation"]),
+        "--context_column", "history", "--response_column", "reply", "--num_proc", "1",
+        "--num_sample_contexts", "2", "--max_train_steps", "2", "--output_dir", str(out)])
+    log = result.stdout + result.stderr
+    assert "train: Num examples = 24" in log and "validation: Num examples = 8" in log
+    assert [r["step"] for r in read_log(out) if "rc_loss" in r] == [1, 2]
+    last = splits["validation"][7]  # the second printed context: its turns come back one per line
+    assert len(last["context"]) > 1
+    assert all(f": {turn}" in result.stdout for turn in last["context"])
+    assert (out / "model.safetensors").is_file()
+
+    failed = run_train(tmp_path, TINY + ["--train_file", str(files["train"]), "--output_dir", str(tmp_path / "x")],
+                       check=False)
+    assert failed.returncode != 0 and "no column 'context'" in failed.stderr and "--context_column" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-process checks of the helpers
 # ---------------------------------------------------------------------------------------------------------------
