@@ -1,6 +1,5 @@
 """Helpers for `examples/train.py`: KL annealing, learning-rate schedules, `--config_overrides` parsing, a weights
-checksum, markdown helpers for the model card, and the Trainer route. Plain Python + torch; `transformers` is imported
-where it is used.
+checksum, markdown helpers for the model card, and the 🤗 Trainer route (`DiorTrainer` + `KLAnnealingCallback`).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers import Seq2SeqTrainer, TrainerCallback
 
 # ---------------------------------------------------------------------------------------------------------------
 # KL annealing
@@ -218,6 +218,54 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The 🤗 Trainer route: Seq2SeqTrainer + KL annealing
+# ---------------------------------------------------------------------------------------------------------------
+
+class KLAnnealingCallback(TrainerCallback):
+    """Sets `beta` = `kl_weight(global_step, schedule, annealing_steps, steps_per_epoch)` at the start of every
+    optimizer step (`steps_per_epoch` defaults to the Trainer's: max_steps / num_train_epochs). `DiorTrainer`
+    passes `beta` to the model's forward as `kl_weight=` and logs it as `beta`."""
+
+    def __init__(self, schedule: str = "linear", annealing_steps: int | None = None,
+                 steps_per_epoch: int | None = None):
+        kl_weight(0, schedule, annealing_steps, steps_per_epoch or 1)  # rejects an unknown schedule now
+        self.schedule, self.annealing_steps, self.steps_per_epoch = schedule, annealing_steps, steps_per_epoch
+        self.beta = kl_weight(0, schedule, annealing_steps, steps_per_epoch or 1)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.steps_per_epoch is None and state.num_train_epochs:
+            self.steps_per_epoch = max(1, -(-state.max_steps // state.num_train_epochs))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.beta = kl_weight(state.global_step, self.schedule, self.annealing_steps, self.steps_per_epoch)
+
+
+class DiorTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` for Dior-CVAE: training losses use β from `kl_annealing` (a `KLAnnealingCallback`, added to
+    the callbacks), evaluation losses use β = 1 (the ELBO), and the logs get `beta`.
+
+    β reaches the model as the `kl_weight=` argument of its forward, so nothing is stored on the model. The model's
+    loss is already a per-example mean, so the Trainer's own `num_items_in_batch` normalisation is switched off
+    (it would otherwise skip dividing by the gradient-accumulation steps)."""
+
+    def __init__(self, *args, kl_annealing: KLAnnealingCallback | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kl_annealing = kl_annealing or KLAnnealingCallback()
+        self.add_callback(self.kl_annealing)
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        beta = self.kl_annealing.beta if model.training else 1.0
+        outputs = model(**inputs, kl_weight=beta)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log: the β of the latest update
+            logs["beta"] = self.kl_annealing.beta
+        super().log(logs, *args, **kwargs)
+
+
 __all__ = [
     "KL_ANNEALING_SCHEDULES",
     "LR_SCHEDULES",
@@ -225,6 +273,8 @@ __all__ = [
     "create_lr_scheduler",
     "parse_config_overrides",
     "complete_from_scratch_overrides",
+    "KLAnnealingCallback",
+    "DiorTrainer",
     "weights_checksum",
     "markdown_table",
     "format_duration",

@@ -6,7 +6,9 @@ and a few steps; HF_HUB_OFFLINE=1 everywhere, so any unmocked Hub call fails at 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -391,3 +393,46 @@ def test_config_overrides_are_typed_from_the_config_fields():
     config = DiorCVAEConfig(**completed)  # the brief's example builds a valid configuration
     assert (config.decoder_layers, config.encoder_attention_heads, config.decoder_ffn_dim) == (4, 4, 1024)
 
+
+
+def test_trainer_route_anneals_beta(tiny_model, tmp_path):
+    """Seq2SeqTrainer route: β from the linear schedule at each update (2 forwards per update with accumulation),
+    logged as `beta`; evaluation at β = 1."""
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Seq2SeqTrainingArguments
+
+    from dior_cvae.data import encode_examples, load_dailydialog_dir, train_tokenizer
+    from dior_cvae.training_utils import DiorTrainer, KLAnnealingCallback
+
+    examples = load_dailydialog_dir(SAMPLE_DIR, ["validation"])["validation"][:24]
+    tokenizer: PreTrainedTokenizerFast = train_tokenizer(
+        [t for ex in examples for t in (*ex["context"], ex["response"])], vocab_size=96)
+    data = encode_examples(tokenizer, examples, 32, 12, show_progress=False)
+    model = tiny_model(vocab_size=len(tokenizer)).train()
+    used = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer reads the signature to pick the batch columns
+    def spy(**kwargs):
+        used.append(kwargs["kl_weight"])
+        return forward(**kwargs)
+
+    model.forward = spy
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=2, per_device_eval_batch_size=8, learning_rate=1e-3,
+                                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    trainer = DiorTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer),
+                          kl_annealing=KLAnnealingCallback("linear", annealing_steps=4))
+    trainer.train()
+    expected = [kl_weight(step, "linear", 4) for step in range(5)]
+    assert expected == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert used == [beta for beta in expected for _ in range(2)]
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert [(row["step"], row["beta"]) for row in logged] == list(enumerate(expected, start=1))
+    assert all(math.isfinite(row["loss"]) for row in logged)
+
+    used.clear()
+    metrics = trainer.evaluate()
+    assert used == [1.0] and math.isfinite(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="unknown KL annealing schedule"):
+        KLAnnealingCallback("cosine")
