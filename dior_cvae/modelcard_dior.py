@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -140,12 +142,20 @@ guidance weight) and `latent_generator` (a `torch.Generator` for reproducible la
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + body.replace("\n\n\n\n", "\n\n"))
 
 
-def upload_model_folder(folder, repo_id: str, *, keep_hub_card: bool = False, token=None, private=None,
+def write_model_card_if_missing(config, folder) -> None:
+    """`model_card(config)` as folder/README.md, unless the folder already has a README.md (e.g. train.py's card)."""
+    readme = os.path.join(folder, "README.md")
+    if not os.path.isfile(readme):
+        model_card(config).save(readme)
+
+
+def upload_model_folder(folder, repo_id: str | None = None, *, keep_hub_card: bool = False, token=None, private=None,
                         commit_message=None, commit_description=None, revision=None, create_pr: bool = False):
-    """Create the Hub repo if needed and upload `folder` with its README.md; with `keep_hub_card`, a Dior card
-    already in the repo (tag "dior-cvae") is kept and the folder's README.md is not uploaded."""
+    """Create the Hub repo if needed (default name: the folder's) and upload `folder` with its README.md; with
+    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded."""
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
+                              exist_ok=True).repo_id
     ignore = None
     if keep_hub_card:
         try:
@@ -155,3 +165,15 @@ def upload_model_folder(folder, repo_id: str, *, keep_hub_card: bool = False, to
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore, revision=revision,
                              commit_message=commit_message or "Upload Dior-CVAE model", create_pr=create_pr,
                              commit_description=commit_description)
+
+
+def push_model(model, repo_id: str, *, max_shard_size="50GB", tags=None, **hub_kwargs):
+    """`model.push_to_hub`: save_pretrained into a temporary folder (with the Dior card, plus `tags`) and upload it,
+    keeping a Dior card already in the repo."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        if tags:
+            card = ModelCard.load(os.path.join(folder, "README.md"))
+            card.data.tags = list(dict.fromkeys([*card.data.tags, *tags]))
+            card.save(os.path.join(folder, "README.md"))
+        return upload_model_folder(folder, repo_id, keep_hub_card=True, **hub_kwargs)

@@ -383,39 +383,25 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """transformers' `save_pretrained`, plus: config.json names the `dialog-generation` pipeline
         (pipeline_dior.py is copied with the code) and README.md gets the Dior model card unless the folder already
-        has one. With `push_to_hub=True` the folder is then uploaded like `push_to_hub` does."""
+        has one. With `push_to_hub=True` the folder, card included, is then uploaded (`repo_id`, `token`, ...)."""
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
                       if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
-        readme = os.path.join(save_directory, "README.md")
-        if not os.path.isfile(readme):
-            model_card(self.config).save(readme)
+        write_model_card_if_missing(self.config, save_directory)
         if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
-            return upload_model_folder(save_directory, repo_id, **hub_kwargs)
+            return upload_model_folder(save_directory, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, *, max_shard_size="50GB", tags=None, **hub_kwargs):
         """Upload `save_pretrained`'s folder. Unlike transformers' default, which puts the Hub repo's card or a
         generic one in README.md, this publishes the Dior model card, and keeps a Dior card already on the Hub (e.g.
         the one `examples/train.py` wrote). `hub_kwargs`: token, private, commit_message, commit_description,
         revision, create_pr."""
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            if tags:
-                card = ModelCard.load(os.path.join(folder, "README.md"))
-                card.data.tags = list(dict.fromkeys([*card.data.tags, *tags]))
-                card.save(os.path.join(folder, "README.md"))
-            return upload_model_folder(folder, repo_id, keep_hub_card=True, **hub_kwargs)
+        return push_model(self, repo_id, max_shard_size=max_shard_size, tags=tags, **hub_kwargs)
 
 
-# Sibling files shipped with the code (remote-code rule: `from .module import`): the pipeline and the model card.
-import os  # noqa: E402
-import tempfile  # noqa: E402
-
-from huggingface_hub import ModelCard  # noqa: E402
-
-from .modelcard_dior import model_card, upload_model_folder  # noqa: E402
+# Shipped with the code (remote-code rule: sibling files imported as `from .module import`).
+from .modelcard_dior import push_model, upload_model_folder, write_model_card_if_missing  # noqa: E402
 from .pipeline_dior import CUSTOM_PIPELINES  # noqa: E402
 
 DiorCVAEConfig.register_for_auto_class()
