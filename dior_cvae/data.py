@@ -654,8 +654,9 @@ def load_dialog_dataset(
 
     Every row goes through :func:`parse_record` with the given column names, so the context column may hold a list
     of turns or a string (turns separated by ``__eou__``, else a single turn: the only way to give several turns in
-    a CSV cell). The result has the columns of :func:`example_features`. Raises ``ValueError`` naming the dataset,
-    split and row (and the column) for a missing column or a bad row.
+    a CSV cell). The default ``persona_column`` may be absent; a column named otherwise must exist. The result has
+    the columns of :func:`example_features`. Raises ``ValueError`` naming the dataset, split and row (and the
+    column) for a missing column or a bad row.
     """
     datasets = _require_datasets("loading a Hub dataset or a JSON / CSV file")
     if data_files:

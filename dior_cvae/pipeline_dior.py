@@ -8,7 +8,7 @@ config.json's `custom_pipelines`, so
     chat(["Hi , how are you ?", "Fine , thanks . And you ?"], num_return_sequences=3, max_new_tokens=40)
     # -> [{"generated_text": ...}, {"generated_text": ...}, {"generated_text": ...}]
 
-works without the `dior_cvae` package. Remote-code rules: this file imports only transformers and torch.
+works without the `dior_cvae` package. Remote-code rules: this file imports nothing but transformers.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class DialogGenerationPipeline(Pipeline):
 
     Inputs: one conversation (a string, or a list of turns oldest first, or chat messages `{"role", "content"}`),
     or a list of conversations (a batch). The turns are joined with `turn_separator` (default: the tokenizer's eos
-    token, as in training) and the tokenizer truncates the context (the trained tokenizer keeps the latest turns).
+    token, as in training) and the tokenizer truncates the context (the trained tokenizer keeps the latest turns;
+    `max_source_length=` caps it further).
 
     Every other keyword goes to `model.generate`: `num_return_sequences=k` gives k responses from k prior draws,
     plus `do_sample`, `top_p`, `num_beams`, `max_new_tokens`, `num_inference_steps`, `latent_generator`, ...

@@ -197,7 +197,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model card
+# Markdown helpers (the model card's tables)
 # ---------------------------------------------------------------------------------------------------------------
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
