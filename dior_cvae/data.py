@@ -1,8 +1,11 @@
 """Dialogue data loading, tokenisation and batching for Dior-CVAE.
 
-Everything here is plain Python (plus ``torch`` for the collator and
-``transformers``/``tokenizers`` for the tokenizer helpers). The optional
-``datasets`` dependency is imported lazily, and only by the ``*_hub`` loaders.
+The DailyDialog folder, ParlAI PersonaChat and JSON Lines readers are plain
+Python (``transformers``/``tokenizers`` for the tokenizer helpers), so training
+on them needs no ``datasets``. The optional ``datasets`` dependency is imported
+lazily, by :func:`load_dialog_dataset` (any Hub dataset, or JSON / CSV files,
+with configurable column names), the ``*_hub`` loaders and
+:func:`tokenize_dataset` (a cached, batched ``Dataset.map``).
 
 An *example* is a dict::
 
@@ -14,11 +17,12 @@ Loaders
     * :func:`load_dailydialog_dir` / :func:`load_dailydialog_hub`: DailyDialog,
       paired exactly like PLATO / DialogVED (76,053 / 7,069 / 6,740 pairs).
     * :func:`load_personachat_parlai` / :func:`load_personachat_hub`: PersonaChat.
-    * :func:`load_jsonl`: user data, one JSON object per line.
+    * :func:`load_jsonl`: user data, one JSON object per line (errors name ``path:line``).
+    * :func:`load_dialog_dataset`: any Hub dataset or JSON / JSON Lines / CSV file via ``datasets``.
 
 Model inputs
-    * :func:`format_context`, :func:`encode_example`, :func:`encode_examples`.
-    * :class:`DataCollatorForDior`.
+    * :func:`format_context`, :func:`encode_example`, :func:`encode_examples`, :func:`tokenize_dataset`.
+    * Batches: ``transformers.DataCollatorForSeq2Seq(tokenizer)`` (labels padded with -100).
 
 Tokenizers
     * :func:`train_tokenizer`: a byte-level BPE with BART's special tokens, trained offline.
@@ -34,6 +38,7 @@ is (no prefix space), which is how BART encodes sentence pairs
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -45,14 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import datasets
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataFormatError",
-    "DataCollatorForDior",
     "DEFAULT_SPLITS",
     "BART_SPECIAL_TOKENS",
     "dailydialog_line_to_utterances",
@@ -62,6 +66,13 @@ __all__ = [
     "load_personachat_parlai",
     "load_personachat_hub",
     "load_jsonl",
+    "parse_record",
+    "split_turns",
+    "load_dialog_dataset",
+    "dailydialog_pairs",
+    "personachat_pairs",
+    "example_features",
+    "tokenize_dataset",
     "format_context",
     "encode_example",
     "encode_examples",
@@ -232,28 +243,33 @@ def load_dailydialog_dir(
     return result
 
 
+def _dailydialog_batch(batch: dict[str, list]) -> dict[str, list]:
+    out: dict[str, list] = {"context": [], "response": [], "persona": []}
+    for dialog in batch["dialog"]:
+        utts = [_normalise_dailydialog_utterance(u) for u in dialog]
+        while utts and utts[-1] == "":
+            utts.pop()
+        for example in dialog_to_examples(utts):
+            for key in out:
+                out[key].append(example[key])
+    return out
+
+
+def dailydialog_pairs(dialogs: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+    """A Hub-style DailyDialog split (a ``"dialog"`` column of utterance lists) -> one row per (context, response)
+    pair, with the PLATO rule of :func:`load_dailydialog_dir` (``Dataset.map``, batched)."""
+    return dialogs.map(_dailydialog_batch, batched=True, remove_columns=dialogs.column_names,
+                       features=example_features(), num_proc=num_proc, desc="DailyDialog pairs")
+
+
 def load_dailydialog_hub(
-    name: str = "daily_dialog", splits: Sequence[str] = DEFAULT_SPLITS, **load_kwargs: Any
-) -> dict[str, list[Example]]:
-    """Load DailyDialog from the HuggingFace Hub with the same pairing rule.
-
-    Uses ``datasets.load_dataset(name, **load_kwargs)`` (imported lazily); each
-    row's ``"dialog"`` field is a list of utterances. Needs network access, so
-    it is not exercised by the offline test-suite.
-    """
-    from datasets import load_dataset  # lazy: optional dependency
-
-    dataset = load_dataset(name, **load_kwargs)
-    result: dict[str, list[Example]] = {}
-    for split in splits:
-        examples: list[Example] = []
-        for row in dataset[split]:
-            utts = [_normalise_dailydialog_utterance(u) for u in row["dialog"]]
-            while utts and utts[-1] == "":
-                utts.pop()
-            examples.extend(dialog_to_examples(utts))
-        result[split] = examples
-    return result
+    name: str = "daily_dialog", splits: Sequence[str] = DEFAULT_SPLITS, num_proc: int | None = None, **load_kwargs: Any
+) -> datasets.DatasetDict:
+    """DailyDialog from the HuggingFace Hub (``datasets.load_dataset(name, **load_kwargs)``), paired as
+    :func:`dailydialog_pairs` does. Needs network access (the offline tests cover :func:`dailydialog_pairs`)."""
+    datasets = _require_datasets("--dataset_name daily_dialog")
+    dataset = datasets.load_dataset(name, **load_kwargs)
+    return datasets.DatasetDict({split: dailydialog_pairs(dataset[split], num_proc) for split in splits})
 
 
 # ---------------------------------------------------------------------------
@@ -344,32 +360,35 @@ def load_personachat_parlai(path: PathLike) -> list[Example]:
     return out
 
 
+def _personachat_batch(batch: dict[str, list]) -> dict[str, list]:
+    out: dict[str, list] = {"context": [], "response": [], "persona": []}
+    for history, candidates, personality in zip(batch["history"], batch["candidates"], batch["personality"]):
+        context = [t.strip() for t in history if t.strip() and t.strip() not in _SILENCE]
+        response = candidates[-1].strip()
+        if context and response:
+            out["context"].append(context)
+            out["response"].append(response)
+            out["persona"].append([p.strip() for p in personality or [] if p.strip()])
+    return out
+
+
+def personachat_pairs(rows: datasets.Dataset, num_proc: int | None = None) -> datasets.Dataset:
+    """A ``bavard/personachat_truecased``-style split (``personality``, ``history`` partner first, ``candidates``
+    with the gold response last) -> examples; ``__ SILENCE __`` turns are dropped, rows left without context skipped."""
+    return rows.map(_personachat_batch, batched=True, remove_columns=rows.column_names, features=example_features(),
+                    num_proc=num_proc, desc="PersonaChat pairs")
+
+
 def load_personachat_hub(
     name: str = "bavard/personachat_truecased",
     splits: Sequence[str] = ("train", "validation"),
+    num_proc: int | None = None,
     **load_kwargs: Any,
-) -> dict[str, list[Example]]:
-    """Best-effort PersonaChat loader from the Hub (UNTESTED: no network offline).
-
-    Expects the ``bavard/personachat_truecased`` schema: one row per response,
-    with ``personality`` (list[str]), ``history`` (list[str], partner first) and
-    ``candidates`` (list[str], the gold response last). ``__ SILENCE __`` turns
-    are dropped; rows left without context are skipped.
-    """
-    from datasets import load_dataset  # lazy: optional dependency
-
-    dataset = load_dataset(name, **load_kwargs)
-    result: dict[str, list[Example]] = {}
-    for split in splits:
-        examples: list[Example] = []
-        for row in dataset[split]:
-            context = [t.strip() for t in row["history"] if t.strip() and t.strip() not in _SILENCE]
-            response = row["candidates"][-1].strip()
-            if context and response:
-                persona = [p.strip() for p in row.get("personality") or [] if p.strip()]
-                examples.append({"context": context, "response": response, "persona": persona})
-        result[split] = examples
-    return result
+) -> datasets.DatasetDict:
+    """PersonaChat from the Hub through :func:`personachat_pairs` (needs network access)."""
+    datasets = _require_datasets("--dataset_name personachat")
+    dataset = datasets.load_dataset(name, **load_kwargs)
+    return datasets.DatasetDict({split: personachat_pairs(dataset[split], num_proc) for split in splits})
 
 
 # ---------------------------------------------------------------------------
@@ -377,47 +396,61 @@ def load_personachat_hub(
 # ---------------------------------------------------------------------------
 
 
-def _parse_jsonl_record(obj: Any) -> Example:
-    """Validate one decoded JSON value; raise ``ValueError(reason)`` if it is bad."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "context" not in obj:
-        raise ValueError('missing field "context"')
-    if "response" not in obj:
-        raise ValueError('missing field "response"')
+TURN_DELIMITER = _EOU
 
-    raw_context = obj["context"]
+
+def split_turns(text: str) -> list[str]:
+    """A context given as one string: turns separated by ``__eou__`` (DailyDialog / PLATO), else a single turn."""
+    return [t.strip() for t in text.split(TURN_DELIMITER)] if TURN_DELIMITER in text else [text]
+
+
+def parse_record(
+    obj: Any, context_column: str = "context", response_column: str = "response", persona_column: str = "persona"
+) -> Example:
+    """Validate one record (a JSON object or a dataset row) into an example; raise ``ValueError(reason)``.
+
+    ``context_column``: a list of non-empty turns, oldest first, or a string (see :func:`split_turns`);
+    ``response_column``: a non-empty string; ``persona_column`` (optional, may be missing or null): a string or a
+    list of strings. Strings are stripped; other fields are ignored.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for column in (context_column, response_column):
+        if column not in obj:
+            raise ValueError(f'missing field "{column}"')
+
+    raw_context = obj[context_column]
     if isinstance(raw_context, str):
-        raw_context = [raw_context]
+        raw_context = split_turns(raw_context)
     elif not isinstance(raw_context, list):
-        raise ValueError(f'"context" must be a string or a list of strings, got {type(raw_context).__name__}')
+        raise ValueError(f'"{context_column}" must be a string or a list of strings, got {type(raw_context).__name__}')
     context: list[str] = []
     for i, turn in enumerate(raw_context):
         if not isinstance(turn, str):
-            raise ValueError(f'"context" turn {i} must be a string, got {type(turn).__name__}')
+            raise ValueError(f'"{context_column}" turn {i} must be a string, got {type(turn).__name__}')
         if not turn.strip():
-            raise ValueError(f'"context" turn {i} is empty')
+            raise ValueError(f'"{context_column}" turn {i} is empty')
         context.append(turn.strip())
     if not context:
-        raise ValueError('"context" is empty')
+        raise ValueError(f'"{context_column}" is empty')
 
-    response = obj["response"]
+    response = obj[response_column]
     if not isinstance(response, str):
-        raise ValueError(f'"response" must be a string, got {type(response).__name__}')
+        raise ValueError(f'"{response_column}" must be a string, got {type(response).__name__}')
     if not response.strip():
-        raise ValueError('"response" is empty')
+        raise ValueError(f'"{response_column}" is empty')
 
-    raw_persona = obj.get("persona")
+    raw_persona = obj.get(persona_column) if persona_column else None
     if raw_persona is None:
         raw_persona = []
     elif isinstance(raw_persona, str):
         raw_persona = [raw_persona]
     elif not isinstance(raw_persona, list):
-        raise ValueError(f'"persona" must be a string or a list of strings, got {type(raw_persona).__name__}')
+        raise ValueError(f'"{persona_column}" must be a string or a list of strings, got {type(raw_persona).__name__}')
     persona: list[str] = []
     for i, sentence in enumerate(raw_persona):
         if not isinstance(sentence, str):
-            raise ValueError(f'"persona" entry {i} must be a string, got {type(sentence).__name__}')
+            raise ValueError(f'"{persona_column}" entry {i} must be a string, got {type(sentence).__name__}')
         if sentence.strip():
             persona.append(sentence.strip())
 
@@ -427,10 +460,11 @@ def _parse_jsonl_record(obj: Any) -> Example:
 def load_jsonl(path: PathLike, skip_bad_lines: bool = False, parse=None) -> tuple[list[Example], int]:
     """Load user examples from a JSON Lines file (``.jsonl`` or ``.jsonl.gz``).
 
-    Each non-blank line is an object with ``"context"`` (a string = one turn, or
-    a list of non-empty turn strings, oldest first), ``"response"`` (a non-empty
-    string) and optionally ``"persona"`` (a string or a list of strings). Other
-    fields are ignored; strings are stripped; blank lines are ignored.
+    Each non-blank line is an object with ``"context"`` (a list of non-empty turn
+    strings, oldest first, or a string: turns separated by ``__eou__``, else one
+    turn), ``"response"`` (a non-empty string) and optionally ``"persona"`` (a
+    string or a list of strings); see :func:`parse_record`. Other fields are
+    ignored; strings are stripped; blank lines are ignored.
 
     Args:
         path: the file.
@@ -460,7 +494,7 @@ def load_jsonl(path: PathLike, skip_bad_lines: bool = False, parse=None) -> tupl
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            example = (parse or _parse_jsonl_record)(obj)
+            example = (parse or parse_record)(obj)
         except ValueError as exc:
             error = DataFormatError(path, lineno, str(exc))
             if not skip_bad_lines:
@@ -598,68 +632,109 @@ def encode_examples(
 
 
 # ---------------------------------------------------------------------------
-# Collator
+# 🤗 datasets: any Hub dataset or local JSON / JSON Lines / CSV file
 # ---------------------------------------------------------------------------
 
 
-class DataCollatorForDior:
-    """Pad encoded examples into a batch of ``torch.long`` tensors.
+def _require_datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{what} needs the `datasets` package: pip install 'datasets>=5.2' (or use --dataset_dir / "
+                          "a JSON Lines --train_file, which work without it)") from None
+    return datasets
 
-    Returns ``input_ids`` (right-padded with ``pad_token_id``), ``attention_mask``
-    (1 = token, 0 = padding) and, if the examples have them, ``labels``
-    (right-padded with ``label_pad_token_id``, -100 by default, which the loss
-    ignores). With ``pad_to_multiple_of`` each padded length is rounded up to a
-    multiple of it. Other keys are ignored.
+
+def example_features() -> datasets.Features:
+    """The columns of an example split: ``context`` (list of turns), ``response``, ``persona`` (list of sentences)."""
+    from datasets import Features, Sequence, Value
+
+    return Features({"context": Sequence(Value("string")), "response": Value("string"),
+                     "persona": Sequence(Value("string"))})
+
+
+def _records_batch(batch: dict[str, list], indices: list[int], columns: tuple, where: str) -> dict[str, list]:
+    out: dict[str, list] = {"context": [], "response": [], "persona": []}
+    for index, values in zip(indices, zip(*batch.values())):
+        try:
+            example = parse_record(dict(zip(batch, values)), *columns)
+        except ValueError as exc:
+            raise ValueError(f"{where} row {index}: {exc}") from None
+        for key in out:
+            out[key].append(example[key])
+    return out
+
+
+def load_dialog_dataset(
+    source: str | None = None,
+    data_files: Mapping[str, PathLike] | None = None,
+    context_column: str = "context",
+    response_column: str = "response",
+    persona_column: str | None = "persona",
+    num_proc: int | None = None,
+    **load_kwargs: Any,
+) -> datasets.DatasetDict:
+    """Examples from any dataset ``datasets.load_dataset`` reads: a Hub id (``source``) or local files
+    (``data_files`` = ``{split: path}``, all ``.json``/``.jsonl`` (JSON Lines or a JSON list) or all ``.csv``,
+    optionally ``.gz``).
+
+    Every row goes through :func:`parse_record` with the given column names, so the context column may hold a list
+    of turns or a string (turns separated by ``__eou__``, else a single turn: the only way to give several turns in
+    a CSV cell). The default ``persona_column`` may be absent; a column named otherwise must exist. The result has
+    the columns of :func:`example_features`. Raises ``ValueError`` naming the dataset, split and row (and the
+    column) for a missing column or a bad row.
     """
+    datasets = _require_datasets("loading a Hub dataset or a JSON / CSV file")
+    if data_files:
+        kinds = {Path(str(f)).name.removesuffix(".gz").rsplit(".", 1)[-1] for f in data_files.values()}
+        builders = {"csv": "csv", "json": "json", "jsonl": "json"}
+        if len({builders.get(k) for k in kinds}) != 1 or None in {builders.get(k) for k in kinds}:
+            raise ValueError(f"data files must all be .json/.jsonl or all .csv (optionally .gz), got {dict(data_files)}")
+        raw = datasets.load_dataset(builders[kinds.pop()], data_files={k: str(v) for k, v in data_files.items()},
+                                    **load_kwargs)
+        names = {split: str(path) for split, path in data_files.items()}
+    else:
+        raw = datasets.load_dataset(source, **load_kwargs)
+        names = {split: f"{source} [{split}]" for split in raw}
+    columns = (context_column, response_column, persona_column)
+    result = {}
+    for split, dataset in raw.items():
+        for flag, column in (("--context_column", context_column), ("--response_column", response_column)):
+            if column not in dataset.column_names:
+                raise ValueError(f"{names[split]}: no column {column!r} (columns: {', '.join(dataset.column_names)}); "
+                                 f"name it with {flag}")
+        if persona_column and persona_column != "persona" and persona_column not in dataset.column_names:
+            raise ValueError(f"{names[split]}: no column {persona_column!r} (--persona_column)")
+        result[split] = dataset.map(
+            functools.partial(_records_batch, columns=columns, where=names[split]), batched=True, with_indices=True,
+            remove_columns=dataset.column_names, features=example_features(), num_proc=num_proc,
+            desc=f"Reading {split}")
+    return datasets.DatasetDict(result)
 
-    def __init__(
-        self,
-        pad_token_id: int,
-        label_pad_token_id: int = -100,
-        pad_to_multiple_of: int | None = None,
-    ) -> None:
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError("pad_to_multiple_of must be a positive integer or None")
-        self.pad_token_id = pad_token_id
-        self.label_pad_token_id = label_pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(pad_token_id={self.pad_token_id}, "
-            f"label_pad_token_id={self.label_pad_token_id}, pad_to_multiple_of={self.pad_to_multiple_of})"
-        )
+def _encode_batch(batch: dict[str, list], **encode_kwargs: Any) -> dict[str, list]:
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    encoded = encode_examples(examples=rows, show_progress=False, **encode_kwargs)
+    return {"input_ids": [e["input_ids"] for e in encoded], "labels": [e["labels"] for e in encoded]}
 
-    def _target_length(self, length: int) -> int:
-        m = self.pad_to_multiple_of
-        if m:
-            length = -(-length // m) * m
-        return length
 
-    def _pad(self, sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        length = self._target_length(max(len(s) for s in sequences))
-        ids = torch.full((len(sequences), length), value, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        return ids, mask
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("cannot collate an empty batch")
-        as_list = [list(map(int, f["input_ids"])) for f in features]
-        input_ids, attention_mask = self._pad(as_list, self.pad_token_id)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        with_labels = ["labels" in f and f["labels"] is not None for f in features]
-        if any(with_labels):
-            if not all(with_labels):
-                raise ValueError("either all or none of the examples in a batch must have labels")
-            labels, _ = self._pad([list(map(int, f["labels"])) for f in features], self.label_pad_token_id)
-            batch["labels"] = labels
-        return batch
+def tokenize_dataset(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_source_length: int = 512,
+    max_target_length: int = 128,
+    turn_separator: str | None = None,
+    num_proc: int | None = None,
+    desc: str = "Tokenizing",
+) -> datasets.Dataset:
+    """:func:`encode_examples` as a batched ``Dataset.map`` (``input_ids`` + ``labels`` columns; cached by
+    ``datasets`` for file-backed datasets, parallel with ``num_proc``). Batch with
+    ``transformers.DataCollatorForSeq2Seq(tokenizer)``: it pads ``input_ids``, adds ``attention_mask`` and pads
+    ``labels`` with -100; the model builds its decoder inputs from the labels (``<s> r </s>``) itself."""
+    _check_lengths(max_source_length, max_target_length)
+    encode = functools.partial(_encode_batch, tokenizer=tokenizer, max_source_length=max_source_length,
+                               max_target_length=max_target_length, turn_separator=turn_separator)
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc)
 
 
 # ---------------------------------------------------------------------------

@@ -497,6 +497,31 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if not torch.isfinite(latents).all():
                 raise ValueError("`latents` contain NaN or infinite values")
 
+    # ---- Hub: the dialog pipeline and the model card travel with every saved folder -----------------------------
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, plus: config.json names the `dialog-generation` pipeline
+        (pipeline_dior.py is copied with the code) and README.md gets the Dior model card unless the folder already
+        has one. With `push_to_hub=True` the folder, card included, is then uploaded (`repo_id`, `token`, ...)."""
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
+                      if k in kwargs}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_model_card_if_missing(self.config, save_directory)
+        if push_to_hub:
+            return upload_model_folder(save_directory, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, max_shard_size="50GB", tags=None, **hub_kwargs):
+        """Upload `save_pretrained`'s folder. Unlike transformers' default, which puts the Hub repo's card or a
+        generic one in README.md, this publishes the Dior model card, and keeps a Dior card already on the Hub (e.g.
+        the one `examples/train.py` wrote). `hub_kwargs`: token, private, commit_message, commit_description,
+        revision, create_pr."""
+        return push_model(self, repo_id, max_shard_size=max_shard_size, tags=tags, **hub_kwargs)
+
+
+# Shipped with the code (remote-code rule: sibling files imported as `from .module import`).
+from .modelcard_dior import push_model, upload_model_folder, write_model_card_if_missing  # noqa: E402
+from .pipeline_dior import CUSTOM_PIPELINES  # noqa: E402
 
 DiorCVAEConfig.register_for_auto_class()
 DiorCVAEForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")

@@ -1,18 +1,16 @@
 """Helpers for `examples/train.py`: KL annealing, learning-rate schedules, `--config_overrides` parsing, a weights
-checksum, and model-card rendering. Plain Python + torch; `transformers`, `huggingface_hub` and `yaml` are imported
-where they are used.
+checksum, markdown helpers for the model card, and the 🤗 Trainer route (`DiorTrainer` + `KLAnnealingCallback`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers import Seq2SeqTrainer, TrainerCallback
 
 # ---------------------------------------------------------------------------------------------------------------
 # KL annealing
@@ -211,72 +209,8 @@ def weights_checksum(model: torch.nn.Module) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model card
+# Markdown helpers (the model card's tables)
 # ---------------------------------------------------------------------------------------------------------------
-
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-
-def render_template(template: str, values: Mapping[str, Any]) -> str:
-    """Replace every `{{ name }}` by `str(values[name])`; a placeholder without a value raises `KeyError`."""
-    missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
-    if missing:
-        raise KeyError(f"model card template placeholders without a value: {missing}")
-    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
-
-
-METRIC_NAMES = {
-    "bleu1": ("bleu", "BLEU-1"),
-    "bleu2": ("bleu", "BLEU-2"),
-    "distinct1": ("distinct-1", "Distinct-1"),
-    "distinct2": ("distinct-2", "Distinct-2"),
-    "entropy1": ("entropy-1", "Entropy-1"),
-    "entropy2": ("entropy-2", "Entropy-2"),
-    "entropy3": ("entropy-3", "Entropy-3"),
-    "loss": ("loss", "Loss (rc + KL, per example)"),
-    "rc_loss": ("loss", "Reconstruction loss (per example)"),
-    "kl_loss": ("kl", "KL term (per example)"),
-}
-
-
-def model_index_yaml(
-    model_name: str,
-    results: Mapping[str, float],
-    dataset_type: str,
-    dataset_name: str,
-    dataset_split: str,
-) -> str:
-    """The `model-index:` YAML block (Papers-with-Code format) for one dataset split's metrics."""
-    import yaml
-    from huggingface_hub import EvalResult
-    from huggingface_hub.repocard_data import eval_results_to_model_index
-
-    eval_results = [
-        EvalResult(
-            task_type="text-generation",
-            task_name="Dialogue response generation",
-            dataset_type=dataset_type,
-            dataset_name=dataset_name,
-            dataset_split=dataset_split,
-            metric_type=METRIC_NAMES[key][0],
-            metric_name=METRIC_NAMES[key][1],
-            metric_value=round(float(results[key]), 4),
-        )
-        for key in METRIC_NAMES
-        if key in results and results[key] is not None and math.isfinite(float(results[key]))
-    ]
-    if not eval_results:
-        return ""
-    index = eval_results_to_model_index(model_name, eval_results)
-    return yaml.safe_dump({"model-index": index}, sort_keys=False, allow_unicode=True).rstrip("\n")
-
-
-def yaml_list(key: str, items: Sequence[str]) -> str:
-    """`key:\\n- a\\n- b` (empty string for no items)."""
-    import yaml
-
-    return yaml.safe_dump({key: list(items)}, sort_keys=False).rstrip("\n") if items else ""
-
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(value: Any) -> str:
@@ -296,19 +230,65 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The 🤗 Trainer route: Seq2SeqTrainer + KL annealing
+# ---------------------------------------------------------------------------------------------------------------
+
+class KLAnnealingCallback(TrainerCallback):
+    """Sets `beta` = `kl_weight(global_step, schedule, annealing_steps, steps_per_epoch)` at the start of every
+    optimizer step (`steps_per_epoch` defaults to the Trainer's: max_steps / num_train_epochs). `DiorTrainer`
+    passes `beta` to the model's forward as `kl_weight=` and logs it as `beta`."""
+
+    def __init__(self, schedule: str = "linear", annealing_steps: int | None = None,
+                 steps_per_epoch: int | None = None):
+        kl_weight(0, schedule, annealing_steps, steps_per_epoch or 1)  # rejects an unknown schedule now
+        self.schedule, self.annealing_steps, self.steps_per_epoch = schedule, annealing_steps, steps_per_epoch
+        self.beta = kl_weight(0, schedule, annealing_steps, steps_per_epoch or 1)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.steps_per_epoch is None and state.num_train_epochs:
+            self.steps_per_epoch = max(1, -(-state.max_steps // state.num_train_epochs))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.beta = kl_weight(state.global_step, self.schedule, self.annealing_steps, self.steps_per_epoch)
+
+
+class DiorTrainer(Seq2SeqTrainer):
+    """`Seq2SeqTrainer` for Dior-CVAE: training losses use β from `kl_annealing` (a `KLAnnealingCallback`, added to
+    the callbacks), evaluation losses use β = 1 (the ELBO), and the logs get `beta`.
+
+    β reaches the model as the `kl_weight=` argument of its forward, so nothing is stored on the model. The model's
+    loss is already a per-example mean, so the Trainer's own `num_items_in_batch` normalisation is switched off
+    (it would otherwise skip dividing by the gradient-accumulation steps)."""
+
+    def __init__(self, *args, kl_annealing: KLAnnealingCallback | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kl_annealing = kl_annealing or KLAnnealingCallback()
+        self.add_callback(self.kl_annealing)
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        beta = self.kl_annealing.beta if model.training else 1.0
+        outputs = model(**inputs, kl_weight=beta)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:  # a training log: the β of the latest update
+            logs["beta"] = self.kl_annealing.beta
+        super().log(logs, *args, **kwargs)
+
+
 __all__ = [
     "KL_ANNEALING_SCHEDULES",
     "LR_SCHEDULES",
-    "METRIC_NAMES",
     "kl_weight",
     "create_lr_scheduler",
     "scheduler_needs_metric",
     "parse_config_overrides",
     "complete_from_scratch_overrides",
+    "KLAnnealingCallback",
+    "DiorTrainer",
     "weights_checksum",
-    "render_template",
-    "model_index_yaml",
-    "yaml_list",
     "markdown_table",
     "format_duration",
 ]

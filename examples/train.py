@@ -12,8 +12,10 @@
         --checkpointing_steps 5000 --eval_steps 5000 --with_tracking --output_dir outputs/dior-dd
 
 Data (one source): `--dataset_name daily_dialog` (Hub, via `datasets`), `--dataset_dir DIR` (ijcnlp DailyDialog
-files, plain or .gz), `--dataset_name personachat [--personachat_dir DIR]` (ParlAI files, or the Hub), or
-`--train_file/--validation_file/--test_file` JSON Lines ({"context": [...], "response": "...", "persona": [...]}).
+files, plain or .gz), `--dataset_name personachat [--personachat_dir DIR]` (ParlAI files, or the Hub), any other
+`--dataset_name` Hub id, or `--train_file/--validation_file/--test_file`: JSON Lines ({"context": [...], "response":
+"...", "persona": [...]}, read without `datasets`) or JSON / CSV (read with `datasets`). Column names:
+`--context_column/--response_column/--persona_column`; a string context holds turns separated by `__eou__`.
 Model: `--model_name_or_path` (a BART checkpoint → `from_bart`, or a Dior-CVAE folder), or from scratch with
 `--config_name` / `--config_overrides "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian"`.
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -55,37 +58,36 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import transformers
-from transformers import AutoTokenizer, PreTrainedConfig
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedConfig
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
 from dior_cvae.data import (
-    DataCollatorForDior,
     DataFormatError,
     encode_examples,
     load_bart_tokenizer_files,
     load_dailydialog_dir,
     load_dailydialog_hub,
+    load_dialog_dataset,
     load_jsonl,
     load_personachat_hub,
     load_personachat_parlai,
+    parse_record,
+    tokenize_dataset,
     train_tokenizer,
 )
 from dior_cvae.metrics import score_generations
+from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
-    METRIC_NAMES,
     complete_from_scratch_overrides,
     create_lr_scheduler,
     format_duration,
     scheduler_needs_metric,
     kl_weight,
     markdown_table,
-    model_index_yaml,
     parse_config_overrides,
-    render_template,
     weights_checksum,
-    yaml_list,
 )
 
 logger = get_logger(__name__)
@@ -141,8 +143,9 @@ def _looks_local(name: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_name", choices=["daily_dialog", "personachat"], default=None,
-                      help="A known dataset: `daily_dialog` (Hub) or `personachat` (--personachat_dir or the Hub).")
+    data.add_argument("--dataset_name", default=None,
+                      help="`daily_dialog` (Hub), `personachat` (--personachat_dir or the Hub), or any Hub dataset id "
+                           "(read with --context_column/--response_column/--persona_column; needs `datasets`).")
     data.add_argument("--dataset_hub_id", default=None,
                       help="Hub id to load for --dataset_name (default: daily_dialog / bavard/personachat_truecased).")
     data.add_argument("--dataset_revision", default=None,
@@ -152,9 +155,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--personachat_dir", default=None,
                       help="Folder with ParlAI PersonaChat files {train,valid,test}_<variant>.txt[.gz].")
     data.add_argument("--personachat_variant", default="self_original", help="ParlAI file variant (self_original, ...).")
-    data.add_argument("--train_file", default=None, help="JSON Lines training file.")
-    data.add_argument("--validation_file", default=None, help="JSON Lines validation file.")
-    data.add_argument("--test_file", default=None, help="JSON Lines test file.")
+    data.add_argument("--train_file", default=None,
+                      help="Training file: .jsonl[.gz] (read line by line, errors name file:line) or .json/.csv[.gz] "
+                           "(read with `datasets`).")
+    data.add_argument("--validation_file", default=None, help="Validation file (same formats as --train_file).")
+    data.add_argument("--test_file", default=None, help="Test file (same formats as --train_file).")
+    data.add_argument("--context_column", default="context",
+                      help="Column with the context: a list of turns (oldest first) or a string, whose turns are "
+                           "separated by `__eou__` (no `__eou__`: one turn).")
+    data.add_argument("--response_column", default="response", help="Column with the response (a string).")
+    data.add_argument("--persona_column", default="persona",
+                      help="Optional column with persona sentences (a string or a list), put before the context.")
+    data.add_argument("--num_proc", type=int, default=None, help="Processes for `datasets` map (reading, tokenizing).")
     data.add_argument("--skip_bad_lines", action="store_true", help="Skip (and count) malformed JSON Lines lines.")
     data.add_argument("--max_source_length", type=int, default=256, help="Context tokens (truncated from the left).")
     data.add_argument("--max_target_length", type=int, default=64, help="Response tokens (truncated from the right).")
@@ -234,7 +246,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--hub_private_repo", action="store_true")
     hub.add_argument("--license", default=None,
                      help="Model card license (default: cc-by-nc-sa-4.0 for DailyDialog data, else apache-2.0).")
-    hub.add_argument("--model_card_template", default=str(REPO_ROOT / "model_card.md"))
     p.add_argument("--trust_remote_code", action="store_true",
                    help="Let a --tokenizer_name / --model_name_or_path folder or repo run its own Python code.")
     p.add_argument("--debug_dump_rank_weights", default=None, help=argparse.SUPPRESS)  # tests: per-rank checksums
@@ -285,8 +296,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, flag)
         if value and not Path(value).is_file():
             p.error(f"--{flag}: no such file: {value}")
-    if args.push_to_hub and not Path(args.model_card_template).is_file():
-        p.error(f"--push_to_hub needs the model card template {args.model_card_template}")
     return args
 
 
@@ -297,8 +306,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
     """{split: examples}, a description of the data, and metadata for the model card."""
-    splits: dict[str, list[dict]] = {}
+    splits: dict = {}  # split -> list of examples, or a datasets.Dataset
     meta = {"hub_dataset": None, "skipped_lines": 0}
+    columns = dict(context_column=args.context_column, response_column=args.response_column,
+                   persona_column=args.persona_column)
+    files = {split: path for split, path in (("train", args.train_file), ("validation", args.validation_file),
+                                             ("test", args.test_file)) if path}
     hub_kwargs = {"revision": args.dataset_revision} if args.dataset_revision else {}
     if args.dataset_dir:
         for split in ("train", "validation", "test"):
@@ -312,7 +325,7 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                        else f"DailyDialog (ijcnlp files, {args.dataset_dir})")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
     elif args.dataset_name == "daily_dialog":
-        splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", **hub_kwargs)
+        splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
         description = f"DailyDialog from the Hub ({args.dataset_hub_id or 'daily_dialog'})"
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog")
     elif args.dataset_name == "personachat" and args.personachat_dir:
@@ -328,13 +341,22 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         meta.update(hub_dataset="bavard/personachat_truecased", dataset_name="PersonaChat")
     elif args.dataset_name == "personachat":
         hub_id = args.dataset_hub_id or "bavard/personachat_truecased"
-        splits = load_personachat_hub(hub_id, **hub_kwargs)
+        splits = load_personachat_hub(hub_id, num_proc=args.num_proc, **hub_kwargs)
         description = f"PersonaChat from the Hub ({hub_id})"
         meta.update(hub_dataset=hub_id, dataset_name="PersonaChat")
+    elif args.dataset_name:
+        splits = load_dialog_dataset(args.dataset_name, num_proc=args.num_proc, **columns, **hub_kwargs)
+        description = f"{args.dataset_name} from the Hub"
+        meta.update(hub_dataset=args.dataset_name, dataset_name=args.dataset_name)
+    elif not all(str(p).removesuffix(".gz").endswith(".jsonl") for p in files.values()):
+        splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        description = "Data files: " + ", ".join(map(str, files.values()))
+        meta.update(dataset_name=Path(args.train_file).name.split(".")[0])
     else:
-        for split, path in (("train", args.train_file), ("validation", args.validation_file), ("test", args.test_file)):
+        parse = functools.partial(parse_record, **columns)
+        for split, path in files.items():
             if path:
-                splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines)
+                splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines, parse=parse)
                 if not splits[split]:
                     raise ValueError(f"--{split}_file {path}: no examples in the file")
                 if skipped:
@@ -343,14 +365,19 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         description = "JSON Lines files: " + ", ".join(p for p in (args.train_file, args.validation_file, args.test_file) if p)
         meta.update(dataset_name=Path(args.train_file).stem)
     if args.max_train_samples is not None:
-        splits["train"] = splits["train"][: args.max_train_samples]
+        splits["train"] = head(splits["train"], args.max_train_samples)
     if args.max_eval_samples is not None:
         for split in ("validation", "test"):
             if split in splits:
-                splits[split] = splits[split][: args.max_eval_samples]
+                splits[split] = head(splits[split], args.max_eval_samples)
     if not splits.get("train"):
         raise ValueError("the training split is empty")
-    return {k: v for k, v in splits.items() if v}, description, meta
+    return {k: v for k, v in splits.items() if v and k in ("train", "validation", "test")}, description, meta
+
+
+def head(examples, n: int):
+    """The first n examples of a list or a datasets.Dataset."""
+    return examples.select(range(min(n, len(examples)))) if hasattr(examples, "select") else examples[:n]
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -434,7 +461,7 @@ def build_model(args, tokenizer):
 
 def sample_responses(model, tokenizer, examples, encoded, args, num_return_sequences, seed) -> list[dict]:
     """Sample `num_return_sequences` responses (one prior draw each, top-k 50 / top-p 0.9) per example."""
-    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    collator = DataCollatorForSeq2Seq(tokenizer)
     device = next(model.parameters()).device
     rows = []
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -476,7 +503,8 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
         n = min(args.num_eval_generation_samples, len(examples))
         if n > 0 and accelerator.is_main_process:
             with accelerator.autocast():
-                rows = sample_responses(accelerator.unwrap_model(model), tokenizer, examples[:n], encoded[:n], args,
+                rows = sample_responses(accelerator.unwrap_model(model), tokenizer, [examples[i] for i in range(n)],
+                                    [encoded[i] for i in range(n)], args,
                                         args.eval_samples_per_context, args.seed)
             scores = score_generations(rows, semantic=False)
             results.update({k: scores[k] for k in ("bleu1", "bleu2", "distinct1", "distinct2",
@@ -660,12 +688,9 @@ def prune_checkpoints(output_dir: Path, run_id: str, limit: int | None) -> None:
 
 
 def write_model_card(args, output_dir: Path, info: dict) -> None:
-    template = Path(args.model_card_template)
-    if not template.is_file():
-        logger.warning(f"No model card template at {template}; README.md not written")
-        return
-    results, split = info["results"], info["results_split"]
-    config = info["config"]
+    """README.md: the Dior model card (`dior_cvae.modelcard_dior.model_card`) with this run's data, training
+    procedure, results and samples."""
+    results, split, config = info["results"], info["results_split"], info["config"]
     repo_id = args.hub_model_id or output_dir.name
     license_ = args.license or ("cc-by-nc-sa-4.0" if "DailyDialog" in info["meta"]["dataset_name"] else "apache-2.0")
     hub_dataset = info["meta"]["hub_dataset"]
@@ -693,30 +718,49 @@ def write_model_card(args, output_dir: Path, info: dict) -> None:
     metric_rows = [(METRIC_NAMES[k][1] if k in METRIC_NAMES else k, results[k]) for k in (
         "loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "bleu1", "bleu2", "distinct1", "distinct2",
         "entropy1", "entropy2", "entropy3") if k in results]
-    values = {
-        "license": license_,
-        "datasets_yaml": yaml_list("datasets", [hub_dataset] if hub_dataset else []),
-        "base_model_yaml": yaml_list("base_model", [args.model_name_or_path])
-        if args.model_name_or_path and not Path(args.model_name_or_path).exists() else "",
-        "model_index_yaml": model_index_yaml(repo_id.split("/")[-1], results, hub_dataset or info["meta"]["dataset_name"],
-                                             info["meta"]["dataset_name"], split),
-        "model_name": repo_id.split("/")[-1],
-        "repo_id": repo_id,
-        "turn_separator": json.dumps(info["turn_separator"]),
-        "max_source_length": args.max_source_length,
-        "data_description": info["data_description"],
-        "data_table": markdown_table(["split", "examples"], list(info["counts"].items())),
-        "config_table": markdown_table(["field", "value"], config_rows),
-        "hyperparameter_table": markdown_table(["setting", "value"], hyper_rows),
-        "results_split": split,
-        "metrics_table": markdown_table(["metric", "value"], metric_rows) if metric_rows else "(no evaluation split)",
-        "sample_generations": format_samples(info["samples"], markdown=True) if info["samples"] else "(none)",
-        "samples_split": info["samples_split"],
-        "license_note": "the DailyDialog data is CC BY-NC-SA 4.0 (non-commercial, share-alike), and so is this model"
-        if license_ == "cc-by-nc-sa-4.0" else f"the model is released under {license_}; check your data's license",
-    }
-    card = render_template(template.read_text(encoding="utf-8"), values)
-    write_text_atomic(output_dir / "README.md", card)
+    license_note = ("the DailyDialog data is CC BY-NC-SA 4.0 (non-commercial, share-alike), and so is this model"
+                    if license_ == "cc-by-nc-sa-4.0" else f"the model is released under {license_}; check your data's license")
+    sections = f"""## Training data
+
+{info["data_description"]}. One example per response turn, with the earlier turns of the dialog as context.
+
+{markdown_table(["split", "examples"], list(info["counts"].items()))}
+
+License: {license_note}.
+
+## Training procedure
+
+Trained with `examples/train.py` of the `dior_cvae` package. Loss: label-smoothed reconstruction cross-entropy (summed
+over the response tokens) + β · KL, where the KL term is the posterior's negative entropy plus the diffusion prior's
+denoising loss, and β follows the KL annealing schedule.
+
+{markdown_table(["setting", "value"], hyper_rows)}
+
+Model configuration:
+
+{markdown_table(["field", "value"], config_rows)}
+
+## Evaluation
+
+On the {split} split. Losses are per example (β = 1, no dropout). BLEU-1/2 follow the paper's protocol (nltk sentence
+BLEU, smoothing method 7, × 100) and compare each sampled response (top-k 50, top-p 0.9) with the reference;
+Distinct-n and Entropy-n measure the diversity of all samples. Whitespace tokenisation, as in the paper.
+
+{markdown_table(["metric", "value"], metric_rows) if metric_rows else "(no evaluation split)"}
+
+## Sample generations
+
+Sampled responses (top-k 50, top-p 0.9; each from its own prior draw) for contexts of the {info["samples_split"]} split:
+
+{format_samples(info["samples"], markdown=True) if info["samples"] else "(none)"}
+"""
+    card = model_card(
+        config, repo_id, license=license_, datasets=[hub_dataset] if hub_dataset else [],
+        base_model=args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists()
+        else None,
+        results=eval_results(results, hub_dataset or info["meta"]["dataset_name"], info["meta"]["dataset_name"], split),
+        turn_separator=info["turn_separator"], max_source_length=args.max_source_length, sections=sections)
+    write_text_atomic(output_dir / "README.md", str(card))
 
 
 def create_hub_repo(args, output_dir: Path) -> str:
@@ -853,7 +897,7 @@ def main(argv: list[str] | None = None) -> None:
     except DataFormatError as exc:
         hint = "" if "gzip" in exc.reason else " (use --skip_bad_lines to skip such lines)"
         raise SystemExit(f"train.py: error: bad data line: {exc}{hint}") from None
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # a missing column, a bad row, no `datasets`
         raise SystemExit(f"train.py: error: {exc}") from None
     tokenizer = get_tokenizer(args, accelerator, raw["train"], resume_dir)
     turn_separator = args.turn_separator if args.turn_separator is not None else tokenizer.eos_token
@@ -861,9 +905,14 @@ def main(argv: list[str] | None = None) -> None:
     encoded = {}
     for split, examples in raw.items():
         logger.info(f"  {split}: Num examples = {len(examples)}")
-        encoded[split] = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length,
-                                         turn_separator, desc=f"Tokenizing {split}",
-                                         show_progress=accelerator.is_local_main_process)
+        if hasattr(examples, "map"):  # a datasets.Dataset: batched, cached map
+            with accelerator.main_process_first():
+                encoded[split] = tokenize_dataset(examples, tokenizer, args.max_source_length, args.max_target_length,
+                                                  turn_separator, num_proc=args.num_proc, desc=f"Tokenizing {split}")
+        else:
+            encoded[split] = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length,
+                                             turn_separator, desc=f"Tokenizing {split}",
+                                             show_progress=accelerator.is_local_main_process)
     if data_meta["skipped_lines"]:
         logger.info(f"  Skipped bad lines = {data_meta['skipped_lines']}")
 
@@ -876,7 +925,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = min(
         tokenizer.model_max_length, model.config.max_position_embeddings)
-    collator = DataCollatorForDior(tokenizer.pad_token_id)
+    collator = DataCollatorForSeq2Seq(tokenizer)  # labels padded with -100; the model shifts them itself
     train_dataloader = DataLoader(encoded["train"], shuffle=True, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size,
                                   generator=torch.Generator().manual_seed(args.seed))

@@ -18,7 +18,10 @@ import pytest
 import torch
 
 from dior_cvae.data import (
-    DataCollatorForDior,
+    dailydialog_pairs,
+    load_dialog_dataset,
+    personachat_pairs,
+    tokenize_dataset,
     DataFormatError,
     encode_example,
     encode_examples,
@@ -337,26 +340,55 @@ def test_encode_examples_batch_matches_single(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------------------
-# Collator
+# Batching (transformers' DataCollatorForSeq2Seq) and 🤗 datasets
 # ---------------------------------------------------------------------------
 
 
-def test_collator_padding():
-    features = [
-        {"input_ids": [0, 5, 6, 2], "labels": [0, 7, 2]},
-        {"input_ids": [0, 9, 2], "labels": [0, 8, 8, 8, 2]},
-    ]
-    batch = DataCollatorForDior(pad_token_id=1)(features)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+def test_seq2seq_collator_gives_what_the_model_needs(tiny_tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    features = [{"input_ids": [0, 5, 6, 2], "labels": [0, 7, 2]}, {"input_ids": [0, 9, 2], "labels": [0, 8, 8, 8, 2]}]
+    batch = DataCollatorForSeq2Seq(tiny_tokenizer)(features)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}  # no decoder_input_ids: the model shifts labels
     assert all(t.dtype == torch.long for t in batch.values())
-    assert batch["input_ids"].tolist() == [[0, 5, 6, 2], [0, 9, 2, 1]]
+    pad = tiny_tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 2], [0, 9, 2, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch["labels"].tolist() == [[0, 7, 2, -100, -100], [0, 8, 8, 8, 2]]
+    no_labels = DataCollatorForSeq2Seq(tiny_tokenizer)([{"input_ids": [0, 2]}, {"input_ids": [0, 4, 2]}])
+    assert no_labels["labels"] is None and no_labels["input_ids"].shape == (2, 3)  # what generation batches look like
 
-    batch8 = DataCollatorForDior(pad_token_id=1, label_pad_token_id=-1, pad_to_multiple_of=8)(features)
-    assert batch8["input_ids"].shape == (2, 8) and batch8["labels"].shape == (2, 8)
-    assert batch8["attention_mask"].sum().item() == 7
-    assert batch8["labels"][0].tolist() == [0, 7, 2] + [-1] * 5
 
-    no_labels = DataCollatorForDior(pad_token_id=1)([{"input_ids": [0, 2]}, {"input_ids": [0, 4, 2]}])
-    assert set(no_labels) == {"input_ids", "attention_mask"} and no_labels["input_ids"].shape == (2, 3)
+def test_load_dialog_dataset_csv_and_json_with_custom_columns(tmp_path, tiny_tokenizer):
+    (tmp_path / "t.csv").write_text('history,reply,who\n"Hi . __eou__ Hello !",How are you ?,\nFine,Good .,I like tea\n')
+    splits = load_dialog_dataset(data_files={"train": tmp_path / "t.csv"}, context_column="history",
+                                 response_column="reply", persona_column="who")
+    assert splits["train"][:] == {"context": [["Hi .", "Hello !"], ["Fine"]], "response": ["How are you ?", "Good ."],
+                                  "persona": [[], ["I like tea"]]}
+    (tmp_path / "v.json").write_text('[{"c": ["a", "b"], "r": "c"}, {"c": "d", "r": "e"}]')
+    (tmp_path / "w.jsonl").write_text('{"c": ["a"], "r": "x"}\n')
+    json_splits = load_dialog_dataset(data_files={"validation": tmp_path / "v.json", "test": tmp_path / "w.jsonl"},
+                                      context_column="c", response_column="r")
+    assert json_splits["validation"]["context"] == [["a", "b"], ["d"]] and json_splits["test"]["response"] == ["x"]
+
+    encoded = tokenize_dataset(splits["train"], tiny_tokenizer, 64, 16)
+    assert encoded.column_names == ["input_ids", "labels"]
+    assert encoded[1] == encode_example(tiny_tokenizer, splits["train"][1], 64, 16)
+
+    with pytest.raises(ValueError, match=r"t\.csv: no column 'context' .*--context_column"):
+        load_dialog_dataset(data_files={"train": tmp_path / "t.csv"}, response_column="reply")
+    with pytest.raises(ValueError, match=r't\.csv row 0: "who" must be a string'):
+        load_dialog_dataset(data_files={"train": tmp_path / "t.csv"}, context_column="history",
+                            response_column="who", persona_column=None)
+    with pytest.raises(ValueError, match="all be .json/.jsonl or all .csv"):
+        load_dialog_dataset(data_files={"train": tmp_path / "t.csv", "validation": tmp_path / "v.json"})
+
+
+def test_hub_style_dailydialog_and_personachat_rows():
+    from datasets import Dataset
+
+    dialogs = Dataset.from_dict({"dialog": [["Hi \u2019 there ", "Hello .", ""], ["Alone ."]], "act": [[1, 2, 0], [1]]})
+    assert dailydialog_pairs(dialogs)[:] == {"context": [["Hi ' there"]], "response": ["Hello ."], "persona": [[]]}
+    rows = Dataset.from_dict({"personality": [["i like tea ."], []], "history": [["__ SILENCE __", "hi !"], ["__ SILENCE __"]],
+                              "candidates": [["no", "hello !"], ["x", "y"]]})
+    assert personachat_pairs(rows)[:] == {"context": [["hi !"]], "response": ["hello !"], "persona": [["i like tea ."]]}

@@ -89,7 +89,7 @@ def test_save_and_load_as_remote_code_in_a_fresh_process(tiny_model, tmp_path):
     code_files = {"configuration_dior.py", "modeling_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py",
                   "dior_compat.py"}
     assert code_files | {"config.json", "generation_config.json", "model.safetensors"} <= files
-    assert {f for f in files if not f.endswith((".py", ".json"))} == {"model.safetensors"}  # safetensors only
+    assert {f for f in files if not f.endswith((".py", ".json"))} == {"model.safetensors", "README.md"}  # + the card
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}
 

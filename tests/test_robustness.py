@@ -13,10 +13,8 @@ import gzip
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

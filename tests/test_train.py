@@ -6,7 +6,9 @@ and a few steps; HF_HUB_OFFLINE=1 everywhere, so any unmocked Hub call fails at 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import socket
 import subprocess
@@ -16,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dior_cvae.training_utils import (
     complete_from_scratch_overrides,
     kl_weight,
     parse_config_overrides,
-    render_template,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,17 +266,23 @@ def test_push_to_hub_mocked(tmp_path):
     assert "hf_fake" not in "".join(p.read_text(errors="ignore") for p in repo.rglob("*") if p.is_file())
 
     card = ModelCard.load(repo / "README.md")
-    assert card.data.library_name == "transformers"
-    assert {"dior-cvae", "dialog", "cvae", "diffusion"} <= set(card.data.tags)
-    assert card.data.datasets == ["li2017dailydialog/daily_dialog"]
-    assert card.data.license == "cc-by-nc-sa-4.0"
-    metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
-    assert {"BLEU-1", "BLEU-2", "Distinct-1", "Distinct-2"} <= set(metrics)
-    assert card.data.eval_results[0].dataset_name == "DailyDialog (sample)"
-    assert card.data.eval_results[0].dataset_split == "test"
-    assert "{{" not in card.text and 'from_pretrained(repo, trust_remote_code=True)' in card.text
-    assert 'repo = "someone/dior-tiny"' in card.text and "num_return_sequences=5" in card.text
-    assert "Sample generations" in card.text and "Reference:" in card.text
+    meta = yaml.safe_load(card.content.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"dior-cvae", "dialog", "cvae", "diffusion"} <= set(meta["tags"]) and "text2text-generation" not in meta["tags"]
+    assert meta["datasets"] == ["li2017dailydialog/daily_dialog"] and meta["license"] == "cc-by-nc-sa-4.0"
+    assert "base_model" not in meta  # from scratch
+    (index,) = meta["model-index"]
+    assert index["name"] == "dior-tiny"
+    (result,) = index["results"]
+    assert result["dataset"]["name"] == "DailyDialog (sample)" and result["dataset"]["split"] == "test"
+    metrics = {m["name"]: m["value"] for m in result["metrics"]}
+    assert {"BLEU-1, paper protocol (nltk method7)", "BLEU-2, paper protocol (nltk method7)", "Distinct-1",
+            "Distinct-2"} <= set(metrics)
+    eval_results = json.loads((repo / "eval_results.json").read_text())
+    assert metrics["BLEU-1, paper protocol (nltk method7)"] == round(eval_results["test_bleu1"], 4)
+    assert 'pipeline("dialog-generation", model="someone/dior-tiny", trust_remote_code=True)' in card.text
+    assert 'from_pretrained("someone/dior-tiny", trust_remote_code=True)' in card.text
+    assert "Sample generations" in card.text and "Reference:" in card.text and "## Citation" in card.text
 
     load_in_fresh_process(tmp_path, repo)
 
@@ -307,6 +315,40 @@ def test_jsonl_bad_line_fails_with_location_or_is_skipped(tmp_path):
     assert "train: Num examples = 24" in log and "validation: Num examples = 8" in log
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert "| skipped bad lines | 1 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_csv_with_custom_column_names_trains(tmp_path):
+    """CSV through `datasets` (map + DataCollatorForSeq2Seq); the string context column holds `__eou__`-separated
+    turns."""
+    import csv
+
+    from dior_cvae.data import load_dailydialog_dir
+
+    splits = load_dailydialog_dir(SAMPLE_DIR, ["train", "validation"])
+    files = {}
+    for split, n in (("train", 24), ("validation", 8)):
+        files[split] = tmp_path / f"{split}.csv"
+        with files[split].open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "history", "reply"])
+            writer.writerows((i, " __eou__ ".join(ex["context"]), ex["response"]) for i, ex in enumerate(splits[split][:n]))
+    out = tmp_path / "out"
+    result = run_train(tmp_path, TINY + [
+        "--train_file", str(files["train"]), "--validation_file", str(files["validation"]),
+        "--context_column", "history", "--response_column", "reply", "--num_proc", "1",
+        "--num_sample_contexts", "2", "--max_train_steps", "2", "--output_dir", str(out)])
+    log = result.stdout + result.stderr
+    assert "train: Num examples = 24" in log and "validation: Num examples = 8" in log
+    assert [r["step"] for r in read_log(out) if "rc_loss" in r] == [1, 2]
+    last = splits["validation"][7]  # the second printed context: its turns come back one per line
+    assert len(last["context"]) > 1
+    assert all(f": {turn}" in result.stdout for turn in last["context"])
+    assert (out / "model.safetensors").is_file()
+
+    failed = run_train(tmp_path, TINY + ["--train_file", str(files["train"]), "--output_dir", str(tmp_path / "x")],
+                       check=False)
+    assert failed.returncode != 0 and "no column 'context'" in failed.stderr and "--context_column" in failed.stderr
+    assert "Traceback" not in failed.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,7 +394,45 @@ def test_config_overrides_are_typed_from_the_config_fields():
     assert (config.decoder_layers, config.encoder_attention_heads, config.decoder_ffn_dim) == (4, 4, 1024)
 
 
-def test_render_template_rejects_missing_values():
-    assert render_template("a {{ x }} b {{y}}", {"x": 1, "y": "z"}) == "a 1 b z"
-    with pytest.raises(KeyError, match="y"):
-        render_template("{{ x }} {{ y }}", {"x": 1})
+
+def test_trainer_route_anneals_beta(tiny_model, tmp_path):
+    """Seq2SeqTrainer route: β from the linear schedule at each update (2 forwards per update with accumulation),
+    logged as `beta`; evaluation at β = 1."""
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Seq2SeqTrainingArguments
+
+    from dior_cvae.data import encode_examples, load_dailydialog_dir, train_tokenizer
+    from dior_cvae.training_utils import DiorTrainer, KLAnnealingCallback
+
+    examples = load_dailydialog_dir(SAMPLE_DIR, ["validation"])["validation"][:24]
+    tokenizer: PreTrainedTokenizerFast = train_tokenizer(
+        [t for ex in examples for t in (*ex["context"], ex["response"])], vocab_size=96)
+    data = encode_examples(tokenizer, examples, 32, 12, show_progress=False)
+    model = tiny_model(vocab_size=len(tokenizer)).train()
+    used = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the Trainer reads the signature to pick the batch columns
+    def spy(**kwargs):
+        used.append(kwargs["kl_weight"])
+        return forward(**kwargs)
+
+    model.forward = spy
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=2, per_device_eval_batch_size=8, learning_rate=1e-3,
+                                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    trainer = DiorTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8],
+                          data_collator=DataCollatorForSeq2Seq(tokenizer),
+                          kl_annealing=KLAnnealingCallback("linear", annealing_steps=4))
+    trainer.train()
+    expected = [kl_weight(step, "linear", 4) for step in range(5)]
+    assert expected == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert used == [beta for beta in expected for _ in range(2)]
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert [(row["step"], row["beta"]) for row in logged] == list(enumerate(expected, start=1))
+    assert all(math.isfinite(row["loss"]) for row in logged)
+
+    used.clear()
+    metrics = trainer.evaluate()
+    assert used == [1.0] and math.isfinite(metrics["eval_loss"])
+    with pytest.raises(ValueError, match="unknown KL annealing schedule"):
+        KLAnnealingCallback("cosine")

@@ -1,0 +1,90 @@
+"""A "dialog-generation" pipeline, shipped with the model's remote code.
+
+Every folder written by `DiorCVAEForConditionalGeneration.save_pretrained` holds this file and names it in
+config.json's `custom_pipelines`, so
+
+    from transformers import pipeline
+    chat = pipeline("dialog-generation", model=path_or_repo, trust_remote_code=True)
+    chat(["Hi , how are you ?", "Fine , thanks . And you ?"], num_return_sequences=3, max_new_tokens=40)
+    # -> [{"generated_text": ...}, {"generated_text": ...}, {"generated_text": ...}]
+
+works without the `dior_cvae` package. Remote-code rules: this file imports nothing but transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Pipeline
+
+TASK = "dialog-generation"
+#: The `custom_pipelines` entry of config.json (the format `Pipeline.save_pretrained` writes).
+CUSTOM_PIPELINES = {TASK: {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"],
+                           "type": "text"}}
+
+
+def _turns(conversation: Any) -> list[str]:
+    """One conversation -> its turns, oldest first: a string (one turn), a list of strings, or chat messages."""
+    if isinstance(conversation, str):
+        conversation = [conversation]
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError(f"a conversation is a string or a non-empty list of turns, got {conversation!r}")
+    turns = [t["content"] if isinstance(t, dict) else t for t in conversation]
+    if not all(isinstance(t, str) and t.strip() for t in turns):
+        raise ValueError(f"every turn must be a non-empty string (or a {{'content': str}} message), got {turns!r}")
+    return [t.strip() for t in turns]
+
+
+def _is_one_conversation(inputs: Any) -> bool:
+    return isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(
+        isinstance(t, (str, dict)) for t in inputs))
+
+
+class DialogGenerationPipeline(Pipeline):
+    """Responses to dialog contexts; each returned response comes from its own draw of the latent prior.
+
+    Inputs: one conversation (a string, or a list of turns oldest first, or chat messages `{"role", "content"}`),
+    or a list of conversations (a batch). The turns are joined with `turn_separator` (default: the tokenizer's eos
+    token, as in training) and the tokenizer truncates the context (the trained tokenizer keeps the latest turns;
+    `max_source_length=` caps it further).
+
+    Every other keyword goes to `model.generate`: `num_return_sequences=k` gives k responses from k prior draws,
+    plus `do_sample`, `top_p`, `num_beams`, `max_new_tokens`, `num_inference_steps`, `latent_generator`, ...
+
+    Returns, per conversation, a list of `{"generated_text": str}` (a list of such lists for a batch).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def _sanitize_parameters(self, turn_separator=None, max_source_length=None, clean_up_tokenization_spaces=None,
+                             **generate_kwargs):
+        preprocess = {k: v for k, v in (("turn_separator", turn_separator), ("max_source_length", max_source_length))
+                      if v is not None}
+        postprocess = {} if clean_up_tokenization_spaces is None else {
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces}
+        return preprocess, generate_kwargs, postprocess
+
+    def __call__(self, inputs, **kwargs):
+        if _is_one_conversation(inputs):
+            return super().__call__([_turns(inputs)], **kwargs)[0]
+        return super().__call__([_turns(c) for c in inputs], **kwargs)
+
+    def preprocess(self, conversation, turn_separator=None, max_source_length=None):
+        separator = self.tokenizer.eos_token if turn_separator is None else turn_separator
+        text = separator.join(conversation)
+        truncation = {"truncation": True, "max_length": max_source_length} if max_source_length else {"truncation": True}
+        return self.tokenizer(text, return_tensors="pt", **truncation)
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        batch_size = model_inputs["input_ids"].shape[0]
+        output_ids = self.model.generate(input_ids=model_inputs["input_ids"],
+                                         attention_mask=model_inputs["attention_mask"], **generate_kwargs)
+        return {"output_ids": output_ids.reshape(batch_size, -1, output_ids.shape[-1])}
+
+    def postprocess(self, model_outputs, clean_up_tokenization_spaces=False):
+        texts = self.tokenizer.batch_decode(model_outputs["output_ids"][0], skip_special_tokens=True,
+                                            clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+        return [{"generated_text": text.strip()} for text in texts]
