@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
 
 from .configuration_dior import DiorCVAEConfig
-from .dior_latent import HierarchicalLatents, LatentSlotAttention, LayerPooling
+from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
 from .dior_prior import DiffusionPrior
 
 
@@ -99,9 +99,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         self.hierarchy = HierarchicalLatents(config)
         self.latent_to_memory = None
         if config.self_attention_infusion or config.cross_attention_infusion:
-            self.latent_to_memory = nn.ModuleList(
-                nn.Linear(config.latent_size, config.d_model) for _ in range(config.decoder_layers)
-            )
+            self.latent_to_memory = LatentProjection(config)
         self.diffusion_prior = DiffusionPrior(config) if config.prior_type == "diffusion" else None
 
         auto_map = dict(getattr(config, "auto_map", None) or {})
@@ -113,6 +111,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if isinstance(module, DiorCVAEForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+        elif isinstance(module, StackedLinear):  # L stacked nn.Linear: BART's init of each
+            init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     @classmethod
     def from_bart(cls, pretrained_model_name_or_path, **kwargs) -> "DiorCVAEForConditionalGeneration":
@@ -186,7 +188,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         """(B, L, ls) → (B, L, d): Linear_l(z_l), the key/value source of each decoder layer's latent slot."""
         if self.latent_to_memory is None:
             return None
-        return torch.stack([proj(latents[:, i]) for i, proj in enumerate(self.latent_to_memory)], dim=1)
+        return self.latent_to_memory(latents)
 
     def _check_latents(self, latents: torch.Tensor, batch_size: int):
         expected = (batch_size, self.config.encoder_layers, self.config.latent_size)
@@ -250,11 +252,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if labels is not None:
                 _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-                latents, posteriors, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
+                latents, posterior, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
                 if self.diffusion_prior is None:
-                    kl = self.hierarchy.prior_kl(posteriors, summaries, context_vectors)
+                    kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
                 else:
-                    entropy_term = sum(q.log_prob(latents[:, i]) for i, q in enumerate(posteriors))
+                    entropy_term = posterior.log_prob(latents).sum(-1)
                     regression = self.diffusion_prior.loss(latents.flatten(1), context_vectors.flatten(1))
                     kl = entropy_term + regression
                     neg_entropy, prior_loss = entropy_term.mean(), regression.mean()
