@@ -44,6 +44,13 @@ class StackedLinear(nn.Module):
     def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight[index], None if self.bias is None else self.bias[index])
 
+    def unbound(self) -> list:
+        """[(weight_l, bias_l)] for the L layers: for a Python loop over layers. One `unbind` (whose backward is one
+        `stack`), rather than indexing the stacked weight in every step (one `select_backward` + add each)."""
+        weights = self.weight.unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_layers
+        return list(zip(weights, biases))
+
     def extra_repr(self) -> str:
         return (f"num_layers={self.num_layers}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
@@ -128,10 +135,18 @@ class GaussianHeads(nn.Module):
         """(B, L, condition_size) → W1_l condition_l + b1_l for every layer, (L, B, hidden)."""
         return self.condition_proj(conditions.transpose(0, 1))
 
-    def layer(self, index: int, summary: torch.Tensor | None, condition_part: torch.Tensor) -> torch.Tensor:
-        """[mean; log_std] of layer `index` (B, 2·ls); `summary=None` stands for h_1 = 0."""
-        hidden = condition_part if summary is None else condition_part + self.summary_proj.layer(index, summary)
-        return self.out_proj.layer(index, torch.tanh(hidden))
+    def layers(self):
+        """A function (index, summary, condition_part) → [mean; log_std] of that layer (B, 2·ls), for a loop over
+        the layers; `summary=None` stands for h_1 = 0."""
+        summary_proj, out_proj = self.summary_proj.unbound(), self.out_proj.unbound()
+
+        def layer(index: int, summary: torch.Tensor | None, condition_part: torch.Tensor) -> torch.Tensor:
+            hidden = condition_part
+            if summary is not None:
+                hidden = hidden + nn.functional.linear(summary, *summary_proj[index])
+            return nn.functional.linear(torch.tanh(hidden), *out_proj[index])
+
+        return layer
 
     def forward(self, summaries: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """Every layer at once, when all summaries are known: (B, L, ls), (B, L, cond) → (B, L, 2·ls)."""
@@ -160,24 +175,32 @@ class HierarchicalLatents(nn.Module):
         if config.prior_type == "gaussian":
             self.prior = GaussianHeads(num_layers, ls, d, d, ls)
 
-    def _next_summary(self, layer: int, summary: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor:
-        hidden = self.aggregate_latent.layer(layer, latent)
-        if summary is not None:
-            hidden = hidden + self.aggregate_hidden.layer(layer - 1, summary)
-        return torch.tanh(hidden)
+    def _transitions(self):
+        """A function (layer, h_l or None, z_l) → h_{l+1}, for a loop over the layers."""
+        latent_proj = self.aggregate_latent.unbound() if self.aggregate_latent is not None else []
+        hidden_proj = self.aggregate_hidden.unbound() if self.aggregate_hidden is not None else []
+
+        def next_summary(layer: int, summary: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor:
+            hidden = nn.functional.linear(latent, *latent_proj[layer])
+            if summary is not None:
+                hidden = hidden + nn.functional.linear(summary, *hidden_proj[layer - 1])
+            return torch.tanh(hidden)
+
+        return next_summary
 
     def _ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None):
         """z_l ~ head_l(h_l, condition_l) for l = 1..L in order; returns latents, [mean; log_std] and summaries,
         each (B, L, ·)."""
-        condition_parts = heads.condition(conditions)  # (L, B, hidden): every layer's condition term at once
+        condition_parts = heads.condition(conditions).unbind(0)  # every layer's condition term at once
+        head, next_summary = heads.layers(), self._transitions()
         summary, latents, params, summaries = None, [], [], []
         for layer in range(self.num_layers):
-            layer_params = heads.layer(layer, summary, condition_parts[layer])
+            layer_params = head(layer, summary, condition_parts[layer])
             latent = DiagonalGaussian.from_params(layer_params).sample(generator)
             latents.append(latent), params.append(layer_params)
-            summaries.append(condition_parts.new_zeros(latent.shape) if summary is None else summary)
+            summaries.append(latent.new_zeros(latent.shape) if summary is None else summary)
             if layer + 1 < self.num_layers:
-                summary = self._next_summary(layer, summary, latent)
+                summary = next_summary(layer, summary, latent)
         return torch.stack(latents, dim=1), torch.stack(params, dim=1), torch.stack(summaries, dim=1)
 
     def posterior_sample(self, context_vectors, response_vectors, generator=None):
