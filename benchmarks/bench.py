@@ -439,6 +439,13 @@ def table(results) -> str:
         f"device={results['device']} gpu={results['gpu']} dtype={results['dtype']} torch={results['torch']} "
         f"transformers={results['transformers']} tiny={results['tiny']} wall={results['wall_s']}s",
     ]
+    epoch = results.get("dailydialog_epoch")
+    if epoch:
+        waste = epoch["padding_waste"]
+        lines.append(
+            f"DailyDialog epoch ({epoch['pairs']} pairs, batch {epoch['batch_size']}, {epoch['steps_per_epoch']} steps): "
+            f"random {_fmt(epoch.get('epoch_s_random_pad1'))} s (padding {waste['random_pad1']['total']:.0%}), "
+            f"grouped+pad16 {_fmt(epoch.get('epoch_s_grouped_pad16'))} s (padding {waste['grouped_pad16']['total']:.0%})")
     if results["errors"]:
         lines.append(f"errors: {results['errors']}")
     return "\n".join(lines)
@@ -503,11 +510,28 @@ def main(argv=None):
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled variants (another one also runs them on CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epoch", action="store_true",
+                        help="also estimate one DailyDialog epoch of the quality recipe (benchmarks/epoch_estimate.py)")
+    parser.add_argument("--epoch-data", default="/work/shared/data/dailydialog/plato/dial.train.reconstructed.gz")
+    parser.add_argument("--epoch-tokenizer", default="/work/shared/data/tokenizer/bart-base")
     args = parser.parse_args(argv)
     # Dior runs SDPA without cuDNN (modeling_dior.SDPA_BACKENDS); give plain BART the same kernels
     torch.backends.cuda.enable_cudnn_sdp(False)
 
     results = run(args)
+    if args.epoch:  # padding waste with/without length grouping, and the epoch time from measured step times
+        import contextlib
+
+        import epoch_estimate
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # the table comes last on stdout
+                results["dailydialog_epoch"] = epoch_estimate.main(
+                    ["--data", args.epoch_data, "--tokenizer", args.epoch_tokenizer, "--measure",
+                     "--device", str(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))]
+                    + (["--small", "--limit", "2000", "--iters", "1"] if args.tiny else []))
+        except Exception as error:
+            results["errors"]["dailydialog_epoch"] = f"{type(error).__name__}: {error}"[:2000]
     results["complete"] = True
     write_json(results, args.output, complete=True)
     if args.plot:

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DataFormatError",
+    "LengthGroupedSampler",
     "DEFAULT_SPLITS",
     "BART_SPECIAL_TOKENS",
     "dailydialog_line_to_utterances",
@@ -735,6 +736,54 @@ def tokenize_dataset(
     encode = functools.partial(_encode_batch, tokenizer=tokenizer, max_source_length=max_source_length,
                                max_target_length=max_target_length, turn_separator=turn_separator)
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, num_proc=num_proc, desc=desc)
+
+
+class LengthGroupedSampler:
+    """Shuffled example indices arranged so that every run of ``batch_size`` consecutive indices holds examples of
+    similar length (pass it as ``sampler=`` with the same ``batch_size`` to a ``DataLoader``): less padding.
+
+    As transformers' ``group_by_length``: the shuffled indices are cut into megabatches of ``megabatch_mult *
+    batch_size``, each sorted by ``lengths`` (longest first; a length may be a tuple, e.g. (source, target)) and cut
+    into batches; the full batches are shuffled, the one with the longest example is put first (an out-of-memory
+    shows at once), and a last partial batch stays last. The order depends only on ``seed`` and the epoch given to
+    ``set_epoch`` (accelerate's prepared dataloader calls it, also after ``skip_first_batches``), not on any global
+    RNG: every DDP rank computes the same order and accelerate's batch sharding gives each rank different batches.
+    """
+
+    def __init__(self, lengths: Sequence[Any], batch_size: int, seed: int = 0, megabatch_mult: int = 50) -> None:
+        if batch_size < 1 or megabatch_mult < 1:
+            raise ValueError("batch_size and megabatch_mult must be positive integers")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.megabatch_mult = batch_size, seed, megabatch_mult
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        import random
+
+        rng = random.Random(f"{self.seed}/{self.epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        size = self.megabatch_mult * self.batch_size
+        batches = []
+        for start in range(0, len(order), size):
+            mega = sorted(order[start : start + size], key=lambda i: self.lengths[i], reverse=True)
+            batches += [mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        partial = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
+        rng.shuffle(batches)
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches[0], batches[longest] = batches[longest], batches[0]
+        return batches + partial
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
 
 
 # ---------------------------------------------------------------------------

@@ -18,31 +18,77 @@ from .dior_compat import pop_cache
 LOG_STD_MIN, LOG_STD_MAX = -7.0, 0.0
 
 
-class AttentionPooling(nn.Module):
-    """Yang et al. (2016) attention pooling of one encoder layer (Eq. 10), with padding masked out:
-    e = Σ_i softmax_i(v · tanh(W h_i + b)) h_i."""
+class StackedLinear(nn.Module):
+    """`num_layers` independent `nn.Linear(in_features, out_features)`, stored stacked: `weight` (L, out, in),
+    `bias` (L, out). `forward` applies layer l to x[l] for every l at once (one batched matmul); `layer(l, x)` applies
+    one of them. Initialised by `DiorCVAEForConditionalGeneration._init_weights` as BART initialises a Linear."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, num_layers: int, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, hidden_size)
-        self.context = nn.Linear(hidden_size, 1, bias=False)
+        self.num_layers, self.in_features, self.out_features = num_layers, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_layers, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(num_layers, out_features)) if bias else None
+        self.reset_parameters()
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        scores = self.context(torch.tanh(self.proj(hidden_states))).squeeze(-1)  # (B, S)
-        scores = scores.float().masked_fill(attention_mask == 0, torch.finfo(torch.float32).min)
-        weights = scores.softmax(dim=-1).to(hidden_states.dtype)
-        return torch.einsum("bs,bsd->bd", weights, hidden_states)
+    def reset_parameters(self):
+        """What `nn.Linear` does for each layer (the model's `_init_weights` then applies BART's init)."""
+        bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (L, N, in) → (L, N, out)."""
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+    def layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight[index], None if self.bias is None else self.bias[index])
+
+    def unbound(self) -> list:
+        """[(weight_l, bias_l)] for the L layers: for a Python loop over layers. One `unbind` (whose backward is one
+        `stack`), rather than indexing the stacked weight in every step (one `select_backward` + add each)."""
+        weights = self.weight.unbind(0)
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * self.num_layers
+        return list(zip(weights, biases))
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={self.num_layers}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
 
 
 class LayerPooling(nn.Module):
-    """One `AttentionPooling` per encoder layer, shared by the context and the response: (B, L, d)."""
+    """Yang et al. (2016) attention pooling of every encoder layer (Eq. 10), one pooling per layer, with padding
+    masked out: e_l = Σ_i softmax_i(v_l · tanh(W_l h_{l,i} + b_l)) h_{l,i}, all layers in one batched pass: (B, L, d).
+    Shared by the context and the response."""
 
     def __init__(self, config):
         super().__init__()
-        self.pools = nn.ModuleList(AttentionPooling(config.d_model) for _ in range(config.encoder_layers))
+        num_layers, d = config.encoder_layers, config.d_model
+        self.proj = StackedLinear(num_layers, d, d)
+        self.context = StackedLinear(num_layers, d, 1, bias=False)
 
     def forward(self, layer_hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
-        return torch.stack([pool(h, attention_mask) for pool, h in zip(self.pools, layer_hidden_states)], dim=1)
+        """`layer_hidden_states`: L tensors (B, S, d), or one (L, B, S, d); `attention_mask` (B, S)."""
+        states = layer_hidden_states if torch.is_tensor(layer_hidden_states) else torch.stack(tuple(layer_hidden_states))
+        num_layers, batch, length, d = states.shape
+        flat = states.reshape(num_layers, batch * length, d)
+        scores = self.context(torch.tanh(self.proj(flat))).view(num_layers, batch, length)
+        scores = scores.float().masked_fill(attention_mask[None] == 0, torch.finfo(torch.float32).min)
+        weights = scores.softmax(dim=-1).to(states.dtype)
+        pooled = torch.bmm(weights.view(num_layers * batch, 1, length), states.reshape(num_layers * batch, length, d))
+        return pooled.view(num_layers, batch, d).transpose(0, 1)
+
+
+class LatentProjection(StackedLinear):
+    """Linear_l(z_l) for every decoder layer at once: latents (B, L, ls) → latent memory (B, L, d)."""
+
+    def __init__(self, config):
+        super().__init__(config.decoder_layers, config.latent_size, config.d_model)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return super().forward(latents.transpose(0, 1)).transpose(0, 1)
 
 
 class DiagonalGaussian:
@@ -77,62 +123,108 @@ class DiagonalGaussian:
         return 0.5 * (var_ratio + mean_term - 1 - 2 * (self.log_std - other.log_std)).sum(-1)
 
 
-def gaussian_head(in_size: int, hidden_size: int, latent_size: int) -> nn.Sequential:
-    """FNN with tanh (Eq. 8) returning [mean; log_std]."""
-    return nn.Sequential(nn.Linear(in_size, hidden_size), nn.Tanh(), nn.Linear(hidden_size, 2 * latent_size))
+class GaussianHeads(nn.Module):
+    """One FNN with tanh (Eq. 8) per layer, returning [mean; log_std]: head_l([summary; condition_l]) =
+    W2_l tanh(W1_l [summary; condition_l] + b1_l) + b2_l. W1_l is kept as its summary part and its condition part,
+    so that the condition part of every layer is one batched matmul (`condition`), done before the sequential loop
+    over layers, and only the small summary part (`layer`) runs per layer."""
+
+    def __init__(self, num_layers: int, summary_size: int, condition_size: int, hidden_size: int, latent_size: int):
+        super().__init__()
+        self.summary_proj = StackedLinear(num_layers, summary_size, hidden_size, bias=False)
+        self.condition_proj = StackedLinear(num_layers, condition_size, hidden_size)
+        self.out_proj = StackedLinear(num_layers, hidden_size, 2 * latent_size)
+
+    def condition(self, conditions: torch.Tensor) -> torch.Tensor:
+        """(B, L, condition_size) → W1_l condition_l + b1_l for every layer, (L, B, hidden)."""
+        return self.condition_proj(conditions.transpose(0, 1))
+
+    def layers(self):
+        """A function (index, summary, condition_part) → [mean; log_std] of that layer (B, 2·ls), for a loop over
+        the layers; `summary=None` stands for h_1 = 0."""
+        summary_proj, out_proj = self.summary_proj.unbound(), self.out_proj.unbound()
+
+        def layer(index: int, summary: torch.Tensor | None, condition_part: torch.Tensor) -> torch.Tensor:
+            hidden = condition_part
+            if summary is not None:
+                hidden = hidden + nn.functional.linear(summary, *summary_proj[index])
+            return nn.functional.linear(torch.tanh(hidden), *out_proj[index])
+
+        return layer
+
+    def forward(self, summaries: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """Every layer at once, when all summaries are known: (B, L, ls), (B, L, cond) → (B, L, 2·ls)."""
+        hidden = self.summary_proj(summaries.transpose(0, 1)) + self.condition(conditions)
+        return self.out_proj(torch.tanh(hidden)).transpose(0, 1)
 
 
 class HierarchicalLatents(nn.Module):
     """Posterior q(z_l | z_<l, c, r) and, for `prior_type="gaussian"`, the prior p(z_l | z_<l, c).
 
     z_<l is summarised by the aggregator of Eq. 9, h_l = tanh(W_h h_{l-1} + W_z z_{l-1}) with h_1 = 0, shared by
-    the posterior and the Gaussian prior (as in the authors' code).
+    the posterior and the Gaussian prior (as in the authors' code). Every per-layer weight is stacked over the layer
+    axis (`StackedLinear`); whatever does not depend on z_<l is computed for all layers in one batched matmul.
     """
 
     def __init__(self, config):
         super().__init__()
         d, ls, num_layers = config.d_model, config.latent_size, config.encoder_layers
-        self.latent_size = ls
+        self.latent_size, self.num_layers = ls, num_layers
         # transition l → l+1; h_1 = 0, so the first transition has no hidden-state term
-        self.aggregate_latent = nn.ModuleList(nn.Linear(ls, ls) for _ in range(num_layers - 1))
-        self.aggregate_hidden = nn.ModuleList(nn.Linear(ls, ls, bias=False) for _ in range(num_layers - 2))
-        self.posterior = nn.ModuleList(gaussian_head(ls + 2 * d, d, ls) for _ in range(num_layers))
+        # (no parameter without a use: DDP would wait for its gradient)
+        self.aggregate_latent = StackedLinear(num_layers - 1, ls, ls) if num_layers > 1 else None
+        self.aggregate_hidden = StackedLinear(num_layers - 2, ls, ls, bias=False) if num_layers > 2 else None
+        self.posterior = GaussianHeads(num_layers, ls, 2 * d, d, ls)
         self.prior = None
         if config.prior_type == "gaussian":
-            self.prior = nn.ModuleList(gaussian_head(ls + d, d, ls) for _ in range(num_layers))
+            self.prior = GaussianHeads(num_layers, ls, d, d, ls)
 
-    def _next_summary(self, layer: int, summary: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        hidden = self.aggregate_latent[layer](latent)
-        if layer > 0:
-            hidden = hidden + self.aggregate_hidden[layer - 1](summary)
-        return torch.tanh(hidden)
+    def _transitions(self):
+        """A function (layer, h_l or None, z_l) → h_{l+1}, for a loop over the layers."""
+        latent_proj = self.aggregate_latent.unbound() if self.aggregate_latent is not None else []
+        hidden_proj = self.aggregate_hidden.unbound() if self.aggregate_hidden is not None else []
+
+        def next_summary(layer: int, summary: torch.Tensor | None, latent: torch.Tensor) -> torch.Tensor:
+            hidden = nn.functional.linear(latent, *latent_proj[layer])
+            if summary is not None:
+                hidden = hidden + nn.functional.linear(summary, *hidden_proj[layer - 1])
+            return torch.tanh(hidden)
+
+        return next_summary
+
+    def _ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None):
+        """z_l ~ head_l(h_l, condition_l) for l = 1..L in order; returns latents, [mean; log_std] and summaries,
+        each (B, L, ·)."""
+        condition_parts = heads.condition(conditions).unbind(0)  # every layer's condition term at once
+        head, next_summary = heads.layers(), self._transitions()
+        summary, latents, params, summaries = None, [], [], []
+        for layer in range(self.num_layers):
+            layer_params = head(layer, summary, condition_parts[layer])
+            latent = DiagonalGaussian.from_params(layer_params).sample(generator)
+            latents.append(latent), params.append(layer_params)
+            summaries.append(latent.new_zeros(latent.shape) if summary is None else summary)
+            if layer + 1 < self.num_layers:
+                summary = next_summary(layer, summary, latent)
+        return torch.stack(latents, dim=1), torch.stack(params, dim=1), torch.stack(summaries, dim=1)
 
     def posterior_sample(self, context_vectors, response_vectors, generator=None):
-        """Returns the posterior sample (B, L, ls), its distribution per layer, and the layer summaries h_l."""
-        summary = context_vectors.new_zeros(context_vectors.shape[0], self.latent_size)
-        latents, dists, summaries = [], [], []
-        for layer, head in enumerate(self.posterior):
-            inputs = torch.cat([summary, context_vectors[:, layer], response_vectors[:, layer]], dim=-1)
-            dist = DiagonalGaussian.from_params(head(inputs))
-            latent = dist.sample(generator)
-            latents.append(latent), dists.append(dist), summaries.append(summary)
-            if layer + 1 < len(self.posterior):
-                summary = self._next_summary(layer, summary, latent)
-        return torch.stack(latents, dim=1), dists, summaries
+        """Returns the posterior sample (B, L, ls), its distribution (a `DiagonalGaussian` over (B, L, ls)), and the
+        layer summaries h_l (B, L, ls)."""
+        conditions = torch.cat([context_vectors, response_vectors], dim=-1)
+        latents, params, summaries = self._ancestral(self.posterior, conditions, generator)
+        return latents, DiagonalGaussian.from_params(params), summaries
 
-    def prior_dist(self, layer: int, summary: torch.Tensor, context_vectors: torch.Tensor) -> DiagonalGaussian:
-        return DiagonalGaussian.from_params(self.prior[layer](torch.cat([summary, context_vectors[:, layer]], -1)))
+    def prior_dist(self, summaries: torch.Tensor, context_vectors: torch.Tensor) -> DiagonalGaussian:
+        """The learned Gaussian prior of every layer at once, given the summaries (B, L, ls): over (B, L, ls)."""
+        return DiagonalGaussian.from_params(self.prior(summaries, context_vectors))
 
-    def prior_kl(self, dists, summaries, context_vectors) -> torch.Tensor:
+    def prior_kl(self, posterior: DiagonalGaussian, summaries, context_vectors) -> torch.Tensor:
         """Σ_l KL(q_l || p_l) per example (B,), with p_l the learned prior, or N(0, I) when there is none."""
-        kl = 0
-        for layer, (dist, summary) in enumerate(zip(dists, summaries)):
-            if self.prior is None:
-                prior = DiagonalGaussian.standard(dist.mean)
-            else:
-                prior = self.prior_dist(layer, summary, context_vectors)
-            kl = kl + dist.kl(prior)
-        return kl
+        if self.prior is None:
+            prior = DiagonalGaussian.standard(posterior.mean)
+        else:
+            prior = self.prior_dist(summaries, context_vectors)
+        return posterior.kl(prior).sum(-1)
 
     def prior_sample(self, context_vectors: torch.Tensor, generator=None) -> torch.Tensor:
         """Ancestral sample of the Gaussian prior (learned, or N(0, I) when there is none): (B, L, ls)."""
@@ -140,14 +232,7 @@ class HierarchicalLatents(nn.Module):
         if self.prior is None:
             shape = (batch, num_layers, self.latent_size)
             return torch.randn(shape, generator=generator, device=context_vectors.device, dtype=context_vectors.dtype)
-        summary = context_vectors.new_zeros(batch, self.latent_size)
-        latents = []
-        for layer in range(num_layers):
-            latent = self.prior_dist(layer, summary, context_vectors).sample(generator)
-            latents.append(latent)
-            if layer + 1 < num_layers:
-                summary = self._next_summary(layer, summary, latent)
-        return torch.stack(latents, dim=1)
+        return self._ancestral(self.prior, context_vectors, generator)[0]
 
 
 def _prepend_visible_column(attention_mask, query_length: int, key_length: int, causal: bool, reference):

@@ -25,7 +25,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig
 from .dior_compat import CACHE_NAME, check_transformers_version
-from .dior_latent import HierarchicalLatents, LatentSlotAttention, LayerPooling
+from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
 from .dior_prior import DiffusionPrior, ZeroInitLinear
 
 check_transformers_version()
@@ -98,9 +98,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         self.hierarchy = HierarchicalLatents(config) if config.has_latent else None
         self.latent_to_memory = None
         if config.has_latent and (config.self_attention_infusion or config.cross_attention_infusion):
-            self.latent_to_memory = nn.ModuleList(
-                nn.Linear(config.latent_size, config.d_model) for _ in range(config.decoder_layers)
-            )
+            self.latent_to_memory = LatentProjection(config)
         self.diffusion_prior = DiffusionPrior(config) if config.prior_type == "diffusion" else None
 
         auto_map = dict(getattr(config, "auto_map", None) or {})
@@ -115,6 +113,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if isinstance(module, ZeroInitLinear):  # the denoiser's v̂ = 0 at the start: the prior is exactly N(0, I)
             init.zeros_(module.weight)
             init.zeros_(module.bias)
+        if isinstance(module, StackedLinear):  # L stacked nn.Linear: BART's init of each
+            init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
     @staticmethod
     def _refuse_reentrant_checkpointing(checkpointing_kwargs):
@@ -199,8 +201,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
     def posterior(self, input_ids, attention_mask, labels):
-        """The posterior q(z | c, r) of (context, response) pairs: (latents (B, L, ls), [DiagonalGaussian per layer],
-        layer summaries, context vectors (B, L, d)). `labels` are responses as in `forward` (padding = -100)."""
+        """The posterior q(z | c, r) of (context, response) pairs: (latents (B, L, ls), its DiagonalGaussian over
+        (B, L, ls), layer summaries, context vectors (B, L, d)). `labels` are responses as in `forward` (padding = -100)."""
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
         _, context_vectors = self.encode(input_ids, attention_mask)
         _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
@@ -219,7 +221,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         """(B, L, ls) → (B, L, d): Linear_l(z_l), the key/value source of each decoder layer's latent slot."""
         if self.latent_to_memory is None:
             return None
-        return torch.stack([proj(latents[:, i]) for i, proj in enumerate(self.latent_to_memory)], dim=1)
+        return self.latent_to_memory(latents)
 
     def _check_latents(self, latents: torch.Tensor, batch_size: int):
         expected = (batch_size, self.config.encoder_layers, self.config.latent_size)
@@ -294,11 +296,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         kl_loss = neg_entropy = prior_loss = None
         if self.config.has_latent:
             if latents is None and labels is not None:
-                latents, posteriors, summaries, context_vectors = self.posterior(input_ids, attention_mask, labels)
+                latents, posterior, summaries, context_vectors = self.posterior(input_ids, attention_mask, labels)
                 if self.diffusion_prior is None:
-                    kl = self.hierarchy.prior_kl(posteriors, summaries, context_vectors)
+                    kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
                 else:
-                    neg_entropy = sum(q.log_prob(latents[:, i]) for i, q in enumerate(posteriors))
+                    neg_entropy = posterior.log_prob(latents).sum(-1)
                     prior_loss = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1))
                     kl = neg_entropy + prior_loss
                     neg_entropy, prior_loss = neg_entropy.mean(), prior_loss.mean()

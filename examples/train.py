@@ -63,6 +63,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedConfig
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
 from dior_cvae.data import (
     DataFormatError,
+    LengthGroupedSampler,
     encode_examples,
     load_bart_tokenizer_files,
     load_dailydialog_dir,
@@ -215,6 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="Default: the accelerate config / launcher flag.")
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+                       help="Batch training examples of similar length (shuffled, seeded; default on): less padding.")
+    train.add_argument("--pad_to_multiple_of", type=int, default=16,
+                       help="Pad batches to a multiple of this many tokens: a few bucket shapes (0: no rounding).")
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
     train.add_argument("--ddp_find_unused_parameters", action="store_true",
                        help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
@@ -925,8 +930,18 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.truncation_side = tokenizer.init_kwargs["truncation_side"] = "left"
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = min(
         tokenizer.model_max_length, model.config.max_position_embeddings)
-    collator = DataCollatorForSeq2Seq(tokenizer)  # labels padded with -100; the model shifts them itself
-    train_dataloader = DataLoader(encoded["train"], shuffle=True, collate_fn=collator,
+    multiple = args.pad_to_multiple_of or None  # rounded lengths must still fit the position embeddings
+    if multiple and -(-max(args.max_source_length, args.max_target_length) // multiple) * multiple > \
+            model.config.max_position_embeddings:
+        multiple = None
+    # labels padded with -100; the model shifts them itself
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=multiple)
+    sampler = None
+    if args.group_by_length:  # by (source bucket, target) length
+        lengths = [(-(-len(e["input_ids"]) // (multiple or 1)), len(e["labels"])) for e in encoded["train"]]
+        sampler = LengthGroupedSampler(lengths, args.per_device_train_batch_size, seed=args.seed)
+    # the generator also keeps the loader's worker seed off the global RNG (exact resume)
+    train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size,
                                   generator=torch.Generator().manual_seed(args.seed))
     eval_split = "validation" if "validation" in encoded else None

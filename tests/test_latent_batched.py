@@ -1,0 +1,153 @@
+"""The latent modules batched over the layer axis (`dior_latent.StackedLinear` & co.) against a straightforward
+per-layer reference written here (one Linear per layer, a Python loop over layers, as the modules were before they
+were batched), with the same weights: equal within 1e-6 (float64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config_kwargs
+
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+from dior_cvae.dior_latent import DiagonalGaussian
+
+TOL = dict(rtol=0, atol=1e-6)
+
+
+def reference_pooling(pooling, layer_hidden_states, attention_mask):
+    vectors = []
+    for layer, h in enumerate(layer_hidden_states):
+        scores = F.linear(torch.tanh(F.linear(h, pooling.proj.weight[layer], pooling.proj.bias[layer])),
+                          pooling.context.weight[layer]).squeeze(-1)
+        scores = scores.float().masked_fill(attention_mask == 0, torch.finfo(torch.float32).min)
+        weights = scores.softmax(dim=-1).to(h.dtype)
+        vectors.append(torch.einsum("bs,bsd->bd", weights, h))
+    return torch.stack(vectors, dim=1)
+
+
+def reference_head(heads, layer, summary, condition):
+    weight = torch.cat([heads.summary_proj.weight[layer], heads.condition_proj.weight[layer]], dim=-1)
+    hidden = torch.tanh(F.linear(torch.cat([summary, condition], dim=-1), weight, heads.condition_proj.bias[layer]))
+    return F.linear(hidden, heads.out_proj.weight[layer], heads.out_proj.bias[layer])
+
+
+def reference_next_summary(hierarchy, layer, summary, latent):
+    hidden = F.linear(latent, hierarchy.aggregate_latent.weight[layer], hierarchy.aggregate_latent.bias[layer])
+    if layer > 0:
+        hidden = hidden + F.linear(summary, hierarchy.aggregate_hidden.weight[layer - 1])
+    return torch.tanh(hidden)
+
+
+def reference_ancestral(hierarchy, heads, conditions, generator):
+    """conditions: one (B, cond) tensor per layer."""
+    summary = conditions[0].new_zeros(conditions[0].shape[0], hierarchy.latent_size)
+    latents, dists, summaries = [], [], []
+    for layer, condition in enumerate(conditions):
+        dist = DiagonalGaussian.from_params(reference_head(heads, layer, summary, condition))
+        latent = dist.sample(generator)
+        latents.append(latent), dists.append(dist), summaries.append(summary)
+        if layer + 1 < len(conditions):
+            summary = reference_next_summary(hierarchy, layer, summary, latent)
+    return torch.stack(latents, dim=1), dists, summaries
+
+
+def reference_kl(hierarchy, dists, summaries, context_vectors):
+    kl = 0
+    for layer, (dist, summary) in enumerate(zip(dists, summaries)):
+        if hierarchy.prior is None:
+            prior = DiagonalGaussian.standard(dist.mean)
+        else:
+            prior = DiagonalGaussian.from_params(reference_head(hierarchy.prior, layer, summary, context_vectors[:, layer]))
+        kl = kl + dist.kl(prior)
+    return kl
+
+
+def build(prior_type, num_layers=3):
+    torch.manual_seed(0)
+    config = DiorCVAEConfig(**tiny_config_kwargs(prior_type=prior_type, encoder_layers=num_layers,
+                                                 decoder_layers=num_layers))
+    model = DiorCVAEForConditionalGeneration(config).double()
+    for param in model.parameters():  # BART's init is small: make the tanh/softmax non-linearities matter
+        param.data.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("prior_type", ["gaussian", "diffusion"])
+def test_batched_latents_equal_the_per_layer_reference(prior_type, num_layers):
+    model = build(prior_type, num_layers)
+    batch, length, d = 5, 7, model.config.d_model
+    hidden = [torch.randn(batch, length, d, dtype=torch.float64) for _ in range(num_layers)]
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:], mask[3, 1:] = 0, 0  # padding, down to a single visible token
+    padded = [h.clone() for h in hidden]
+    for h in padded:
+        h[mask == 0] = 1e3  # what sits under the padding must not matter
+
+    context_vectors = model.layer_pooling(padded, mask)
+    torch.testing.assert_close(context_vectors, reference_pooling(model.layer_pooling, hidden, mask), **TOL)
+    response_vectors = torch.randn_like(context_vectors)
+
+    latents, posterior, summaries = model.hierarchy.posterior_sample(
+        context_vectors, response_vectors, generator=torch.Generator().manual_seed(1))
+    conditions = [torch.cat([context_vectors[:, l], response_vectors[:, l]], -1) for l in range(num_layers)]
+    ref_latents, ref_dists, ref_summaries = reference_ancestral(
+        model.hierarchy, model.hierarchy.posterior, conditions, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(latents, ref_latents, **TOL)
+    torch.testing.assert_close(summaries, torch.stack(ref_summaries, dim=1), **TOL)
+    torch.testing.assert_close(posterior.mean, torch.stack([q.mean for q in ref_dists], dim=1), **TOL)
+    torch.testing.assert_close(posterior.log_std, torch.stack([q.log_std for q in ref_dists], dim=1), **TOL)
+
+    kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
+    torch.testing.assert_close(kl, reference_kl(model.hierarchy, ref_dists, ref_summaries, context_vectors), **TOL)
+    entropy = posterior.log_prob(latents).sum(-1)
+    torch.testing.assert_close(entropy, sum(q.log_prob(ref_latents[:, l]) for l, q in enumerate(ref_dists)), **TOL)
+
+    prior_latents = model.hierarchy.prior_sample(context_vectors, generator=torch.Generator().manual_seed(2))
+    if model.hierarchy.prior is not None:
+        ref_prior, _, _ = reference_ancestral(model.hierarchy, model.hierarchy.prior,
+                                              [context_vectors[:, l] for l in range(num_layers)],
+                                              torch.Generator().manual_seed(2))
+        torch.testing.assert_close(prior_latents, ref_prior, **TOL)
+
+    memory = model._latent_memory(latents)
+    projection = model.latent_to_memory
+    ref_memory = torch.stack([F.linear(latents[:, l], projection.weight[l], projection.bias[l])
+                              for l in range(num_layers)], dim=1)
+    torch.testing.assert_close(memory, ref_memory, **TOL)
+
+
+def test_standard_prior_kl_is_the_analytic_kl_to_n01():
+    model = build("standard")
+    context_vectors = torch.randn(4, 3, model.config.d_model, dtype=torch.float64)
+    latents, posterior, summaries = model.hierarchy.posterior_sample(context_vectors, torch.randn_like(context_vectors))
+    kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
+    var, mean = torch.exp(2 * posterior.log_std), posterior.mean
+    torch.testing.assert_close(kl, 0.5 * (var + mean**2 - 1 - 2 * posterior.log_std).sum((-1, -2)), **TOL)
+
+
+def test_from_bart_initialises_the_stacked_weights_like_barts_linears(tmp_path):
+    """The stacked parameters are raw `nn.Parameter`s: after `from_pretrained` of a BART-only checkpoint (meta
+    device, then only missing keys initialised) they must hold BART's init, normal(0, init_std) and zero bias."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from dior_cvae.dior_latent import StackedLinear
+
+    bart_config = BartConfig(**{k: v for k, v in tiny_config_kwargs().items() if k in BartConfig.__dataclass_fields__})
+    BartForConditionalGeneration(bart_config).save_pretrained(tmp_path / "bart")
+    for prior_type in ("gaussian", "diffusion"):
+        dior = DiorCVAEForConditionalGeneration.from_bart(tmp_path / "bart", latent_size=8, prior_type=prior_type,
+                                                          denoiser_hidden_size=32)
+        stacked = {name: m for name, m in dior.named_modules() if isinstance(m, StackedLinear)}
+        expected = {"layer_pooling.proj", "layer_pooling.context", "latent_to_memory", "hierarchy.aggregate_latent",
+                    "hierarchy.posterior.summary_proj", "hierarchy.posterior.condition_proj",
+                    "hierarchy.posterior.out_proj"}
+        if prior_type == "gaussian":
+            expected |= {"hierarchy.prior.summary_proj", "hierarchy.prior.condition_proj", "hierarchy.prior.out_proj"}
+        assert expected <= set(stacked), set(stacked)
+        std = dior.config.init_std
+        for name, module in stacked.items():
+            assert torch.isfinite(module.weight).all(), name
+            assert 0.6 * std < module.weight.std().item() < 1.4 * std, (name, module.weight.std().item())
+            assert module.weight.mean().abs().item() < 0.5 * std, name
+            if module.bias is not None:
+                assert torch.equal(module.bias, torch.zeros_like(module.bias)), name
