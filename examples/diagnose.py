@@ -27,7 +27,8 @@ def main(argv=None):
     p.add_argument("--split", default="validation", choices=["train", "validation", "test"])
     p.add_argument("--max_samples", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=500, help="also the batch of the mutual-information estimate")
-    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None, help="prior steps (default: the config's)")
+    p.add_argument("--prior_sampler", choices=["dpmsolver++", "ddim", "ddpm"], help="default: the config's")
     p.add_argument("--max_source_length", type=int, default=256)
     p.add_argument("--max_target_length", type=int, default=64)
     p.add_argument("--output", required=True, help="JSON file for the diagnostics")
@@ -38,6 +39,8 @@ def main(argv=None):
         raise SystemExit(f"diagnose.py: error: --model_name_or_path: no such folder: {args.model_name_or_path}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = DiorCVAEForConditionalGeneration.from_pretrained(args.model_name_or_path).to(device).eval()
+    if args.prior_sampler:
+        model.config.sampler = args.prior_sampler
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     examples = load_dailydialog_dir(args.dataset_dir, splits=[args.split])[args.split][: args.max_samples]
     encoded = encode_examples(tokenizer, examples, args.max_source_length, args.max_target_length, show_progress=False)
@@ -49,7 +52,8 @@ def main(argv=None):
     if args.plot:
         plot_latents(stats, args.plot, title=Path(args.model_name_or_path).name)
     summary = {k: v for k, v in stats.items() if not k.endswith("_pca")}
-    summary.update(model=args.model_name_or_path, split=args.split, prior_type=model.config.prior_type)
+    summary.update(model=args.model_name_or_path, split=args.split, prior_type=model.config.prior_type,
+                   sampler=model.config.sampler, num_inference_steps=args.num_inference_steps or model.config.num_inference_steps)
     text = json.dumps(summary, indent=2, allow_nan=True)
     Path(args.output).write_text(text + "\n")
     print(text)

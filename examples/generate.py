@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int)
     p.add_argument("--num_inference_steps", type=int, help="prior denoising steps (default: the config's)")
     p.add_argument("--prior_guidance_scale", type=float, help="prior guidance weight (default: the config's)")
-    p.add_argument("--prior_sampler", choices=["ddpm", "ddim"], help="prior sampler (default: the config's)")
+    p.add_argument("--prior_sampler", choices=["dpmsolver++", "ddim", "ddpm"], help="prior sampler (default: the config's)")
     p.add_argument("--seed", type=int, default=42)
 
     p.add_argument("--turn_separator", help="default: the tokenizer's eos token, as in training")
