@@ -331,7 +331,7 @@ def run(args):
         results["static_compile_expected"] = will_compile
         results["static_compiled"] = {}
         results["static_first_call_s"] = {}
-        need_s = args.compile_reserve_s if will_compile else 0.0  # one compile per model and batch shape
+        need_s = args.compile_reserve_s if will_compile else 1.0  # one compile per model and batch shape
         for batch in spec["gen_batches"]:
             for name, model in (("bart", bart), ("dior", dior)):
                 key = f"{name}_static_bs{batch}"
@@ -358,7 +358,7 @@ def run(args):
         # same tokens, static vs eager: reuses the shapes just compiled (none is compiled anew if they were skipped)
         for batch in (1, min(64, max(spec["gen_batches"]))):
             key = f"static_same_tokens_bs{batch}"
-            if results.get(f"gen_tokens_per_s_dior_static_bs{batch}") is None and f"gen_dior_static_bs{batch}" in results["errors"]:
+            if results["errors"].get(f"gen_dior_static_bs{batch}") == SKIPPED:
                 results[key] = None
                 results["errors"][key] = SKIPPED
                 continue
