@@ -1,6 +1,6 @@
 """Speed of Dior-CVAE against plain BART of the same shape, in one run on one device.
 
-    python benchmarks/bench.py --fast                    # GPU: bart-base shapes, bf16, ~3–5 minutes
+    python benchmarks/bench.py --fast                    # GPU: bart-base shapes, bf16, ~3–5 minutes (compiles)
     python benchmarks/bench.py --tiny --output tmp.json  # CPU smoke run (CI / tests); its numbers mean nothing
 
 Both models are randomly initialised with the bart-base shape (6+6 layers, d_model 768, 12 heads, FFN 3072,
@@ -12,13 +12,17 @@ contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
 * generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
   (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
   (for Dior that includes encoding and the 50-step prior sample).
-* latent sampling = `model.sample_latents(context_vectors)` (50 diffusion steps) at batch 1, against the whole
-  `generate()` at batch 1: prior_share.
-* `--fast` adds Dior's opt-in fast path (`dior_cvae.dior_fast`): `generate(custom_generate=graphed_decoding)` (static
-  cache, one CUDA graph per decoding position) with `enable_fast_prior` (the prior loop as one CUDA graph), at every
-  batch size, plus transformers' own `cache_implementation="static"` + automatic torch.compile at batch 1 (skip with
-  `--no-compile`), and checks that the fast path gives the eager path's tokens under the same seed.
-  `bs1_tokens_per_s` is the best Dior batch-1 figure through `generate()`; `bs1_path` says which path.
+* prior = `model.sample_latents(context_vectors)` at batch 1: the default sampler and steps (DPM-Solver++, 20
+  steps), and a sweep of steps (5, 10, 20, 50) for each sampler (dpmsolver++, ddim, ddpm); `prior_share` = prior
+  ms / batch-1 `generate()` ms, for the eager path (`prior_share_eager`) and the static-cache path
+  (`prior_share_static`).
+* `--fast` adds transformers' own fast path for both models: `generate(cache_implementation="static")`, for which
+  transformers torch.compiles the decoding step on CUDA (`GenerationConfig.compile_config`; `--no-compile` passes
+  `disable_compile=True`), at batch 1, 64, 256, with ratios to eager BART and to static BART, plus a same-tokens
+  check: under the same seed and given latents, the fraction of rows whose static-cache tokens equal the eager
+  tokens (batch 1 and 64). Compiling is slow: a static run that does not fit in what is left of `--budget-s` is
+  skipped and recorded as "skipped: time budget" in `errors`. `bs1_tokens_per_s` is the best Dior batch-1 figure
+  through `generate()`; `bs1_path` says which path ("eager" or "static").
 
 Each figure is the median of several timed calls after warm-up calls, with the device synchronised around each.
 Peak memory is `torch.cuda.max_memory_allocated` per phase (reset before each). Everything lands in `--output`
@@ -40,10 +44,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import transformers  # noqa: E402
-from transformers import BartConfig, BartForConditionalGeneration, CompileConfig  # noqa: E402
+from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
-from dior_cvae import dior_fast  # noqa: E402
+from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
 
 GOALS = {
     "train_ratio_bs256": (">=", 0.85),
@@ -52,6 +56,8 @@ GOALS = {
     "bs1_tokens_per_s": (">=", 1000.0),
     "prior_share": ("<=", 0.05),
 }
+PRIOR_STEPS = (5, 10, 20, 50)
+SKIPPED = "skipped: time budget"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 FULL = dict(
@@ -83,8 +89,14 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def median(self, fn, warmup, iters):
-        for _ in range(warmup):
+        self.first_s = None
+        for i in range(warmup):
+            self.sync()
+            start = time.perf_counter()
             fn()
+            self.sync()
+            if i == 0:
+                self.first_s = time.perf_counter() - start  # on the static path on CUDA: includes the compile
         times = []
         for _ in range(iters):
             self.sync()
@@ -182,17 +194,29 @@ def bench_generate(model, batch, spec, timer, device, seed, **extra):
     return batch * new_tokens / seconds, seconds * 1e3, peak
 
 
-def bench_prior(dior, spec, timer, device, seed):
+def bench_prior(dior, spec, timer, device, seed, sampler=None, steps=None):
+    """ms of one `sample_latents` call at batch 1 (`sampler`/`steps` None: the configuration's defaults)."""
     dior.eval()
     context, mask, _ = token_batch(1, spec, device, seed)
-    with torch.no_grad():
-        _, context_vectors = dior.encode(context, mask)
-        seconds = timer.median(lambda: dior.sample_latents(context_vectors), spec["gen_warmup"] + 1, spec["gen_iters"] * 2)
+    configs = {id(c): c for c in (dior.config, getattr(dior.diffusion_prior, "config", dior.config))}.values()
+    saved = [c.sampler for c in configs]
+    try:
+        if sampler is not None:
+            for c in configs:
+                c.sampler = sampler
+        with torch.no_grad():
+            _, context_vectors = dior.encode(context, mask)
+            seconds = timer.median(lambda: dior.sample_latents(context_vectors, num_inference_steps=steps),
+                                   spec["gen_warmup"] + 1, spec["gen_iters"] * 2)
+    finally:
+        for c, value in zip(configs, saved):
+            c.sampler = value
     return seconds * 1e3
 
 
-def same_tokens(dior, batch, spec, device, seed):
-    """Fraction of rows where the fast path gives the eager path's tokens (same latents, same sampling seed)."""
+def same_tokens(dior, batch, spec, device, seed, **static):
+    """Fraction of rows where `cache_implementation="static"` gives the eager path's tokens (same latents, same
+    sampling seed)."""
     dior.eval()
     context, mask, _ = token_batch(batch, spec, device, seed)
     latents = torch.randn(batch, dior.config.encoder_layers, dior.config.latent_size, device=device,
@@ -202,10 +226,15 @@ def same_tokens(dior, batch, spec, device, seed):
         torch.manual_seed(seed)
         eager = dior.generate(context, attention_mask=mask, **kwargs)
         torch.manual_seed(seed)
-        fast = dior.generate(context, attention_mask=mask, custom_generate=dior_fast.graphed_decoding, **kwargs)
+        fast = dior.generate(context, attention_mask=mask, **static, **kwargs)
     if eager.shape != fast.shape:
         return 0.0
     return (eager == fast).all(dim=1).float().mean().item()
+
+
+def compiled(model):
+    """Whether generate() went through transformers' torch.compile'd forward (set by `get_compiled_call`)."""
+    return getattr(model, "_compiled_call", None) is not None
 
 
 def run(args):
@@ -279,74 +308,65 @@ def run(args):
             log(f"[bench] generate {name} bs{batch}: {rate and round(rate, 1)} tok/s, {ms and round(ms, 1)} ms")
         results[f"gen_ratio_bs{batch}"] = _ratio(results, f"gen_tokens_per_s_{{}}_bs{batch}")
 
-    results["prior_ms_bs1_eager"] = attempt("prior_eager", lambda: bench_prior(dior, spec, timer, device, args.seed))
+    # the prior at batch 1: the default sampler and steps, then every sampler over a sweep of steps
+    prior_config = getattr(dior.diffusion_prior, "config", dior.config)
+    results["prior_default"] = {"sampler": prior_config.sampler, "num_inference_steps": prior_config.num_inference_steps}
+    results["prior_ms_bs1"] = attempt("prior_default", lambda: bench_prior(dior, spec, timer, device, args.seed))
+    log(f"[bench] prior bs1 {results['prior_default']}: {results['prior_ms_bs1'] and round(results['prior_ms_bs1'], 2)} ms")
+    sweep = results["prior_ms_bs1_sweep"] = {}
+    for sampler in SAMPLERS:
+        sweep[sampler] = {}
+        for steps in PRIOR_STEPS:
+            sweep[sampler][str(steps)] = attempt(f"prior_{sampler}_steps{steps}", lambda: bench_prior(
+                dior, spec, timer, device, args.seed, sampler=sampler, steps=steps))
+        log(f"[bench] prior bs1 {sampler}: " + ", ".join(f"{k} steps {v and round(v, 2)} ms" for k, v in sweep[sampler].items()))
     results["generate_ms_bs1_eager"] = results.get("gen_ms_dior_bs1")
-    candidates = {"eager": (results.get("gen_tokens_per_s_dior_bs1"), results["prior_ms_bs1_eager"],
+    candidates = {"eager": (results.get("gen_tokens_per_s_dior_bs1"), results["prior_ms_bs1"],
                             results["generate_ms_bs1_eager"])}
 
     if args.fast:
-        # Dior's opt-in path: graphed decoding + graphed prior (eager kernels recorded in CUDA graphs), every batch
-        sampler = dior_fast.enable_fast_prior(dior)
-        fast = dict(custom_generate=dior_fast.graphed_decoding)
+        # transformers' fast path for both models: a static cache, and on CUDA the decoding step torch.compile'd
+        static = dict(cache_implementation="static") | (dict(disable_compile=True) if args.no_compile else {})
+        will_compile = device.type == "cuda" and not args.no_compile
+        results["static_compile_expected"] = will_compile
+        results["static_compiled"] = {}
+        results["static_first_call_s"] = {}
+        need_s = args.compile_reserve_s if will_compile else 1.0  # one compile per model and batch shape
         for batch in spec["gen_batches"]:
-            out = attempt(f"gen_dior_fast_bs{batch}",
-                          lambda: bench_generate(dior, batch, spec, timer, device, args.seed, **fast))
-            rate, ms, peak = out or (None, None, None)
-            results[f"gen_tokens_per_s_dior_fast_bs{batch}"] = rate
-            results[f"gen_ms_dior_fast_bs{batch}"] = ms
-            results[f"peak_mem_gen_dior_fast_bs{batch}_mib"] = peak
-            bart_rate = results.get(f"gen_tokens_per_s_bart_bs{batch}")
-            results[f"gen_ratio_fast_bs{batch}"] = rate / bart_rate if rate and bart_rate else None
-            log(f"[bench] generate dior fast bs{batch}: {rate and round(rate, 1)} tok/s, {ms and round(ms, 1)} ms")
-        results["prior_ms_bs1_fast"] = attempt("prior_fast", lambda: bench_prior(dior, spec, timer, device, args.seed))
-        results["generate_ms_bs1_fast"] = results.get("gen_ms_dior_fast_bs1")
-        candidates["graphed"] = (results.get("gen_tokens_per_s_dior_fast_bs1"), results["prior_ms_bs1_fast"],
-                                 results["generate_ms_bs1_fast"])
-        results["fast_status"] = dict(dior_fast.graph_status(dior), prior_graph_error=sampler and sampler.graph_error,
-                                      prior_graphs=sampler and len(sampler.graphs))
+            for name, model in (("bart", bart), ("dior", dior)):
+                key = f"{name}_static_bs{batch}"
+                rate = ms = peak = None
+                if _budget_left(args, started) < need_s:
+                    results["errors"][f"gen_{key}"] = SKIPPED
+                else:
+                    out = attempt(f"gen_{key}", lambda: bench_generate(
+                        model, batch, spec, timer, device, args.seed, **static))
+                    rate, ms, peak = out or (None, None, None)
+                    results["static_first_call_s"][key] = timer.first_s
+                    results["static_compiled"][key] = compiled(model)
+                results[f"gen_tokens_per_s_{key}"] = rate
+                results[f"gen_ms_{key}"] = ms
+                results[f"peak_mem_gen_{key}_mib"] = peak
+                log(f"[bench] generate {name} static bs{batch}: {rate and round(rate, 1)} tok/s, "
+                    f"{ms and round(ms, 1)} ms (first call {timer.first_s and round(timer.first_s, 1)} s, "
+                    f"compiled={compiled(model)})")
+            dior_rate = results[f"gen_tokens_per_s_dior_static_bs{batch}"]
+            for base, key in (("bart_static", f"gen_ratio_static_bs{batch}"),
+                              ("bart", f"gen_ratio_static_vs_eager_bart_bs{batch}")):
+                base_rate = results.get(f"gen_tokens_per_s_{base}_bs{batch}")
+                results[key] = dior_rate / base_rate if dior_rate and base_rate else None
+        # same tokens, static vs eager: reuses the shapes just compiled (none is compiled anew if they were skipped)
         for batch in (1, min(64, max(spec["gen_batches"]))):
-            results[f"fast_same_tokens_bs{batch}"] = attempt(
-                f"same_tokens_bs{batch}", lambda: same_tokens(dior, batch, spec, device, args.seed))
-        dior_fast.disable_fast_prior(dior)
-        dior_fast.clear_fast_states(dior)
-
-        backend = args.compile_backend
-        if (device.type == "cuda" or backend != "inductor") and not args.no_compile:
-            # the same, with the decoding step and the prior loop through torch.compile (inductor) before recording
-            if _budget_left(args, started) > 150:
-                sampler = dior_fast.enable_fast_prior(dior, compile=backend)
-                compiled = dict(custom_generate=dior_fast.graphed_decoding, compile_step=backend)
-                out = attempt("gen_dior_fast_compiled_bs1", lambda: bench_generate(
-                    dior, 1, spec, timer, device, args.seed, **compiled))
-                rate, ms, peak = out or (None, None, None)
-                results["gen_tokens_per_s_dior_fast_compiled_bs1"] = rate
-                results["gen_ms_dior_fast_compiled_bs1"] = ms
-                results["prior_ms_bs1_fast_compiled"] = attempt(
-                    "prior_fast_compiled", lambda: bench_prior(dior, spec, timer, device, args.seed))
-                candidates["graphed_compiled"] = (rate, results["prior_ms_bs1_fast_compiled"], ms)
-                results["fast_compiled_status"] = dict(
-                    dior_fast.graph_status(dior), prior_compiled=sampler.compiled,
-                    prior_graph_error=sampler.graph_error, prior_record_errors=sampler.record_errors)
-                log(f"[bench] generate dior fast+compiled bs1: {rate and round(rate, 1)} tok/s; "
-                    f"{results['fast_compiled_status']}")
-                dior_fast.disable_fast_prior(dior)
-                dior_fast.clear_fast_states(dior)
-            else:
-                results["errors"]["gen_dior_fast_compiled_bs1"] = "skipped: time budget"
-            # transformers' own fast path: static cache + automatic torch.compile of the decoding step
-            if _budget_left(args, started) > 150:
-                compile_config = CompileConfig(backend=backend, mode="reduce-overhead" if backend == "inductor" else None)
-                compile_config._compile_all_devices = device.type != "cuda"  # e.g. a CPU check of this code path
-                out = attempt("gen_dior_static_compile_bs1", lambda: bench_generate(
-                    dior, 1, spec, timer, device, args.seed, cache_implementation="static",
-                    compile_config=compile_config))
-                rate, ms, peak = out or (None, None, None)
-                results["gen_tokens_per_s_dior_static_compile_bs1"] = rate
-                results["gen_ms_dior_static_compile_bs1"] = ms
-                candidates["static_compile"] = (rate, results["prior_ms_bs1_eager"], ms)
-                log(f"[bench] generate dior static+compile bs1: {rate and round(rate, 1)} tok/s")
-            else:
-                results["errors"]["gen_dior_static_compile_bs1"] = "skipped: time budget"
+            key = f"static_same_tokens_bs{batch}"
+            if results["errors"].get(f"gen_dior_static_bs{batch}") == SKIPPED:
+                results[key] = None
+                results["errors"][key] = SKIPPED
+                continue
+            results[key] = attempt(key, lambda: same_tokens(dior, batch, spec, device, args.seed, **static))
+            log(f"[bench] static vs eager same tokens bs{batch}: {results[key]}")
+        results["generate_ms_bs1_static"] = results.get("gen_ms_dior_static_bs1")
+        candidates["static"] = (results.get("gen_tokens_per_s_dior_static_bs1"), results["prior_ms_bs1"],
+                                results["generate_ms_bs1_static"])
 
     # the headline batch-1 figure: the fastest Dior path through generate(), and its own prior share
     usable = {k: v for k, v in candidates.items() if v[0]}
@@ -361,8 +381,7 @@ def run(args):
     else:
         results.update(bs1_path=None, bs1_tokens_per_s=None, prior_ms_bs1=None, generate_ms_bs1=None, prior_share=None)
     for key, (_, prior_ms, gen_ms) in candidates.items():
-        if prior_ms and gen_ms:
-            results[f"prior_share_{key}"] = prior_ms / gen_ms
+        results[f"prior_share_{key}"] = prior_ms / gen_ms if prior_ms and gen_ms else None
     results["bs1_candidates"] = {k: {"tokens_per_s": v[0], "prior_ms": v[1], "generate_ms": v[2]}
                                  for k, v in candidates.items()}
 
@@ -412,14 +431,20 @@ def table(results) -> str:
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", ">= 0.90" if batch in (64, 256) else "")
     for batch in results["shapes"]["gen_batches"]:
-        if f"gen_tokens_per_s_dior_fast_bs{batch}" in results:
-            rate = results[f"gen_tokens_per_s_dior_fast_bs{batch}"]
-            bart = results.get(f"gen_tokens_per_s_bart_bs{batch}")
-            rows.append((f"gen tok/s bs{batch} fast", _fmt(bart), _fmt(rate), _fmt(rate / bart if rate and bart else None, 3), ""))
+        if f"gen_tokens_per_s_dior_static_bs{batch}" in results:
+            add(f"gen tok/s bs{batch} static", f"gen_tokens_per_s_{{}}_static_bs{batch}")
+            rows.append((f"  Dior static / BART eager bs{batch}", "", "",
+                         _fmt(results.get(f"gen_ratio_static_vs_eager_bart_bs{batch}"), 3), ""))
     for batch in results["shapes"]["train_batches"]:
         add(f"peak MiB train bs{batch}", f"peak_mem_train_{{}}_bs{batch}_mib")
     for batch in results["shapes"]["gen_batches"]:
         add(f"peak MiB gen bs{batch}", f"peak_mem_gen_{{}}_bs{batch}_mib")
+    default = results.get("prior_default", {})
+    rows.append((f"prior ms bs1 ({default.get('sampler')}, {default.get('num_inference_steps')} steps)", "",
+                 _fmt(results.get("prior_ms_bs1"), 2), "", ""))
+    for sampler, by_steps in results.get("prior_ms_bs1_sweep", {}).items():
+        rows.append((f"prior ms bs1 {sampler} " + "/".join(by_steps) + " steps", "",
+                     " / ".join(_fmt(v, 2) for v in by_steps.values()), "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -428,6 +453,13 @@ def table(results) -> str:
     lines.append("Dior batch-1 paths through generate(): " + "; ".join(
         f"{name} {_fmt(c['tokens_per_s'])} tok/s (prior {_fmt(c['prior_ms'], 2)} ms of {_fmt(c['generate_ms'], 2)} ms)"
         for name, c in results.get("bs1_candidates", {}).items()))
+    if "static_same_tokens_bs1" in results:
+        same = {k: results.get(k) for k in results if k.startswith("static_same_tokens_bs")}
+        lines.append(f"static-cache tokens == eager tokens (fraction of rows): {same}; "
+                     f"compiled: {results.get('static_compiled')}")
+    lines.append("prior_share: " + ", ".join(
+        f"{k.removeprefix('prior_share_')} {_fmt(results.get(k), 4)}" for k in ("prior_share_eager", "prior_share_static")
+        if k in results))
     lines += [
         "",
         f"bs1_tokens_per_s (Dior, generate(), path={results.get('bs1_path')}): {_fmt(results.get('bs1_tokens_per_s'))}"
@@ -460,23 +492,27 @@ def plot(results, path):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2.4]})
     names = ["train_ratio_bs64", "train_ratio_bs256", "gen_ratio_bs1", "gen_ratio_bs64", "gen_ratio_bs256"]
     goals = [None, 0.85, None, 0.90, 0.90]
+    colors = ["#4c72b0"] * 2 + ["#55a868"] * 3
+    for batch in results["shapes"]["gen_batches"]:
+        if f"gen_ratio_static_bs{batch}" in results:
+            names.append(f"gen_ratio_static_bs{batch}"), goals.append(None), colors.append("#c44e52")
     values = [results.get(n) or 0 for n in names]
-    bars = left.bar(range(len(names)), values, color=["#4c72b0"] * 2 + ["#55a868"] * 3)
+    bars = left.bar(range(len(names)), values, color=colors)
     for i, goal in enumerate(goals):
         if goal:
             left.hlines(goal, i - 0.4, i + 0.4, colors="red", linestyles="--")
     for bar, value in zip(bars, values):
         left.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2f}", ha="center", va="bottom", fontsize=8)
-    left.set_xticks(range(len(names)), [n.replace("_ratio_", "\n") for n in names])
+    left.set_xticks(range(len(names)), [n.replace("_ratio_", "\n").replace("static_", "static\n") for n in names],
+                    fontsize=7)
     left.set_ylabel("Dior / BART (same run)")
     left.axhline(1.0, color="grey", linewidth=0.5)
     left.set_title("throughput ratios (red: goal)")
 
     labels, rates = [], []
     for key, label in (("gen_tokens_per_s_bart_bs1", "BART eager"), ("gen_tokens_per_s_dior_bs1", "Dior eager"),
-                       ("gen_tokens_per_s_dior_fast_bs1", "Dior graphed"),
-                       ("gen_tokens_per_s_dior_fast_compiled_bs1", "Dior graphed\n+compile"),
-                       ("gen_tokens_per_s_dior_static_compile_bs1", "Dior HF static\n+compile")):
+                       ("gen_tokens_per_s_bart_static_bs1", "BART static\n(+compile)"),
+                       ("gen_tokens_per_s_dior_static_bs1", "Dior static\n(+compile)")):
         if results.get(key):
             labels.append(label), rates.append(results[key])
     right.bar(range(len(rates)), rates, color="#8172b2")
@@ -504,11 +540,16 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--output", default="results/speed.json")
     parser.add_argument("--plot", default=None, help="also draw a PNG, e.g. results/speed.png")
-    parser.add_argument("--fast", action="store_true", help="also measure Dior's opt-in fast generation path")
-    parser.add_argument("--no-compile", action="store_true", help="with --fast: skip static cache + torch.compile")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip torch.compile if less time is left")
-    parser.add_argument("--compile-backend", default="inductor",
-                        help="torch.compile backend of the compiled variants (another one also runs them on CPU)")
+    parser.add_argument("--fast", action="store_true",
+                        help='also measure generate(cache_implementation="static") (auto torch.compile on CUDA), '
+                             "both models, and check it gives the eager tokens")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="with --fast: static cache without transformers' automatic torch.compile")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="wall budget of the run: a compiled static run is skipped if less than "
+                             "--compile-reserve-s is left")
+    parser.add_argument("--compile-reserve-s", type=float, default=75.0,
+                        help="seconds one compiled static run (one model, one batch size) may take")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", action="store_true",
                         help="also estimate one DailyDialog epoch of the quality recipe (benchmarks/epoch_estimate.py)")

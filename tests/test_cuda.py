@@ -1,0 +1,85 @@
+"""GPU checks of the one decoding path: `generate()` eager (dynamic cache) against `cache_implementation="static"`,
+which transformers torch.compiles on CUDA, and the prior sampler in a bf16 model. Skipped without CUDA."""
+
+import pytest
+import torch
+
+from conftest import tiny_config_kwargs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+NEW_TOKENS = 10
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles its own model; leftover graphs would count against the recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def build(device, dtype, **overrides):
+    from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs(**overrides)))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def contexts(model, batch, device, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, model.config.vocab_size, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
+    return ids.to(device), torch.ones_like(ids).to(device)
+
+
+def given_latents(model, batch, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, model.config.encoder_layers, model.config.latent_size)
+    return torch.randn(shape, generator=g).to(device=device, dtype=model.dtype)
+
+
+def sample(model, ids, mask, latents, seed=0, **extra):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, latents=latents, do_sample=True, top_k=50, top_p=0.9,
+                              min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, **extra)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("batch", [1, 4])
+def test_static_compiled_generate_matches_eager(batch, dtype):
+    device = torch.device("cuda")
+    model = build(device, DTYPES[dtype])
+    ids, mask = contexts(model, batch, device)
+    latents = given_latents(model, batch, device)
+
+    eager = sample(model, ids, mask, latents)
+    assert getattr(model, "_compiled_call", None) is None, "the eager (dynamic cache) path must not compile"
+    static = sample(model, ids, mask, latents, cache_implementation="static")
+    assert getattr(model, "_compiled_call", None) is not None, "transformers did not auto-compile the static path"
+    again = sample(model, ids, mask, latents, cache_implementation="static")  # the compiled graph, reused
+
+    assert eager.shape == (batch, NEW_TOKENS + 1)
+    assert torch.equal(static, eager), (static, eager)
+    assert torch.equal(again, eager), (again, eager)
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "ddim", "ddpm"])
+def test_sample_latents_in_a_bf16_model(sampler):
+    device = torch.device("cuda")
+    model = build(device, torch.bfloat16, sampler=sampler)
+    ids, mask = contexts(model, 3, device)
+    with torch.no_grad():
+        _, context_vectors = model.encode(ids, mask)
+        for steps in (None, 5):
+            latents = model.sample_latents(context_vectors, num_inference_steps=steps)
+            assert latents.device.type == "cuda"
+            assert latents.dtype == torch.float32
+            assert latents.shape == (3, model.config.encoder_layers, model.config.latent_size)
+            assert torch.isfinite(latents).all()
+    # and through generate(): the prior's float32 latents decode in the bf16 model
+    out = sample(model, ids, mask, None)
+    assert out.shape == (3, NEW_TOKENS + 1)
