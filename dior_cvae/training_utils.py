@@ -108,6 +108,8 @@ def _infer_value(text: str) -> Any:
 
 
 def _cast_like(key: str, text: str, reference: Any) -> Any:
+    if isinstance(reference, str):  # a string field takes the text as it is ("prior_type=none")
+        return text
     if text.lower() in ("none", "null"):
         return None
     if isinstance(reference, bool):
@@ -127,8 +129,6 @@ def _cast_like(key: str, text: str, reference: Any) -> Any:
             return float(text)
         except ValueError:
             raise ValueError(f"--config_overrides: {key} expects a number, got {text!r}") from None
-    if isinstance(reference, str):
-        return text
     return _infer_value(text)
 
 

@@ -9,7 +9,7 @@ set -uo pipefail
 data=$1; work=$2; minutes=${3:-12}
 mkdir -p "$work"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-${SKIP_BENCH:+:} python benchmarks/bench.py --fast --budget-s 240 --output "$work/speed.json" --plot "$work/speed.png" \
+${SKIP_BENCH:+:} python benchmarks/bench.py --fast --budget-s 220 --output "$work/speed.json" --plot "$work/speed.png" \
     > "$work/bench.log" 2>&1
 python - "$data" "$work/tokenizer" <<'PY'
 import sys
@@ -20,6 +20,14 @@ train_tokenizer(texts, 8000).save_pretrained(sys.argv[2])
 print(f"tokenizer: {len(texts)} training turns")
 PY
 common=(--dataset_dir "$data" --tokenizer_name "$work/tokenizer" --work_dir "$work")
-python examples/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "$minutes" > "$work/train.log" 2>&1
+python examples/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "$minutes" > "$work/train.log" 2>&1 &
+trainer=$!
+# the GPU tests (eager vs static-cache + compiled decoding, bf16 prior) beside the training runs
+python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model.py -k "cuda or static" > "$work/cuda_tests.log" 2>&1
+wait $trainer
 python examples/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel 8 > "$work/eval.log" 2>&1
+(cd "$work" && tar czf results.tgz --exclude='*.safetensors' --exclude='*/tokenizer*' --exclude='*/step_*' \
+    generations diagnostics logs commands.jsonl timings.jsonl speed.json speed.png bench.log train.log eval.log \
+    cuda_tests.log models/*/log_history.jsonl models/*/eval_results.json models/*/training_curves.png \
+    models/*/README.md 2>/dev/null)
 touch "$work/DONE"
