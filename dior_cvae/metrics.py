@@ -104,8 +104,68 @@ def load_embedding_model(name_or_path: str | None = None, device: str | None = N
     return SentenceTransformer(name_or_path, device=device)
 
 
+def _encode(model: Any, texts: list[str], batch_size: int, show_progress: bool) -> Any:
+    """Unit-normalised float embeddings of ``texts`` (a tensor, one row per text)."""
+    return model.encode(
+        texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True,
+        show_progress_bar=show_progress,
+    ).float()  # fmt: skip
+
+
+def relevance(
+    samples_per_context: list[list[str]],
+    references: list[str],
+    model: Any = None,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> float:
+    """Mean cosine of all-MiniLM-L6-v2 embeddings between each sample and its context's reference.
+
+    ``references[i]`` is the (first) reference of context i; with k samples per
+    context every sample counts once, so the mean is over all samples. Texts are
+    encoded once each (deduplicated), in batches of ``batch_size``, with a tqdm
+    progress bar if ``show_progress``. A plain cosine in [-1, 1]: higher = closer.
+    """
+    if len(samples_per_context) != len(references):
+        raise ValueError(f"{len(samples_per_context)} contexts but {len(references)} references")
+    pairs = [(s, ref) for samples, ref in zip(samples_per_context, references) for s in samples]
+    if not pairs:
+        raise ValueError("relevance needs at least one sample")
+    model = model if model is not None else load_embedding_model()
+    texts = sorted({t for pair in pairs for t in pair})
+    index = {t: i for i, t in enumerate(texts)}
+    emb = _encode(model, texts, batch_size, show_progress)
+    hyp = emb[[index[s] for s, _ in pairs]]
+    ref = emb[[index[r] for _, r in pairs]]
+    return (hyp * ref).sum(-1).mean().item()
+
+
+def self_bleu(samples_per_context: list[list[str]]) -> float:
+    """Self-BLEU of the samples of each context (×100; lower = more diverse), averaged over contexts.
+
+    For each sample of a context with k >= 2 samples: the paper-protocol sentence
+    BLEU-2 (nltk ``sentence_bleu``, whitespace tokens, weights (0.5, 0.5),
+    ``SmoothingFunction().method7``, i.e. :func:`bleu` with n=2) against the other
+    k-1 samples of that context as the references. The k scores are averaged per
+    context, then over contexts. Contexts with fewer than 2 samples are skipped.
+    BLEU-2 rather than the usual self-BLEU-4: dialog responses are short (often
+    < 4 tokens), so 4-gram precision is mostly smoothing. As with :func:`bleu`,
+    identical samples score above 100 (method7).
+    """
+    groups = [samples for samples in samples_per_context if len(samples) >= 2]
+    if not groups:
+        raise ValueError("self_bleu needs at least one context with >= 2 samples")
+    per_context = []
+    for samples in groups:
+        others = [samples[:i] + samples[i + 1 :] for i in range(len(samples))]
+        score, _ = _bleu_with_failures(samples, others, 2)
+        per_context.append(score)
+    return sum(per_context) / len(per_context)
+
+
 def sample_similarity(
-    samples_per_context: list[list[str]], model: Any = None, batch_size: int = 64
+    samples_per_context: list[list[str]], model: Any = None, batch_size: int = 64,
+    show_progress: bool = False,
 ) -> float:
     """Mean pairwise cosine similarity of the samples of each context, averaged over contexts.
 
@@ -120,9 +180,7 @@ def sample_similarity(
         raise ValueError("sample_similarity needs at least one context with >= 2 samples")
     model = model if model is not None else load_embedding_model()
     flat = [s for samples in groups for s in samples]
-    emb = model.encode(
-        flat, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True
-    ).float()
+    emb = _encode(model, flat, batch_size, show_progress)
     per_context, start = [], 0
     for samples in groups:
         k = len(samples)
@@ -150,7 +208,7 @@ def _validate_row(index: int, row: Any) -> list[str]:
 
 
 def score_generations(
-    rows: list[dict], embedding_model: Any = None, semantic: bool = True
+    rows: list[dict], embedding_model: Any = None, semantic: bool = True, show_progress: bool = False
 ) -> dict[str, float | int]:
     """Score generation rows ``{"context", "reference": str | list[str], "samples": list[str]}``.
 
@@ -158,8 +216,14 @@ def score_generations(
     all samples), ``distinct1/2``, ``entropy1/2/3`` (over all samples),
     ``num_contexts``, ``num_samples``, ``num_empty`` (blank samples),
     ``num_bleu_failures`` (samples whose BLEU scoring raised and scored 0); if any
-    row has several references, ``bleu1_multiref``, ``bleu2_multiref``; if
-    ``semantic`` and some row has >= 2 samples, ``sample_cosine``.
+    row has several references, ``bleu1_multiref``, ``bleu2_multiref``.
+    If some row has >= 2 samples: ``self_bleu5`` (:func:`self_bleu`) and, if
+    ``semantic``, ``sample_cosine5`` (:func:`sample_similarity`). If ``semantic``:
+    ``relevance`` (:func:`relevance`, samples vs the first reference).
+    Rows with a ``"multiref"`` list (DailyDialog++ references, attached by
+    ``examples/score.py --multiref_file``) add ``multiref_bleu1``/``multiref_bleu2``:
+    nltk multi-reference BLEU of those rows' samples vs their ``multiref`` list, over
+    those rows only (None when no row has one), and ``multiref_matched`` (row count).
     """
     refs_per_row = [_validate_row(i, row) for i, row in enumerate(rows)]
     if not rows:
@@ -167,7 +231,7 @@ def score_generations(
     samples = [s for row in rows for s in row["samples"]]
     first_refs = [[refs[0]] for row, refs in zip(rows, refs_per_row) for _ in row["samples"]]
     all_refs = [refs for row, refs in zip(rows, refs_per_row) for _ in row["samples"]]
-    scores: dict[str, float | int] = {}
+    scores: dict[str, float | int | None] = {}
     failed: set[int] = set()
     for n in (1, 2):
         scores[f"bleu{n}"], fails = _bleu_with_failures(samples, first_refs, n)
@@ -180,8 +244,30 @@ def score_generations(
         scores[f"distinct{n}"] = distinct(samples, n)
     for n in (1, 2, 3):
         scores[f"entropy{n}"] = entropy(samples, n)
-    if semantic and any(len(row["samples"]) >= 2 for row in rows):
-        scores["sample_cosine"] = sample_similarity([row["samples"] for row in rows], embedding_model)
+    multi_sample = any(len(row["samples"]) >= 2 for row in rows)
+    if multi_sample:
+        scores["self_bleu5"] = self_bleu([row["samples"] for row in rows])
+    if semantic:
+        if embedding_model is None:
+            embedding_model = load_embedding_model()
+        scores["relevance"] = relevance(
+            [row["samples"] for row in rows], [refs[0] for refs in refs_per_row], embedding_model,
+            show_progress=show_progress,
+        )  # fmt: skip
+        if multi_sample:
+            scores["sample_cosine5"] = sample_similarity(
+                [row["samples"] for row in rows], embedding_model, show_progress=show_progress
+            )
+    matched = [row for row in rows if row.get("multiref")]
+    if any("multiref" in row for row in rows):
+        for n in (1, 2):
+            key = f"multiref_bleu{n}"
+            scores[key] = None
+            if matched:
+                hyps = [s for row in matched for s in row["samples"]]
+                refs = [list(row["multiref"]) for row in matched for _ in row["samples"]]
+                scores[key], _ = _bleu_with_failures(hyps, refs, n)
+        scores["multiref_matched"] = len(matched)
     scores.update(
         num_contexts=len(rows),
         num_samples=len(samples),
@@ -220,3 +306,41 @@ def load_multiref_references(path: str | Path) -> list[dict]:
     with opener(path, "rt", encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [{"context": r["context"], "references": r["positive_responses"]} for r in records]
+
+
+def normalise_turn(text: str) -> str:
+    """Matching key of one utterance: lowercased, ’/‘ mapped to ', every whitespace removed.
+
+    DailyDialog is pre-tokenised ("wrong ?", "I ’ m") while DailyDialog++ is not
+    ("wrong?", "I'm"); removing all whitespace makes the two spellings equal.
+    """
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    return "".join(text.split())
+
+
+class MultirefIndex:
+    """DailyDialog++ contexts indexed for matching DailyDialog generation rows.
+
+    A row matches a DailyDialog++ record when the record's context turns equal
+    (after :func:`normalise_turn`) the row's whole context or its last
+    ``len(record context)`` turns (DailyDialog++ contexts hold 2-4 utterances, a
+    DailyDialog context may hold more, earlier, turns). Longer suffixes are tried
+    first. A string context counts as one turn.
+    """
+
+    def __init__(self, records: list[dict]):
+        self.lookup: dict[tuple[str, ...], list[str]] = {}
+        for record in records:
+            turns = [record["context"]] if isinstance(record["context"], str) else record["context"]
+            self.lookup.setdefault(tuple(normalise_turn(t) for t in turns), list(record["references"]))
+        self.lengths = sorted({len(key) for key in self.lookup}, reverse=True)
+
+    def match(self, context: str | list[str]) -> list[str] | None:
+        turns = [context] if isinstance(context, str) else list(context)
+        key = tuple(normalise_turn(t) for t in turns)
+        if key in self.lookup:
+            return self.lookup[key]
+        for length in self.lengths:
+            if length < len(key) and key[-length:] in self.lookup:
+                return self.lookup[key[-length:]]
+        return None

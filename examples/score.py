@@ -1,75 +1,146 @@
 """Score a JSON Lines file of generations with the Dior-CVAE metrics.
 
 Each input line is ``{"context": str | list[str], "reference": str | list[str],
-"samples": list[str]}``. Prints one JSON object of metrics (see
-``dior_cvae.metrics.score_generations``).
+"samples": list[str]}`` (as written by ``examples/generate.py``). Prints one JSON
+object of metrics (see ``dior_cvae.metrics.score_generations``): bleu1, bleu2,
+distinct1, distinct2, entropy1, entropy2, entropy3, relevance, self_bleu5 and
+sample_cosine5 (rows with >= 2 samples), and with ``--multiref_file``
+multiref_bleu1, multiref_bleu2, multiref_matched, multiref_fraction.
+``--no_semantic`` skips the MiniLM ones (relevance, sample_cosine5).
 
 Usage:
     python examples/score.py --input generations.jsonl [--output scores.json]
         [--no_semantic] [--embedding_model PATH]
-        [--multiref_file ../shared/data/dailydialog_plusplus/test.json.gz]
+        [--multiref_file ../shared/data/dailydialog_plusplus/test.json.gz [--multiref_min_fraction 0.01]]
+        [--trivial {copy_last,random_train} [--dataset_dir ../shared/data/dailydialog/ijcnlp] [--seed 1234]]
 
 ``--multiref_file`` attaches the 5 DailyDialog++ references to every row whose
-context (turns joined, whitespace and case normalised) matches a DailyDialog++
-context; the row's own first reference is kept first when it is one of them.
+context matches a DailyDialog++ context (``dior_cvae.metrics.MultirefIndex``:
+case, whitespace and ’/' ignored; the DailyDialog++ context must equal the row's
+whole context or its last turns). The row's own reference is kept for bleu1/2;
+multiref_bleu1/2 score the matched rows only, against the 5 references. On the
+DailyDialog test split (6,740 pairs) 97 rows match (1.44 %): most DailyDialog++
+test contexts come from DailyDialog *train* dialogues (1,105 of its 1,142
+contexts match train pairs). Below ``--multiref_min_fraction`` matched rows
+(default 0.01) the script exits with an error naming the file and the fraction.
+
+``--trivial`` scores a trivial responder on the file's contexts and references
+instead of its samples (each row keeps its number of samples): ``copy_last``
+repeats the last context turn; ``random_train`` draws training responses at
+random (seeded) from ``--dataset_dir``'s DailyDialog train split.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 
 from dior_cvae.metrics import (
+    MultirefIndex,
     load_embedding_model,
     load_multiref_references,
     read_generations,
     score_generations,
 )
 
-
-def _normalise(context: str | list[str]) -> str:
-    """Joined context turns, lowercased, with whitespace collapsed."""
-    text = context if isinstance(context, str) else " ".join(context)
-    return " ".join(text.lower().split())
+TRIVIAL = ("copy_last", "random_train")
 
 
 def attach_multiref(rows: list[dict], multiref_path: str) -> int:
-    """Replace the references of rows whose context is in DailyDialog++; return the match count."""
-    lookup = {_normalise(r["context"]): r["references"] for r in load_multiref_references(multiref_path)}
+    """Set ``row["multiref"]`` to the DailyDialog++ references of each matching row (else []); return the count."""
+    index = MultirefIndex(load_multiref_references(multiref_path))
     matched = 0
     for row in rows:
-        refs = lookup.get(_normalise(row.get("context", "")))
-        if refs is None:
-            continue
-        own = row.get("reference")  # validated later by score_generations
-        own = own[0] if isinstance(own, list) and own else own
-        row["reference"] = sorted(refs, key=lambda ref: ref != own)  # stable: own reference first
-        matched += 1
+        refs = index.match(row.get("context", ""))
+        row["multiref"] = list(refs) if refs else []
+        matched += bool(refs)
     return matched
+
+
+def check_multiref_fraction(matched: int, total: int, path: str, min_fraction: float) -> float:
+    """The matched fraction; SystemExit naming ``path`` if it is below ``min_fraction``."""
+    fraction = matched / total if total else 0.0
+    if fraction < min_fraction:
+        raise SystemExit(
+            f"score.py: error: --multiref_file {path}: only {matched}/{total} rows ({fraction:.2%}) match a "
+            f"DailyDialog++ context, below --multiref_min_fraction {min_fraction:.2%} (wrong split or file?)"
+        )
+    return fraction
+
+
+def load_train_responses(dataset_dir: str) -> list[str]:
+    """The responses of DailyDialog's train split in ``dataset_dir``."""
+    from dior_cvae.data import load_dailydialog_dir
+
+    return [ex["response"] for ex in load_dailydialog_dir(dataset_dir, splits=["train"])["train"]]
+
+
+def trivial_rows(rows: list[dict], kind: str, train_responses: list[str] | None = None, seed: int = 1234) -> list[dict]:
+    """Copies of ``rows`` whose samples come from a trivial responder (same number of samples per row)."""
+    if kind not in TRIVIAL:
+        raise ValueError(f"unknown trivial responder {kind!r}; choose from {TRIVIAL}")
+    if kind == "random_train" and not train_responses:
+        raise ValueError("random_train needs training responses (--dataset_dir)")
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        k = len(row.get("samples") or [None])
+        if kind == "copy_last":
+            context = row.get("context", "")
+            last = context if isinstance(context, str) else (context[-1] if context else "")
+            samples = [last] * k
+        else:
+            samples = [rng.choice(train_responses) for _ in range(k)]
+        out.append({**row, "samples": samples})
+    return out
+
+
+def score_rows(rows: list[dict], *, embedding_model=None, semantic: bool = True, multiref_file: str | None = None,
+               multiref_min_fraction: float = 0.01, source: str = "", show_progress: bool = False) -> dict:
+    """score_generations plus the multiref fields (rows are modified in place when multiref_file is given)."""
+    if multiref_file:
+        try:
+            matched = attach_multiref(rows, multiref_file)
+        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+            raise SystemExit(f"score.py: error: --multiref_file {multiref_file}: {type(exc).__name__}: {exc}") from None
+        print(f"multiref: {source}: matched {matched}/{len(rows)} rows to DailyDialog++ contexts", file=sys.stderr)
+        fraction = check_multiref_fraction(matched, len(rows), f"{multiref_file} (input {source})", multiref_min_fraction)
+    scores = score_generations(rows, embedding_model=embedding_model, semantic=semantic, show_progress=show_progress)
+    if multiref_file:
+        scores["multiref_fraction"] = fraction
+    return scores
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="generations JSON Lines file")
     parser.add_argument("--output", help="also write the metrics JSON here")
-    parser.add_argument("--no_semantic", action="store_true", help="skip the embedding-based sample_cosine")
+    parser.add_argument("--no_semantic", action="store_true", help="skip the embedding metrics (relevance, sample_cosine5)")
     parser.add_argument("--embedding_model", help="sentence-transformers path or name (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--multiref_file", help="DailyDialog++ JSON Lines (.gz) for multi-reference BLEU")
+    parser.add_argument("--multiref_min_fraction", type=float, default=0.01,
+                        help="fail below this fraction of matched rows (default 0.01; the DailyDialog test split "
+                             "matches 97/6,740 = 1.44%%, DailyDialog++ test comes mostly from DailyDialog train)")
+    parser.add_argument("--trivial", choices=TRIVIAL, help="score a trivial responder instead of the samples")
+    parser.add_argument("--dataset_dir", help="DailyDialog folder (train split) for --trivial random_train")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of --trivial random_train")
     args = parser.parse_args(argv)
+    if args.trivial == "random_train" and not args.dataset_dir:
+        parser.error("--trivial random_train needs --dataset_dir")
 
     try:
         rows = read_generations(args.input)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # a truncated / non-UTF-8 file: name it
         raise SystemExit(f"score.py: error: --input {args.input}: {type(exc).__name__}: {exc}") from None
-    if args.multiref_file:
-        try:
-            matched = attach_multiref(rows, args.multiref_file)
-        except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
-            raise SystemExit(f"score.py: error: --multiref_file {args.multiref_file}: {type(exc).__name__}: {exc}") from None
-        print(f"multiref: matched {matched}/{len(rows)} rows to DailyDialog++ contexts", file=sys.stderr)
+    if args.trivial:
+        train = load_train_responses(args.dataset_dir) if args.trivial == "random_train" else None
+        rows = trivial_rows(rows, args.trivial, train, args.seed)
     model = None if args.no_semantic else load_embedding_model(args.embedding_model)
-    text = json.dumps(score_generations(rows, embedding_model=model, semantic=not args.no_semantic), indent=2)
+    scores = score_rows(rows, embedding_model=model, semantic=not args.no_semantic, multiref_file=args.multiref_file,
+                        multiref_min_fraction=args.multiref_min_fraction, source=args.input, show_progress=True)
+    text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

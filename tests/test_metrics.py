@@ -13,17 +13,22 @@ from pathlib import Path
 import pytest
 
 from dior_cvae.metrics import (
+    MultirefIndex,
     bleu,
     distinct,
     entropy,
     load_embedding_model,
     load_multiref_references,
+    normalise_turn,
     read_generations,
+    relevance,
     sample_similarity,
     score_generations,
+    self_bleu,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DIOR_SHARED_DATA") or (REPO.parent / "shared" / "data"))
 
 
 def test_distinct_hand_computed():
@@ -108,7 +113,7 @@ def test_score_generations_keys_and_counts():
     assert set(scores) == {
         "bleu1", "bleu2", "bleu1_multiref", "bleu2_multiref",
         "distinct1", "distinct2", "entropy1", "entropy2", "entropy3",
-        "num_contexts", "num_samples", "num_empty", "num_bleu_failures",
+        "num_contexts", "num_samples", "num_empty", "num_bleu_failures", "self_bleu5",
     }  # fmt: skip
     assert (scores["num_contexts"], scores["num_samples"], scores["num_empty"]) == (2, 4, 1)
     samples = ["how are you", "fine", "", "see you later"]
@@ -172,7 +177,7 @@ def test_sample_similarity_offline_model(monkeypatch):
     )
     assert unrelated < 0.5
     rows = [{"context": "c", "reference": "r", "samples": ["I love this movie."] * 2}]
-    assert score_generations(rows, embedding_model=model)["sample_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert score_generations(rows, embedding_model=model)["sample_cosine5"] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError):
         sample_similarity([["just one"]], model=model)
 
@@ -193,20 +198,114 @@ def test_cli_prints_json(tmp_path):
     printed = json.loads(proc.stdout)
     assert printed == pytest.approx(score_generations(ROWS, semantic=False))
     assert json.loads(out.read_text()) == printed
-    assert "sample_cosine" not in printed
+    assert "sample_cosine5" not in printed and "relevance" not in printed
 
 
-def test_cli_multiref(tmp_path):
+def _run_main(capsys, *args: str):
+    """examples/score.py main() in-process (a subprocess costs seconds of imports on the shared cores)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import score as score_script
+
+    capsys.readouterr()
+    score_script.main(list(args))
+    return capsys.readouterr()
+
+
+def test_cli_multiref(tmp_path, capsys):
     multiref = tmp_path / "dd.json.gz"
     with gzip.open(multiref, "wt") as f:
         f.write(json.dumps({"context": ["Hi  there", "HELLO"], "positive_responses": ["x", "how are you", "y", "z", "w"]}))
     inp = tmp_path / "gen.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    proc = _run_cli("--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
-    assert "matched 0/2" in proc.stderr  # contexts "hi hello" / "bye" differ from "hi there hello"
-    with gzip.open(multiref, "wt") as f:
+    with pytest.raises(SystemExit) as err:  # 0/2 matched: loud, naming the file and the fraction
+        _run_main(capsys, "--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
+    assert str(multiref) in str(err.value) and "0.00%" in str(err.value)
+    with gzip.open(multiref, "wt") as f:  # spacing/case/quote differences ignored; matches the last 2 turns too
         f.write(json.dumps({"context": [" HI", "hello "], "positive_responses": ["x", "how are you", "y", "z", "w"]}))
-    proc = _run_cli("--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
-    assert "matched 1/2" in proc.stderr
-    rows = [{**ROWS[0], "reference": ["how are you", "x", "y", "z", "w"]}, ROWS[1]]  # own reference kept first
-    assert json.loads(proc.stdout) == pytest.approx(score_generations(rows, semantic=False))
+    proc = _run_main(capsys, "--input", str(inp), "--no_semantic", "--multiref_file", str(multiref))
+    assert "matched 1/2" in proc.err
+    printed = json.loads(proc.out)
+    assert printed["multiref_matched"] == 1 and printed["multiref_fraction"] == 0.5
+    assert printed["bleu1"] == pytest.approx(score_generations(ROWS, semantic=False)["bleu1"])  # own refs unchanged
+    refs = ["x", "how are you", "y", "z", "w"]
+    assert printed["multiref_bleu1"] == pytest.approx(bleu(ROWS[0]["samples"], [refs] * 3, 1))
+    assert printed["multiref_bleu2"] == pytest.approx(bleu(ROWS[0]["samples"], [refs] * 3, 2))
+
+
+def test_multiref_index_normalisation():
+    index = MultirefIndex([
+        {"context": ["Is there something wrong?", "I'm glad."], "references": ["a"] * 5},
+        {"context": ["x", "y", "z"], "references": ["b"] * 5},
+    ])  # fmt: skip
+    assert normalise_turn("Is there  something WRONG ?") == normalise_turn("is there something wrong?")
+    assert index.match(["Is there something wrong ?", "I ’ m glad ."]) == ["a"] * 5
+    assert index.match(["earlier turn", "Is there something wrong ?", "I’m glad ."]) == ["a"] * 5  # suffix
+    assert index.match(["I’m glad ."]) is None  # shorter than the DailyDialog++ context
+    assert index.match(["w", "X", "y", "Z"]) == ["b"] * 5
+
+
+def test_self_bleu_hand_checked():
+    same = self_bleu([["a b c d"] * 3])
+    assert same == pytest.approx(100 * math.sqrt(40 / 27))  # identical samples: the exact-match BLEU-2
+    groups = [["a b c", "d e f", "a b x"], ["only one"]]
+    expected = sum(bleu([g[i]], [g[:i] + g[i + 1:]], 2) for g in groups[:1] for i in range(3)) / 3
+    assert self_bleu(groups) == pytest.approx(expected)
+    assert self_bleu([["a b c", "x y z"]]) < self_bleu([["a b c", "a b d"]])
+    with pytest.raises(ValueError):
+        self_bleu([["one"]])
+
+
+def test_trivial_responders():
+    sys.path.insert(0, str(REPO / "examples"))
+    import score as score_script
+
+    rows = [{"context": ["a", "b c"], "reference": "r", "samples": ["s1", "s2"]},
+            {"context": "d", "reference": "r2", "samples": ["s"]}]
+    copy = score_script.trivial_rows(rows, "copy_last")
+    assert [r["samples"] for r in copy] == [["b c", "b c"], ["d"]]
+    assert rows[0]["samples"] == ["s1", "s2"]  # inputs untouched
+    train = [f"resp {i}" for i in range(100)]
+    rand = score_script.trivial_rows(rows, "random_train", train, seed=3)
+    assert rand == score_script.trivial_rows(rows, "random_train", train, seed=3)  # seeded
+    assert all(s in train for r in rand for s in r["samples"])
+    with pytest.raises(ValueError):
+        score_script.trivial_rows(rows, "random_train")
+    scores = score_generations(copy, semantic=False)
+    assert scores["bleu1"] == pytest.approx(bleu(["b c", "b c", "d"], [["r"], ["r"], ["r2"]], 1))
+
+
+def test_relevance_offline_model():
+    model = load_embedding_model()
+    assert relevance([["I love this movie."] * 2], ["I love this movie."], model) == pytest.approx(1.0, abs=1e-4)
+    low = relevance([["The train leaves at noon."], ["Photosynthesis needs sunlight."]],
+                    ["I love this movie.", "What a great film."], model)
+    assert low < 0.5
+    rows = [{"context": "c", "reference": "I love this movie.", "samples": ["I love this movie.", "I love this movie."]}]
+    scores = score_generations(rows, embedding_model=model)
+    assert scores["relevance"] == pytest.approx(1.0, abs=1e-4)
+    assert scores["sample_cosine5"] == pytest.approx(1.0, abs=1e-4)
+
+
+needs_multiref_data = pytest.mark.skipif(
+    not ((SHARED_DATA / "dailydialog_plusplus" / "test.json.gz").is_file()
+         and (SHARED_DATA / "dailydialog" / "ijcnlp" / "dialogues_test.txt.gz").is_file()),
+    reason=f"DailyDialog / DailyDialog++ not found under {SHARED_DATA} (set DIOR_SHARED_DATA to the shared/data folder)",
+)
+
+
+@needs_multiref_data
+def test_multiref_real_dailydialog_test_split(tmp_path, capsys):
+    """The real DailyDialog test split vs DailyDialog++ test: 97 of 6,740 pairs match (1.44 %)."""
+    from dior_cvae.data import load_dailydialog_dir
+
+    examples = load_dailydialog_dir(SHARED_DATA / "dailydialog" / "ijcnlp", splits=["test"])["test"]
+    inp = tmp_path / "gen.jsonl"
+    inp.write_text("".join(json.dumps({"context": e["context"], "reference": e["response"], "samples": [e["response"]]})
+                           + "\n" for e in examples))
+    proc = _run_main(capsys, "--input", str(inp), "--no_semantic",
+                     "--multiref_file", str(SHARED_DATA / "dailydialog_plusplus" / "test.json.gz"))
+    printed = json.loads(proc.out)
+    assert printed["num_contexts"] == 6740
+    assert printed["multiref_matched"] > 0
+    assert printed["multiref_matched"] == 97 and printed["multiref_fraction"] == pytest.approx(97 / 6740)
+    assert printed["multiref_bleu1"] > 0
