@@ -1,130 +1,262 @@
-"""Turn a `dailydialog_experiments.py` work folder into `results/dailydialog.json`, `docs/results.md` tables and PNG
-plots. Runs on CPU (the semantic similarity of the 5-sample files is computed here with the offline MiniLM).
+"""Turn a `dailydialog_experiments.py` work folder into `results/dailydialog.json`, a markdown table and PNG plots.
 
-    python examples/collect_results.py --work_dir WORK --gpu "NVIDIA H100 80GB HBM3" --results results/dailydialog.json \\
-        --plots_dir docs
+Reads WORK/generations/{run}__{split}__{decoding}.jsonl (decoding: sampling, beam5, 5samples; plus
+diffusion__validation1000__{solver}{steps}.jsonl, solver dpmsolverpp/ddim/ddpm), WORK/diagnostics/{run}__diagnostics.json
+(+ diffusion__diagnostics__{solver}{steps}.json), WORK/models/{run}/log_history.jsonl, WORK/commands.jsonl and
+WORK/timings.jsonl. Every generations file is scored in-process with `examples/score.py`'s functions (the MiniLM model is
+loaded once) and the scores are cached in WORK/scores/{job}.json (recomputed when the generations file changes).
+Trivial responders (copy_last; random_train with --dataset_dir) are scored on the validation and test contexts.
+--multiref_file (DailyDialog++ test) adds multiref_bleu1/2 to the test-split rows (the full test split matches 97/6,740
+rows, the 1,000-context 5samples subset 11; a --smoke work dir matches none: pass --multiref_min_fraction 0). CPU only:
+
+    python examples/collect_results.py --work_dir WORK --gpu "NVIDIA H200" --dataset_dir ../shared/data/dailydialog/ijcnlp \\
+        --multiref_file ../shared/data/dailydialog_plusplus/test.json.gz --results results/dailydialog.json --plots_dir docs
 """
+
+from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
-from dior_cvae.metrics import read_generations, sample_similarity
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score import load_train_responses, score_rows, trivial_rows  # noqa: E402
 
-METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3")
+from dior_cvae.metrics import read_generations  # noqa: E402
+
+METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3", "relevance", "self_bleu5",
+           "sample_cosine5", "multiref_bleu1", "multiref_bleu2", "multiref_matched")
+SOLVER_RE = re.compile(r"^(dpmsolverpp|ddim|ddpm)(\d+)$")
+CACHE_VERSION = 2
 
 
 def parse_overrides(command: str) -> dict:
+    if "--config_overrides " not in command:
+        return {}
     overrides = command.split("--config_overrides ", 1)[1].split(" ", 1)[0].strip("'")
-    return dict(item.split("=", 1) for item in overrides.split(","))
+    return dict(item.split("=", 1) for item in overrides.split(",") if "=" in item)
 
 
-def main():
+def prior_and_dropout(name: str, config: dict) -> tuple[str, float]:
+    """Prior type and memory dropout of a run (config overrides first, else the run-name convention)."""
+    if name == "none":
+        return "none", 0.0
+    if name.startswith("memdrop"):
+        return config.get("prior_type", "diffusion"), float(config.get("memory_dropout", name[len("memdrop"):]))
+    return config.get("prior_type", name if name in ("diffusion", "gaussian", "standard") else "diffusion"), float(
+        config.get("memory_dropout", 0.7))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by a kill
+            continue
+    return rows
+
+
+class Scorer:
+    """Scores generations files with a per-file cache; the embedding model is loaded on first need, once."""
+
+    def __init__(self, work: Path, semantic: bool, multiref_file: str | None, multiref_min_fraction: float):
+        self.cache_dir = work / "scores"
+        self.semantic, self.multiref_file, self.min_fraction = semantic, multiref_file, multiref_min_fraction
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None and self.semantic:
+            from dior_cvae.metrics import load_embedding_model
+
+            self._model = load_embedding_model()
+        return self._model
+
+    def score(self, job: str, rows_fn, stamp: dict, multiref: bool) -> dict:
+        cache = self.cache_dir / f"{job}.json"
+        key = {**stamp, "semantic": self.semantic, "multiref_file": self.multiref_file if multiref else None,
+               "version": CACHE_VERSION}
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("_cache_key") == key:
+                return cached
+        scores = score_rows(rows_fn(), embedding_model=self.model, semantic=self.semantic,
+                            multiref_file=self.multiref_file if multiref else None,
+                            multiref_min_fraction=self.min_fraction, source=job, show_progress=self.semantic)
+        scores["_cache_key"] = key
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(scores, indent=2) + "\n")
+        return scores
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", required=True)
-    p.add_argument("--gpu", required=True)
+    p.add_argument("--gpu", default=None, help="GPU the runs were trained on (recorded in every row)")
     p.add_argument("--results", default="results/dailydialog.json")
     p.add_argument("--plots_dir", default="docs")
-    p.add_argument("--no_semantic", action="store_true")
-    args = p.parse_args()
+    p.add_argument("--no_semantic", action="store_true", help="skip relevance / sample_cosine5 (no MiniLM)")
+    p.add_argument("--dataset_dir", help="DailyDialog folder: training responses for the random_train responder")
+    p.add_argument("--multiref_file", help="DailyDialog++ test (.json.gz): multiref BLEU of the test-split rows")
+    p.add_argument("--multiref_min_fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
     work = Path(args.work_dir)
+    scorer = Scorer(work, not args.no_semantic, args.multiref_file, args.multiref_min_fraction)
 
-    commands = {}
-    for line in (work / "commands.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        commands[row["name"]] = row["command"]
-    minutes = {}
-    for line in (work / "timings.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        minutes[row["name"]] = (round(row["seconds"] / 60, 1), row["concurrent"])
+    commands = {row["name"]: row["command"] for row in read_jsonl(work / "commands.jsonl")}
+    minutes = {row["name"]: round(row["seconds"] / 60, 1) for row in read_jsonl(work / "timings.jsonl")}
 
-    embedding_model = None
-    runs = []
-    for score_file in sorted((work / "scores").glob("*.json")):
-        job = score_file.stem
-        name, split, decoding = job.split("__")
-        train_command = commands[f"train:{name}"]
-        config = parse_overrides(train_command)
-        scores = json.loads(score_file.read_text())
-        row = {
-            "name": name,
-            "prior": config.get("prior_type", "diffusion"),
-            "memory_dropout": float(config.get("memory_dropout", 0.7)),
-            "prediction_type": config.get("prediction_type", "epsilon"),
-            "split": "validation" if split.startswith("validation") else "test",
-            "subset": split,
-            "decoding": decoding,
-            **{m: scores[m] for m in METRICS},
-            "num_contexts": scores["num_contexts"],
-            "sample_cosine": None,
-            "train_minutes": minutes.get(name, (None, None))[0],
-            "runs_sharing_the_gpu": minutes.get(name, (None, None))[1],
-            "gpu": args.gpu,
-            "command": train_command,
-            "eval_command": commands[f"generate:{job}"],
-        }
-        if decoding == "5samples" and not args.no_semantic:
-            if embedding_model is None:
-                from dior_cvae.metrics import load_embedding_model
+    def diagnostics(name: str) -> dict:
+        path = work / "diagnostics" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
-                embedding_model = load_embedding_model()
-            rows = read_generations(work / "generations" / f"{job}.jsonl")
-            row["sample_cosine"] = sample_similarity([r["samples"] for r in rows], model=embedding_model)
-        runs.append(row)
-        print(f"{job:45s} " + " ".join(f"{m}={row[m]:.2f}" for m in METRICS[:4])
-              + (f" cos={row['sample_cosine']:.3f}" if row["sample_cosine"] is not None else ""))
+    runs, solvers, references = [], [], {}
+    for gen_file in sorted((work / "generations").glob("*.jsonl")):
+        job = gen_file.stem
+        parts = job.split("__")
+        if len(parts) != 3:
+            print(f"skipping {gen_file.name}: not {{run}}__{{split}}__{{decoding}}.jsonl", file=sys.stderr)
+            continue
+        name, split, decoding = parts
+        base_split = "validation" if split.startswith("validation") else "test" if split.startswith("test") else split
+        stat = gen_file.stat()
+        scores = scorer.score(job, lambda f=gen_file: read_generations(f), {"size": stat.st_size, "mtime": stat.st_mtime},
+                              multiref=base_split == "test")
+        if split in ("validation", "test") and split not in references and decoding in ("sampling", "beam5"):
+            references[split] = gen_file
+        solver = SOLVER_RE.match(decoding)
+        if solver:
+            diag = diagnostics(f"{name}__diagnostics__{decoding}")
+            solvers.append({"name": name, "split": split, "solver": solver.group(1), "steps": int(solver.group(2)),
+                            **{m: scores.get(m) for m in ("bleu1", "bleu2", "distinct2")},
+                            "prior_posterior_norm_ratio": diag.get("prior_posterior_norm_ratio"),
+                            "active_units": diag.get("active_units")})
+            continue
+        train_command = commands.get(f"train:{name}", "")
+        prior, memory_dropout = prior_and_dropout(name, parse_overrides(train_command))
+        diag = diagnostics(f"{name}__diagnostics")
+        history = read_jsonl(work / "models" / name / "log_history.jsonl")
+        epochs = max((r["epoch"] for r in history if "epoch" in r), default=None)
+        runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout, "split": base_split,
+                     "subset": split, "decoding": decoding, **{m: scores.get(m) for m in METRICS},
+                     "num_contexts": scores.get("num_contexts"),
+                     "active_units": diag.get("active_units"),
+                     "prior_posterior_norm_ratio": diag.get("prior_posterior_norm_ratio"),
+                     "train_minutes": minutes.get(name), "epochs": round(epochs, 2) if epochs is not None else None,
+                     "gpu": args.gpu, "command": train_command or None})
 
+    train = load_train_responses(args.dataset_dir) if args.dataset_dir else None
+    for split, gen_file in sorted(references.items()):
+        for kind in ("copy_last", "random_train") if train else ("copy_last",):
+            stat = gen_file.stat()
+            scores = scorer.score(f"trivial__{split}__{kind}",
+                                  lambda f=gen_file, k=kind: trivial_rows(read_generations(f)[:], k, train, args.seed),
+                                  {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
+                                   "seed": args.seed}, multiref=split == "test")
+            runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "split": split, "subset": split,
+                         "decoding": kind, **{m: scores.get(m) for m in METRICS},
+                         "num_contexts": scores.get("num_contexts"), "active_units": None,
+                         "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
+                         "command": None})
+
+    solvers.sort(key=lambda r: (r["solver"], r["steps"]))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"runs": runs}, indent=2) + "\n")
-    plot(runs, Path(args.plots_dir))
+    Path(args.results).write_text(json.dumps({"runs": runs, "solvers": solvers}, indent=2) + "\n")
+    print(markdown_table(runs, solvers))
+    written = plot(runs, solvers, work, Path(args.plots_dir))
+    print(f"wrote {args.results}" + "".join(f", {p}" for p in written), file=sys.stderr)
 
 
-def plot(runs, plots_dir: Path):
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) and abs(value) < 1 else (
+        f"{value:.2f}" if isinstance(value, float) else str(value))
+
+
+def markdown_table(runs: list[dict], solvers: list[dict]) -> str:
+    cols = ("name", "prior", "memory_dropout", "split", "decoding", "bleu1", "bleu2", "distinct1", "distinct2",
+            "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
+            "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in runs]
+    if solvers:
+        scols = ("solver", "steps", "bleu1", "bleu2", "distinct2", "prior_posterior_norm_ratio", "active_units")
+        lines += ["", "| " + " | ".join(scols) + " |", "|" + "---|" * len(scols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in scols) + " |" for r in solvers]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plots_dir.mkdir(parents=True, exist_ok=True)
-    steps_rows = [r for r in runs if r["subset"] == "validation2000" and r["decoding"][:4] in ("ddpm", "ddim")]
-    if steps_rows:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for name in sorted({r["name"] for r in steps_rows}):
-            for sampler in ("ddpm", "ddim"):
-                rows = sorted(
-                    (r for r in steps_rows if r["name"] == name and r["decoding"].startswith(sampler)),
-                    key=lambda r: int(r["decoding"][4:]),
-                )
-                if not rows:
-                    continue
-                steps = [int(r["decoding"][4:]) for r in rows]
-                axes[0].plot(steps, [r["bleu1"] for r in rows], marker="o", label=f"{name} {sampler}")
-                axes[1].plot(steps, [r["distinct2"] for r in rows], marker="o", label=f"{name} {sampler}")
-        for ax, metric in zip(axes, ("BLEU-1", "Distinct-2")):
+    written = []
+    histories = {d.name: read_jsonl(d / "log_history.jsonl") for d in sorted((work / "models").glob("*")) if d.is_dir()}
+    histories = {k: v for k, v in histories.items() if v}
+    if histories:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for name, rows in histories.items():
+            for ax, key in zip(axes, ("rc_loss", "kl_loss", "eval_loss")):
+                points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), label=name, marker="o" if key == "eval_loss" else None)
+        for ax, title in zip(axes, ("training reconstruction loss", "training KL", "validation loss")):
+            ax.set_xlabel("update step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        written.append(plots_dir / "learning_curves.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if solvers:
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        for solver in sorted({r["solver"] for r in solvers}):
+            rows = [r for r in solvers if r["solver"] == solver]
+            for ax, key in zip(axes, ("bleu1", "bleu2", "distinct2", "prior_posterior_norm_ratio")):
+                points = [(r["steps"], r[key]) for r in rows if r[key] is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=solver)
+        for ax, title in zip(axes, ("BLEU-1", "BLEU-2", "Distinct-2", "prior/posterior norm ratio")):
             ax.set_xlabel("prior sampling steps")
-            ax.set_ylabel(metric)
             ax.set_xscale("log")
+            ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[0].legend()
-        fig.suptitle("DailyDialog validation (first 2,000 contexts), sampling top-k 50 / top-p 0.9")
+        fig.suptitle("diffusion prior, DailyDialog validation (first 1,000 contexts), sampling")
         fig.tight_layout()
-        fig.savefig(plots_dir / "metrics_vs_steps.png", dpi=120)
+        written.append(plots_dir / "metrics_vs_steps.png")
+        fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    cosine_rows = sorted(
-        (r for r in runs if r["sample_cosine"] is not None and r["prior"] == "diffusion"
-         and r["prediction_type"] == "epsilon"),
-        key=lambda r: r["memory_dropout"],
-    )
-    if cosine_rows:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot([r["memory_dropout"] for r in cosine_rows], [r["sample_cosine"] for r in cosine_rows], marker="o")
-        ax.set_xlabel("memory dropout p")
-        ax.set_ylabel("mean pairwise cosine of 5 samples")
-        ax.set_title("DailyDialog test (1,000 contexts)")
-        ax.grid(alpha=0.3)
+    memdrop = [r for r in runs if r["prior"] == "diffusion" and r["split"] == "test" and r["decoding"] == "sampling"]
+    if len({r["memory_dropout"] for r in memdrop}) >= 2:
+        memdrop.sort(key=lambda r: r["memory_dropout"])
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        ps = [r["memory_dropout"] for r in memdrop]
+        axes[0].plot(ps, [r["distinct2"] for r in memdrop], marker="o")
+        axes[1].plot(ps, [r["bleu1"] for r in memdrop], marker="o", label="BLEU-1")
+        axes[1].plot(ps, [r["bleu2"] for r in memdrop], marker="o", label="BLEU-2")
+        for ax, title in zip(axes, ("Distinct-2", "BLEU")):
+            ax.set_xlabel("memory dropout p")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        axes[1].legend()
+        fig.suptitle("diffusion prior, DailyDialog test, sampling")
         fig.tight_layout()
-        fig.savefig(plots_dir / "memory_dropout_vs_similarity.png", dpi=120)
+        written.append(plots_dir / "memory_dropout.png")
+        fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    return written
 
 
 if __name__ == "__main__":

@@ -309,3 +309,69 @@ def test_multiref_real_dailydialog_test_split(tmp_path, capsys):
     assert printed["multiref_matched"] > 0
     assert printed["multiref_matched"] == 97 and printed["multiref_fraction"] == pytest.approx(97 / 6740)
     assert printed["multiref_bleu1"] > 0
+
+
+def _fake_work_dir(work: Path) -> None:
+    """A tiny dailydialog_experiments.py work folder: 2 generations files + 1 solver file, diagnostics, a log history."""
+    (work / "generations").mkdir(parents=True)
+    (work / "diagnostics").mkdir()
+    (work / "models" / "diffusion").mkdir(parents=True)
+    rows = [{"context": ["hi there", "hello"], "reference": "how are you", "samples": ["how are you", "fine thanks"]},
+            {"context": ["bye"], "reference": "see you", "samples": ["see you later", "bye bye"]}]
+    (work / "generations" / "diffusion__test__5samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "generations" / "diffusion__validation__sampling.jsonl").write_text(
+        "".join(json.dumps({**r, "samples": r["samples"][:1]}) + "\n" for r in rows))
+    (work / "generations" / "diffusion__validation1000__ddim5.jsonl").write_text(
+        "".join(json.dumps({**r, "samples": r["samples"][1:]}) + "\n" for r in rows))
+    (work / "diagnostics" / "diffusion__diagnostics__ddim5.json").write_text(
+        json.dumps({"active_units": 10, "prior_posterior_norm_ratio": 0.6}))
+    (work / "diagnostics" / "diffusion__diagnostics.json").write_text(
+        json.dumps({"active_units": 12, "prior_posterior_norm_ratio": 0.8}))
+    (work / "models" / "diffusion" / "log_history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 100, "loss": 5.0, "rc_loss": 4.5, "kl_loss": 0.5, "epoch": 0.5},
+        {"step": 200, "loss": 4.0, "rc_loss": 3.6, "kl_loss": 0.4, "epoch": 1.0},
+        {"step": 200, "eval_loss": 4.2, "eval_rc_loss": 3.9},
+    ]))  # fmt: skip
+    (work / "commands.jsonl").write_text(json.dumps(
+        {"name": "train:diffusion", "command": "python train.py --config_overrides d_model=32,prior_type=diffusion"}) + "\n")
+    (work / "timings.jsonl").write_text(json.dumps({"name": "diffusion", "seconds": 600, "concurrent": 1}) + "\n")
+
+
+def test_collect_results_fake_work_dir(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    import collect_results
+
+    work = tmp_path / "work"
+    _fake_work_dir(work)
+    results, plots = tmp_path / "results" / "dailydialog.json", tmp_path / "docs"
+    args = ["--work_dir", str(work), "--results", str(results), "--plots_dir", str(plots), "--no_semantic",
+            "--gpu", "fake GPU"]
+    collect_results.main(args)
+    table = capsys.readouterr().out
+    data = json.loads(results.read_text())
+    by_key = {(r["name"], r["split"], r["decoding"]): r for r in data["runs"]}
+    assert set(by_key) == {("diffusion", "test", "5samples"), ("diffusion", "validation", "sampling"),
+                           ("copy_last", "validation", "copy_last")}
+    five = by_key["diffusion", "test", "5samples"]
+    assert (five["prior"], five["memory_dropout"], five["active_units"], five["prior_posterior_norm_ratio"]) == (
+        "diffusion", 0.7, 12, 0.8)
+    assert (five["train_minutes"], five["epochs"], five["gpu"]) == (10.0, 1.0, "fake GPU")
+    assert five["self_bleu5"] is not None and five["relevance"] is None
+    rows = read_generations(work / "generations" / "diffusion__test__5samples.jsonl")
+    assert five["bleu1"] == pytest.approx(score_generations(rows, semantic=False)["bleu1"])
+    assert by_key["copy_last", "validation", "copy_last"]["prior"] == "trivial"
+    assert len(data["solvers"]) == 1
+    solver = data["solvers"][0]
+    assert (solver["solver"], solver["steps"], solver["prior_posterior_norm_ratio"], solver["active_units"]) == (
+        "ddim", 5, 0.6, 10)
+    assert solver["distinct2"] == pytest.approx(100.0)
+    assert (plots / "metrics_vs_steps.png").is_file()
+    assert "| diffusion | diffusion | 0.700 | test | 5samples |" in table
+    assert (plots / "learning_curves.png").is_file()
+    assert {p.name for p in (work / "scores").glob("*.json")} == {
+        "diffusion__test__5samples.json", "diffusion__validation__sampling.json", "diffusion__validation1000__ddim5.json",
+        "trivial__validation__copy_last.json"}
+    cached = (work / "scores" / "diffusion__test__5samples.json").read_text()
+    collect_results.main(args)  # second run: served from the cache, same output
+    assert json.loads(results.read_text()) == data
+    assert (work / "scores" / "diffusion__test__5samples.json").read_text() == cached
