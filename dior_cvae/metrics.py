@@ -208,7 +208,8 @@ def _validate_row(index: int, row: Any) -> list[str]:
 
 
 def score_generations(
-    rows: list[dict], embedding_model: Any = None, semantic: bool = True, show_progress: bool = False
+    rows: list[dict], embedding_model: Any = None, semantic: bool = True, show_progress: bool = False,
+    semantic_rows: int | None = None,
 ) -> dict[str, float | int]:
     """Score generation rows ``{"context", "reference": str | list[str], "samples": list[str]}``.
 
@@ -219,7 +220,8 @@ def score_generations(
     row has several references, ``bleu1_multiref``, ``bleu2_multiref``.
     If some row has >= 2 samples: ``self_bleu5`` (:func:`self_bleu`) and, if
     ``semantic``, ``sample_cosine5`` (:func:`sample_similarity`). If ``semantic``:
-    ``relevance`` (:func:`relevance`, samples vs the first reference).
+    ``relevance`` (:func:`relevance`, samples vs the first reference). ``semantic_rows``: embed only the first
+    that many rows for ``relevance`` / ``sample_cosine5`` (MiniLM on a CPU embeds a few hundred sentences a second).
     Rows with a ``"multiref"`` list (DailyDialog++ references, attached by
     ``examples/score.py --multiref_file``) add ``multiref_bleu1``/``multiref_bleu2``:
     nltk multi-reference BLEU of those rows' samples vs their ``multiref`` list, over
@@ -250,13 +252,15 @@ def score_generations(
     if semantic:
         if embedding_model is None:
             embedding_model = load_embedding_model()
+        embedded = rows[:semantic_rows]
+        scores["semantic_rows"] = len(embedded)
         scores["relevance"] = relevance(
-            [row["samples"] for row in rows], [refs[0] for refs in refs_per_row], embedding_model,
+            [row["samples"] for row in embedded], [refs[0] for refs in refs_per_row[: len(embedded)]], embedding_model,
             show_progress=show_progress,
         )  # fmt: skip
         if multi_sample:
             scores["sample_cosine5"] = sample_similarity(
-                [row["samples"] for row in rows], embedding_model, show_progress=show_progress
+                [row["samples"] for row in embedded], embedding_model, show_progress=show_progress
             )
     matched = [row for row in rows if row.get("multiref")]
     if any("multiref" in row for row in rows):

@@ -64,8 +64,10 @@ def read_jsonl(path: Path) -> list[dict]:
 class Scorer:
     """Scores generations files with a per-file cache; the embedding model is loaded on first need, once."""
 
-    def __init__(self, work: Path, semantic: bool, multiref_file: str | None, multiref_min_fraction: float):
+    def __init__(self, work: Path, semantic: bool, multiref_file: str | None, multiref_min_fraction: float,
+                 semantic_rows: int | None = None):
         self.cache_dir = work / "scores"
+        self.semantic_rows = semantic_rows
         self.semantic, self.multiref_file, self.min_fraction = semantic, multiref_file, multiref_min_fraction
         self._model = None
 
@@ -79,7 +81,7 @@ class Scorer:
 
     def score(self, job: str, rows_fn, stamp: dict, multiref: bool) -> dict:
         cache = self.cache_dir / f"{job}.json"
-        key = {**stamp, "semantic": self.semantic, "multiref_file": self.multiref_file if multiref else None,
+        key = {**stamp, "semantic": self.semantic, "semantic_rows": self.semantic_rows, "multiref_file": self.multiref_file if multiref else None,
                "version": CACHE_VERSION}
         if cache.is_file():
             cached = json.loads(cache.read_text())
@@ -87,7 +89,8 @@ class Scorer:
                 return cached
         scores = score_rows(rows_fn(), embedding_model=self.model, semantic=self.semantic,
                             multiref_file=self.multiref_file if multiref else None,
-                            multiref_min_fraction=self.min_fraction, source=job, show_progress=self.semantic)
+                            multiref_min_fraction=self.min_fraction, source=job, show_progress=False,
+                            semantic_rows=self.semantic_rows)
         scores["_cache_key"] = key
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores, indent=2) + "\n")
@@ -101,13 +104,15 @@ def main(argv=None):
     p.add_argument("--results", default="results/dailydialog.json")
     p.add_argument("--plots_dir", default="docs")
     p.add_argument("--no_semantic", action="store_true", help="skip relevance / sample_cosine5 (no MiniLM)")
+    p.add_argument("--semantic_rows", type=int, default=1000,
+                   help="relevance / sample_cosine5 on the first N contexts of each file (MiniLM on a CPU is slow)")
     p.add_argument("--dataset_dir", help="DailyDialog folder: training responses for the random_train responder")
     p.add_argument("--multiref_file", help="DailyDialog++ test (.json.gz): multiref BLEU of the test-split rows")
     p.add_argument("--multiref_min_fraction", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     work = Path(args.work_dir)
-    scorer = Scorer(work, not args.no_semantic, args.multiref_file, args.multiref_min_fraction)
+    scorer = Scorer(work, not args.no_semantic, args.multiref_file, args.multiref_min_fraction, args.semantic_rows)
 
     commands = {row["name"]: row["command"] for row in read_jsonl(work / "commands.jsonl")}
     minutes = {row["name"]: round(row["seconds"] / 60, 1) for row in read_jsonl(work / "timings.jsonl")}

@@ -98,7 +98,8 @@ def trivial_rows(rows: list[dict], kind: str, train_responses: list[str] | None 
 
 
 def score_rows(rows: list[dict], *, embedding_model=None, semantic: bool = True, multiref_file: str | None = None,
-               multiref_min_fraction: float = 0.01, source: str = "", show_progress: bool = False) -> dict:
+               multiref_min_fraction: float = 0.01, source: str = "", show_progress: bool = False,
+               semantic_rows: int | None = None) -> dict:
     """score_generations plus the multiref fields (rows are modified in place when multiref_file is given)."""
     if multiref_file:
         try:
@@ -107,7 +108,8 @@ def score_rows(rows: list[dict], *, embedding_model=None, semantic: bool = True,
             raise SystemExit(f"score.py: error: --multiref_file {multiref_file}: {type(exc).__name__}: {exc}") from None
         print(f"multiref: {source}: matched {matched}/{len(rows)} rows to DailyDialog++ contexts", file=sys.stderr)
         fraction = check_multiref_fraction(matched, len(rows), f"{multiref_file} (input {source})", multiref_min_fraction)
-    scores = score_generations(rows, embedding_model=embedding_model, semantic=semantic, show_progress=show_progress)
+    scores = score_generations(rows, embedding_model=embedding_model, semantic=semantic, show_progress=show_progress,
+                               semantic_rows=semantic_rows)
     if multiref_file:
         scores["multiref_fraction"] = fraction
     return scores
