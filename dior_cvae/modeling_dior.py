@@ -11,6 +11,7 @@ Training forward pass (labels given), top to bottom:
 Generation: encode the context, draw one latent per returned sequence from the prior, decode with any HF strategy.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -272,6 +273,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         past_key_values / cache: the decoder cache (transformers < 5.24 / ≥ 5.24 name).
         """
         self._check_context(input_ids)
+        if labels is not None and labels.shape[-1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"response of {labels.shape[-1]} tokens (`labels`) is longer than `max_position_embeddings` "
+                f"({self.config.max_position_embeddings}); truncate it"
+            )
+        if past_key_values is not None and CACHE_NAME == "cache":
+            warnings.warn("`past_key_values` is deprecated since transformers 5.24: use `cache`", FutureWarning)
         cache = cache if cache is not None else past_key_values
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states

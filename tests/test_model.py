@@ -444,3 +444,22 @@ def test_prior_type_none_is_exactly_bart(tmp_path):
     labels = torch.randint(4, 96, (3, 5))
     torch.testing.assert_close(plain(input_ids=input_ids, labels=labels).logits,
                                bart(input_ids=input_ids, labels=labels).logits)
+
+
+def test_outside_the_tested_transformers_range_one_clear_error(monkeypatch):
+    from dior_cvae.dior_compat import TESTED_TRANSFORMERS, check_transformers_version
+
+    for version in ("5.16.2", "5.25.0", "6.0.0"):
+        with pytest.raises(ImportError, match=f"transformers >= {TESTED_TRANSFORMERS[0]}, < {TESTED_TRANSFORMERS[1]}"):
+            check_transformers_version(version)
+    for version in ("5.17.0", "5.24.0", "5.24.1.dev0"):
+        check_transformers_version(version)
+    monkeypatch.setenv("DIOR_CVAE_ALLOW_UNTESTED_TRANSFORMERS", "1")
+    with pytest.warns(UserWarning, match="continuing"):
+        check_transformers_version("5.30.0")
+
+
+def test_a_response_longer_than_the_positions_is_a_clear_error(tiny_model):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(input_ids=context_batch(1, 6), labels=torch.randint(4, 96, (1, 65)))
