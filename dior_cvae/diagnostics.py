@@ -23,10 +23,15 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None) 
     if not model.config.has_latent:
         raise ValueError('latent diagnostics need a latent model (prior_type is "none")')
     model.eval()
-    means, log_stds, samples, priors, kls, mi_terms = [], [], [], [], [], []
+    gaussian_prior = model.diffusion_prior is None and model.hierarchy.prior is not None
+    means, log_stds, samples, priors, kls, mi_terms, layer_kls = [], [], [], [], [], [], []
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        latents, posterior, summaries, context_vectors = model.posterior(**batch)
+        _, context_vectors = model.encode(batch["input_ids"], batch["attention_mask"])
+        latents, posterior, summaries = model.posterior(context_vectors, batch["labels"])
+        if gaussian_prior:
+            prior = model.hierarchy.prior_dist(summaries, context_vectors)
+            layer_kls.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
         if model.diffusion_prior is None:
             kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
         else:
@@ -56,8 +61,8 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None) 
         "posterior_std_mean": float(log_std.exp().mean()),
     }
     stats["prior_posterior_norm_ratio"] = stats["prior_norm"] / stats["posterior_norm"]
-    if model.diffusion_prior is None and model.hierarchy.prior is not None:
-        stats["kl_per_layer"] = _gaussian_kl_per_layer(model, batches)
+    if gaussian_prior:
+        stats["kl_per_layer"] = torch.stack(layer_kls).mean(0).tolist()
     flat = posterior_samples.flatten(1)
     center = flat.mean(0)
     _, _, components = torch.pca_lowrank(flat - center, q=2, center=False)
@@ -74,16 +79,6 @@ def _mutual_information(mean, log_std, latents) -> torch.Tensor:
     log_q_all = (-0.5 * diff**2 - log_std[None] - 0.5 * math.log(2 * math.pi)).sum(-1)
     log_q_aggregate = torch.logsumexp(log_q_all, dim=1) - math.log(batch)
     return (log_q_own - log_q_aggregate).mean().cpu()
-
-
-def _gaussian_kl_per_layer(model, batches) -> list:
-    per_layer = []
-    for batch in batches:
-        batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        _, posterior, summaries, context_vectors = model.posterior(**batch)
-        prior = model.hierarchy.prior_dist(summaries, context_vectors)
-        per_layer.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
-    return torch.stack(per_layer).mean(0).tolist()
 
 
 def plot_latents(stats: dict, path, title: str = "") -> None:

@@ -126,7 +126,7 @@ class DiffusionPrior(nn.Module):
             prediction = self.denoiser(noisy, log_snr, condition)
             _, pred_noise = to_x0_eps(config.prediction_type, prediction, noisy, alpha, sigma)
             diffusion = 0.5 * (lam_max - lam_min) * (noise - pred_noise).pow(2).sum(-1)
-            alpha2_min = torch.sigmoid(torch.tensor(lam_min, dtype=torch.float64)).item()
+            alpha2_min = 1 / (1 + math.exp(-lam_min))
             terminal = 0.5 * (alpha2_min * x.pow(2) - alpha2_min - math.log1p(-alpha2_min)).sum(-1)
             decoder = dim * 0.5 * (math.log(2 * math.pi * math.e) - lam_max)
             return terminal + diffusion + decoder

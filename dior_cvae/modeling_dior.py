@@ -201,14 +201,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
-    def posterior(self, input_ids, attention_mask, labels):
-        """The posterior q(z | c, r) of (context, response) pairs: (latents (B, L, ls), its DiagonalGaussian over
-        (B, L, ls), layer summaries, context vectors (B, L, d)). `labels` are responses as in `forward` (padding = -100)."""
+    def posterior(self, context_vectors, labels):
+        """The posterior q(z | c, r) given the pooled context (B, L, d) and the responses `labels` (as in `forward`,
+        padding = -100): (latents (B, L, ls), its DiagonalGaussian over (B, L, ls), layer summaries)."""
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        _, context_vectors = self.encode(input_ids, attention_mask)
         _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-        latents, dists, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
-        return latents, dists, summaries, context_vectors
+        return self.hierarchy.posterior_sample(context_vectors, response_vectors)
 
     def memory_dropout_mask(self, attention_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """Hide each memory token with probability `config.memory_dropout` (the latent slot is not part of it)."""
@@ -303,8 +301,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         kl_loss = neg_entropy = prior_loss = None
         if self.config.has_latent:
+            if context_vectors is None and latents is None:
+                context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if latents is None and labels is not None:
-                latents, posterior, summaries, context_vectors = self.posterior(input_ids, attention_mask, labels)
+                latents, posterior, summaries = self.posterior(context_vectors, labels)
                 if self.diffusion_prior is None:
                     kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
                 else:
@@ -314,8 +314,6 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                     neg_entropy, prior_loss = neg_entropy.mean(), prior_loss.mean()
                 kl_loss = kl.mean()
             elif latents is None:
-                if context_vectors is None:
-                    context_vectors = self.pool_layers(encoder_outputs, attention_mask)
                 latents = self.sample_latents(context_vectors)
             self._check_latents(latents, memory.shape[0])
         elif latents is not None:
