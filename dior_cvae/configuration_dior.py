@@ -70,6 +70,14 @@ class DiorCVAEConfig(BartConfig):
 
     Loss (paper Eq. 16):
         label_smoothing (`float`, defaults to 0.1): Label smoothing of the reconstruction cross-entropy (paper A).
+        kl_free_bits (`float`, defaults to 1.0):
+            Free bits (Kingma et al. 2016), in nats per latent dimension: in training the posterior pays no KL
+            below `kl_free_bits · encoder_layers · latent_size` nats (batch mean), while the prior is always fit to
+            the posterior samples (see `DiorCVAEForConditionalGeneration.kl_terms`). Neither the paper nor the
+            authors' code uses it (theirs has `--kl_threshold`, default off); without it every prior collapsed here:
+            on DailyDialog all latent runs reached 0 active units within ≈300 updates, and on a synthetic
+            one-to-many task greedy decoding gave 1 of 4 responses per context even at β = 0.1, against 3.3–3.8 with
+            0.25. `0` restores the plain ELBO. Evaluation losses never use the floor.
 
     Example:
 
@@ -111,6 +119,7 @@ class DiorCVAEConfig(BartConfig):
     denoiser_hidden_size: int = 512
     denoiser_layers: int = 2
     label_smoothing: float = 0.1
+    kl_free_bits: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -137,6 +146,9 @@ class DiorCVAEConfig(BartConfig):
             raise ValueError(f"`denoiser_layers` must be an integer >= 0, got {self.denoiser_layers!r}")
         for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta"):
             probability(name)
+        free_bits = self.kl_free_bits
+        if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not 0 <= free_bits < math.inf:
+            raise ValueError(f"`kl_free_bits` must be a finite number >= 0 (nats per latent dimension), got {free_bits!r}")
         one_of("prior_type", PRIOR_TYPES)
         one_of("prediction_type", PREDICTION_TYPES)
         one_of("sampler", SAMPLERS)

@@ -117,6 +117,9 @@ class DiagonalGaussian:
         normalized = (value - self.mean) * torch.exp(-self.log_std)
         return (-0.5 * normalized**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
+    def entropy(self) -> torch.Tensor:
+        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+
     def kl(self, other: "DiagonalGaussian") -> torch.Tensor:
         var_ratio = torch.exp(2 * (self.log_std - other.log_std))
         mean_term = ((self.mean - other.mean) * torch.exp(-other.log_std)) ** 2

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig
 from .dior_compat import CACHE_NAME, check_transformers_version
-from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
+from .dior_latent import DiagonalGaussian, HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
 from .dior_prior import DiffusionPrior, ZeroInitLinear
 
 check_transformers_version()
@@ -45,12 +45,13 @@ class DiorCVAEOutput(Seq2SeqLMOutput):
     [`Seq2SeqLMOutput`] (loss, logits, the decoder cache, decoder/encoder hidden states and attentions) plus:
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): `rc_loss + kl_weight * kl_loss` when `labels` are given (only
+        loss (`torch.FloatTensor` of shape `()`): `rc_loss + kl_weight * kl_loss` when `labels` are given (in training
+            the KL term has a floor, `config.kl_free_bits`; see `kl_terms`) (only
             `rc_loss` when `latents` are given too: the KL is a property of the posterior, not of given latents).
         rc_loss (`torch.FloatTensor`): reconstruction cross-entropy, summed over tokens, averaged over examples.
         kl_loss (`torch.FloatTensor`): KL term per example, averaged; for the diffusion prior it is
             `neg_entropy + prior_loss` (Eq. 16).
-        neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] (diffusion prior only).
+        neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] = −entropy of the posterior (diffusion prior only).
         prior_loss (`torch.FloatTensor`): the bound on −log p(z | c) of the posterior samples (diffusion prior only).
         latents (`torch.FloatTensor` of shape `(batch_size, num_layers, latent_size)`): the latents decoded with.
     """
@@ -208,6 +209,52 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
         return self.hierarchy.posterior_sample(context_vectors, response_vectors)
 
+    def kl_terms(self, latents, posterior, summaries, context_vectors, kl_weight: float):
+        """The KL term of the ELBO for posterior samples `latents` (B, L, ls) of `posterior`.
+
+        Returns `(kl_loss, kl_objective, neg_entropy, prior_loss)`: `kl_loss` is the batch mean of the KL estimate
+        KL(q(z | c, r) ‖ p(z | c)) (for the diffusion prior E[log q] + the bound on −log p, Eq. 16, whose two parts
+        are returned too, else None); `kl_objective` is what the loss adds to the reconstruction loss.
+
+        In evaluation `kl_objective = kl_weight · kl_loss`: the negative ELBO at β = 1. In training its value is
+        `kl_weight · max(kl_loss, config.kl_free_bits · L · ls)` and its gradient is split between the KL's sides:
+          - the posterior (and the response encoding) gets β times the floored KL's gradient: below the floor the
+            latent carries information for free (Kingma et al. 2016's free bits), so the decoder learns to use it
+            before the KL pressure closes it;
+          - the prior (its weights and its context input) gets the KL's gradient at weight 1, always: maximum
+            likelihood on the posterior samples, so that the prior keeps following the posterior while β is
+            annealed or the floor holds (β only sets how hard the posterior is pulled towards the prior).
+        At β = 1 above the floor this is the ELBO's exact gradient.
+        """
+        if self.diffusion_prior is None:
+            kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
+            neg_entropy = prior_loss = None
+        else:
+            # E_q[log q] = -Σ_l H(q_l(· | z_<l)): exact given the sampled z_<l, so it adds no sampling noise
+            neg_entropy = -posterior.entropy().sum(-1)
+            prior_bound = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1))
+            kl = neg_entropy + prior_bound
+            neg_entropy, prior_loss = neg_entropy.mean(), prior_bound.mean()
+        kl_loss = kl.mean()
+        if not self.training:
+            return kl_loss, kl_weight * kl_loss, neg_entropy, prior_loss
+
+        floor = self.config.kl_free_bits * self.config.total_latent_size
+        # a diffusion KL estimate can fall below 0 by noise: without free bits it keeps its gradient there
+        above = kl_loss.detach() > floor if floor > 0 else torch.ones((), dtype=torch.bool, device=kl_loss.device)
+        kl_objective = kl_weight * torch.where(above, kl_loss, floor)  # no gradient below the floor
+        # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
+        if self.diffusion_prior is not None:
+            prior_fit = self.diffusion_prior.nll_bound(latents.detach().flatten(1), context_vectors.detach().flatten(1))
+        elif self.hierarchy.prior is not None:
+            fixed = DiagonalGaussian(posterior.mean.detach(), posterior.log_std.detach())
+            prior_fit = self.hierarchy.prior_kl(fixed, summaries.detach(), context_vectors.detach())
+        else:  # N(0, I) has nothing to fit
+            return kl_loss, kl_objective, neg_entropy, prior_loss
+        prior_share = 1 - kl_weight * above.float()  # what kl_objective left to give the prior
+        kl_objective = kl_objective + prior_share * (prior_fit.mean() - prior_fit.mean().detach())  # gradient only
+        return kl_loss, kl_objective, neg_entropy, prior_loss
+
     def memory_dropout_mask(self, attention_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """Hide each memory token with probability `config.memory_dropout` (the latent slot is not part of it)."""
         keep = torch.rand(attention_mask.shape, generator=generator, device=attention_mask.device)
@@ -299,20 +346,15 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
 
-        kl_loss = neg_entropy = prior_loss = None
+        kl_loss = kl_objective = neg_entropy = prior_loss = None
         if self.config.has_latent:
             if context_vectors is None and latents is None:
                 context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if latents is None and labels is not None:
                 latents, posterior, summaries = self.posterior(context_vectors, labels)
-                if self.diffusion_prior is None:
-                    kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
-                else:
-                    neg_entropy = posterior.log_prob(latents).sum(-1)
-                    prior_loss = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1))
-                    kl = neg_entropy + prior_loss
-                    neg_entropy, prior_loss = neg_entropy.mean(), prior_loss.mean()
-                kl_loss = kl.mean()
+                kl_loss, kl_objective, neg_entropy, prior_loss = self.kl_terms(
+                    latents, posterior, summaries, context_vectors, kl_weight
+                )
             elif latents is None:
                 latents = self.sample_latents(context_vectors)
             self._check_latents(latents, memory.shape[0])
@@ -349,7 +391,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 reduction="none",
             )
             rc_loss = token_losses.view(labels.shape).sum(-1).mean()
-            loss = rc_loss if kl_loss is None else rc_loss + kl_weight * kl_loss
+            loss = rc_loss if kl_objective is None else rc_loss + kl_objective
         return DiorCVAEOutput(
             loss=loss,
             logits=logits,

@@ -296,6 +296,8 @@ def test_from_bart_copies_the_backbone(tmp_path):
         ("prior_guidance_scale", float("nan"), "prior_guidance_scale"),
         ("denoiser_hidden_size", 0, "denoiser_hidden_size"),
         ("denoiser_layers", -1, "denoiser_layers"),
+        ("kl_free_bits", -1.0, "kl_free_bits"),
+        ("kl_free_bits", float("inf"), "kl_free_bits"),
         ("decoder_layers", 3, "encoder_layers"),
     ],
 )

@@ -1,0 +1,111 @@
+"""The latent carries what the context cannot: a synthetic one-to-many task, for every prior.
+
+Each of 6 random contexts is followed by one of 4 fixed responses, chosen at random, so the choice is information
+only the latent can carry (a decoder without it can do no better than log 4 nats on the first token). Trained with
+the default loss (free bits, `kl_free_bits`) at KL weight β = 0.5, annealed over the first half, greedy decoding
+from prior latents must give valid responses, several distinct ones per context, and a reconstruction loss below
+what ignoring the latent costs.
+"""
+
+import math
+
+import pytest
+import torch
+
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+
+from conftest import tiny_config_kwargs
+
+NUM_CONTEXTS, NUM_RESPONSES, DRAWS, STEPS, BETA = 6, 4, 20, 400, 0.5
+
+
+def train_one_to_many(prior_type: str, seed: int = 1, **config):
+    torch.manual_seed(seed)
+    data = torch.Generator().manual_seed(seed)
+    contexts = torch.randint(4, 96, (NUM_CONTEXTS, 6), generator=data)
+    words = torch.randint(4, 96, (NUM_RESPONSES, 3), generator=data)
+    responses = torch.cat([torch.zeros(NUM_RESPONSES, 1, dtype=torch.long), words,
+                           torch.full((NUM_RESPONSES, 1), 2)], dim=1)  # <s> a b c </s>
+    model = DiorCVAEForConditionalGeneration(
+        DiorCVAEConfig(**tiny_config_kwargs(prior_type=prior_type, label_smoothing=0.0, **config))
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(STEPS):
+        context_ids = torch.randint(0, NUM_CONTEXTS, (32,), generator=data)
+        response_ids = torch.randint(0, NUM_RESPONSES, (32,), generator=data)
+        beta = BETA * min(1.0, step / (STEPS / 2))
+        out = model(input_ids=contexts[context_ids], labels=responses[response_ids], kl_weight=beta)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        rc_loss = model(input_ids=contexts.repeat(NUM_RESPONSES, 1),
+                        labels=responses.repeat_interleave(NUM_CONTEXTS, 0)).rc_loss.item()
+        generated = model.generate(contexts, num_return_sequences=DRAWS, do_sample=False, max_new_tokens=6,
+                                   latent_generator=torch.Generator().manual_seed(seed))
+    valid = {tuple(r) for r in responses[:, :4].tolist()}
+    outputs = [tuple(row) for row in generated[:, 1:5].tolist()]  # after the decoder start: <s> a b c
+    per_context = [outputs[c * DRAWS : (c + 1) * DRAWS] for c in range(NUM_CONTEXTS)]
+    valid_fraction = sum(o in valid for o in outputs) / len(outputs)
+    distinct = sum(len({o for o in rows if o in valid}) for rows in per_context) / NUM_CONTEXTS
+    return rc_loss, valid_fraction, distinct
+
+
+@pytest.mark.parametrize("prior_type", ["diffusion", "gaussian", "standard"])
+def test_prior_latents_choose_among_the_responses_of_a_context(prior_type):
+    rc_loss, valid_fraction, distinct = train_one_to_many(prior_type)
+    assert valid_fraction >= 0.9, f"{valid_fraction:.0%} valid responses"
+    assert distinct >= 2.5, f"{distinct:.1f} distinct valid responses per context (of {NUM_RESPONSES})"
+    assert rc_loss < 0.5 * math.log(NUM_RESPONSES), f"reconstruction loss {rc_loss:.2f}: the latent is unused"
+
+
+def test_without_free_bits_the_latent_collapses():
+    """The reason `kl_free_bits` is on by default: the plain ELBO at the same β ignores the latent here."""
+    rc_loss, _, distinct = train_one_to_many("diffusion", kl_free_bits=0.0)
+    assert distinct <= 1.5 and rc_loss > 0.8 * math.log(NUM_RESPONSES), (rc_loss, distinct)
+
+
+def _gradients(model, loss):
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("prior_type", ["gaussian", "diffusion"])
+def test_free_bits_split_the_kl_gradient_between_posterior_and_prior(tiny_model, prior_type):
+    """At β = 1 above the floor the loss has the ELBO's gradient; below the floor the posterior gets none from the
+    KL while the prior still fits the posterior samples; in evaluation the loss is the plain negative ELBO."""
+    model = tiny_model(prior_type=prior_type, memory_dropout=0.0, cfg_dropout=0.0, kl_free_bits=0.0)
+    model.train()
+    batch = dict(input_ids=torch.randint(4, 96, (4, 7)), labels=torch.randint(4, 96, (4, 5)))
+
+    def forward(beta):
+        torch.manual_seed(3)  # the same posterior sample and diffusion noise in every call
+        return model(**batch, kl_weight=beta)
+
+    out = forward(1.0)
+    elbo = _gradients(model, out.rc_loss + out.kl_loss)
+    for name, grad in _gradients(model, out.loss).items():
+        if grad is not None:
+            torch.testing.assert_close(grad, elbo[name], msg=name)
+
+    model.config.kl_free_bits = 1e4  # far above any KL here
+    out = forward(0.5)
+    torch.testing.assert_close(out.loss, out.rc_loss + 0.5 * 1e4 * model.config.total_latent_size)
+    floored, rc_only = _gradients(model, out.loss), _gradients(model, out.rc_loss)
+    kl_only = _gradients(model, out.kl_loss)
+    prior_prefix = "diffusion_prior." if prior_type == "diffusion" else "hierarchy.prior."
+    for name, grad in floored.items():
+        if name.startswith("hierarchy.posterior."):
+            torch.testing.assert_close(grad, rc_only[name], msg=name)  # nothing from the KL
+    prior_grads = [(name, g) for name, g in floored.items() if name.startswith(prior_prefix) and g is not None]
+    assert prior_grads and any(g.abs().max() > 0 for _, g in prior_grads)
+    if prior_type == "gaussian":  # analytic KL: the prior's gradient is the KL's own, at weight 1
+        for name, grad in prior_grads:
+            torch.testing.assert_close(grad, kl_only[name], msg=name)
+
+    model.eval()
+    out = model(**batch, kl_weight=1.0)
+    torch.testing.assert_close(out.loss, out.rc_loss + out.kl_loss)
