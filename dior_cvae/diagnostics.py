@@ -35,7 +35,7 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None) 
         if model.diffusion_prior is None:
             kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
         else:
-            kl = posterior.log_prob(latents).sum(-1) + model.diffusion_prior.nll_bound(
+            kl = -posterior.entropy().sum(-1) + model.diffusion_prior.nll_bound(
                 latents.flatten(1), context_vectors.flatten(1), generator=generator)
         kls.append(kl.float().cpu())
         means.append(posterior.mean.float().cpu())

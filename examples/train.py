@@ -76,6 +76,7 @@ from dior_cvae.data import (
     tokenize_dataset,
     train_tokenizer,
 )
+from dior_cvae.diagnostics import latent_statistics
 from dior_cvae.metrics import score_generations
 from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
@@ -484,6 +485,26 @@ def sample_responses(model, tokenizer, examples, encoded, args, num_return_seque
     return rows
 
 
+DIAGNOSTIC_EXAMPLES = 512  # validation examples of the latent diagnostics at every evaluation
+
+
+def latent_diagnostics(model, dataloader, accelerator) -> dict:
+    """`dior_cvae.diagnostics` on the first `DIAGNOSTIC_EXAMPLES` examples of this process's validation shard, as
+    scalars: active units, mutual information, prior/posterior norm ratio, KL to N(0, I) of every latent layer."""
+    batches, seen = [], 0
+    for batch in dataloader:
+        batches.append(batch)
+        seen += batch["input_ids"].shape[0]
+        if seen >= DIAGNOSTIC_EXAMPLES:
+            break
+    with accelerator.autocast():
+        stats = latent_statistics(model, batches)
+    values = {k: stats[k] for k in ("active_units_fraction", "mutual_information", "prior_posterior_norm_ratio",
+                                    "posterior_std_mean")}
+    values.update({f"kl_layer{l}": v for l, v in enumerate(stats["kl_to_standard_per_layer"])})
+    return values
+
+
 def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded) -> dict:
     """Mean loss components (β = 1, eval mode: no dropout, no memory dropout) and generation metrics.
 
@@ -503,8 +524,11 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
             totals += rows.double().sum(0)
             count += rows.shape[0]
         results = {k: (totals[i] / max(count, 1)).item() for i, k in enumerate(LOSS_KEYS)}
-        if accelerator.unwrap_model(model).config.prior_type != "diffusion":
+        unwrapped = accelerator.unwrap_model(model)
+        if unwrapped.config.prior_type != "diffusion":
             results.pop("neg_entropy"), results.pop("prior_loss")
+        if unwrapped.config.has_latent and accelerator.is_main_process:
+            results.update(latent_diagnostics(unwrapped, dataloader, accelerator))
         n = min(args.num_eval_generation_samples, len(examples))
         if n > 0 and accelerator.is_main_process:
             with accelerator.autocast():
@@ -800,6 +824,8 @@ def write_training_curves(log_file: Path, output_dir: Path) -> None:
     rows = [json.loads(line) for line in log_file.read_text().splitlines()] if log_file.is_file() else []
     panels = [("training loss", ["loss", "rc_loss"]), ("KL", ["kl_loss"]), ("β (KL weight)", ["beta"]),
               ("validation", ["eval_loss", "eval_rc_loss", "eval_kl_loss"]),
+              ("latent (validation)", ["eval_active_units_fraction", "eval_mutual_information",
+                                       "eval_prior_posterior_norm_ratio"]),
               ("validation generation", ["eval_bleu1", "eval_bleu2", "eval_distinct1", "eval_distinct2"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (title, keys) in zip(axes, panels):

@@ -127,6 +127,11 @@ def test_end_to_end_output_loads_with_remote_code(tmp_path):
     for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_bleu1", "eval_bleu2", "eval_distinct1",
                 "eval_distinct2", "eval_entropy1", "eval_entropy2", "eval_entropy3", "test_loss"):
         assert key in results, key
+    # the latent diagnostics of every evaluation, logged beside the losses (and to tensorboard with tracking)
+    evals = [r for r in history if "eval_loss" in r]
+    assert evals and all(0 <= r["eval_active_units_fraction"] <= 1 and r["eval_prior_posterior_norm_ratio"] > 0
+                         and math.isfinite(r["eval_mutual_information"]) for r in evals)
+    assert all(f"eval_kl_layer{l}" in evals[-1] for l in range(2))
 
     load_in_fresh_process(tmp_path, out)
 
