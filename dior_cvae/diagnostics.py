@@ -16,10 +16,11 @@ import torch
 
 
 @torch.no_grad()
-def latent_statistics(model, batches, num_inference_steps=None, generator=None) -> dict:
+def latent_statistics(model, batches, num_inference_steps=None, generator=None, pca: bool = True) -> dict:
     """`batches`: iterable of dicts with `input_ids`, `attention_mask`, `labels` (as the training collator makes).
 
-    Returns the diagnostics above (floats and lists) plus `prior_pca` / `posterior_pca` (N, 2) tensors."""
+    Returns the diagnostics above (floats and lists) plus, with `pca`, `prior_pca` / `posterior_pca` (N, 2) tensors
+    (None where a latent is not finite: the statistics then read NaN)."""
     if not model.config.has_latent:
         raise ValueError('latent diagnostics need a latent model (prior_type is "none")')
     model.eval()
@@ -63,11 +64,15 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None) 
     stats["prior_posterior_norm_ratio"] = stats["prior_norm"] / stats["posterior_norm"]
     if gaussian_prior:
         stats["kl_per_layer"] = torch.stack(layer_kls).mean(0).tolist()
+    if not pca:
+        return stats
     flat = posterior_samples.flatten(1)
-    center = flat.mean(0)
-    _, _, components = torch.pca_lowrank(flat - center, q=2, center=False)
-    stats["posterior_pca"] = (flat - center) @ components
-    stats["prior_pca"] = (prior_samples.flatten(1) - center) @ components
+    stats["posterior_pca"] = stats["prior_pca"] = None
+    if torch.isfinite(flat).all() and torch.isfinite(prior_samples).all():
+        center = flat.mean(0)
+        _, _, components = torch.pca_lowrank(flat - center, q=2, center=False)
+        stats["posterior_pca"] = (flat - center) @ components
+        stats["prior_pca"] = (prior_samples.flatten(1) - center) @ components
     return stats
 
 
@@ -88,8 +93,10 @@ def plot_latents(stats: dict, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 5))
     post, prior = stats["posterior_pca"], stats["prior_pca"]
+    if post is None:
+        raise ValueError("no latent plot: the posterior or prior latents are not finite")
+    fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(post[:, 0], post[:, 1], s=3, alpha=0.4, label="posterior q(z | c, r)")
     ax.scatter(prior[:, 0], prior[:, 1], s=3, alpha=0.4, label="prior p(z | c)")
     ax.set_xlabel("PC 1 of posterior samples")

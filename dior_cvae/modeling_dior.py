@@ -240,8 +240,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             return kl_loss, kl_weight * kl_loss, neg_entropy, prior_loss
 
         floor = self.config.kl_free_bits * self.config.total_latent_size
-        # a diffusion KL estimate can fall below 0 by noise: without free bits it keeps its gradient there
-        above = kl_loss.detach() > floor if floor > 0 else torch.ones((), dtype=torch.bool, device=kl_loss.device)
+        above = ~(kl_loss.detach() <= floor)  # NaN counts as above: it reaches the loss, never hidden by the floor
+        if floor == 0:  # a diffusion KL estimate can fall below 0 by noise: with no floor it keeps its gradient
+            above = torch.ones_like(above)
         kl_objective = kl_weight * torch.where(above, kl_loss, floor)  # no gradient below the floor
         # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
         if self.diffusion_prior is not None:

@@ -498,7 +498,7 @@ def latent_diagnostics(model, dataloader, accelerator) -> dict:
         if seen >= DIAGNOSTIC_EXAMPLES:
             break
     with accelerator.autocast():
-        stats = latent_statistics(model, batches)
+        stats = latent_statistics(model, batches, pca=False)
     values = {k: stats[k] for k in ("active_units_fraction", "mutual_information", "prior_posterior_norm_ratio",
                                     "posterior_std_mean")}
     values.update({f"kl_layer{l}": v for l, v in enumerate(stats["kl_to_standard_per_layer"])})

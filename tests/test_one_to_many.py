@@ -109,3 +109,11 @@ def test_free_bits_split_the_kl_gradient_between_posterior_and_prior(tiny_model,
     model.eval()
     out = model(**batch, kl_weight=1.0)
     torch.testing.assert_close(out.loss, out.rc_loss + out.kl_loss)
+
+
+def test_a_nan_kl_is_never_hidden_by_the_floor(tiny_model, monkeypatch):
+    model = tiny_model(prior_type="diffusion")
+    model.train()
+    monkeypatch.setattr(model.diffusion_prior, "nll_bound", lambda latents, *a, **k: latents.sum(-1) * float("nan"))
+    out = model(input_ids=torch.randint(4, 96, (2, 5)), labels=torch.randint(4, 96, (2, 4)), kl_weight=0.5)
+    assert torch.isnan(out.loss)
