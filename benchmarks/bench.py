@@ -49,10 +49,11 @@ from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
 from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
 
-GOALS = {
-    "train_ratio_bs256": (">=", 0.85),
-    "gen_ratio_bs64": (">=", 0.90),
-    "gen_ratio_bs256": (">=", 0.90),
+GOALS = {  # the speed issue's goals (ratios to BART of the same shape, same run)
+    "train_ratio_bs64": (">=", 0.85),
+    "train_ratio_bs256": (">=", 0.90),
+    "gen_ratio_bs64": (">=", 0.95),
+    "gen_ratio_bs256": (">=", 1.0),
     "bs1_tokens_per_s": (">=", 1000.0),
     "prior_share": ("<=", 0.05),
 }
@@ -427,9 +428,9 @@ def table(results) -> str:
 
     for batch in results["shapes"]["train_batches"]:
         add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
-            ">= 0.85" if batch == 256 else "")
+            {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
     for batch in results["shapes"]["gen_batches"]:
-        add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", ">= 0.90" if batch in (64, 256) else "")
+        add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))
     for batch in results["shapes"]["gen_batches"]:
         if f"gen_tokens_per_s_dior_static_bs{batch}" in results:
             add(f"gen tok/s bs{batch} static", f"gen_tokens_per_s_{{}}_static_bs{batch}")
@@ -491,7 +492,7 @@ def plot(results, path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2.4]})
     names = ["train_ratio_bs64", "train_ratio_bs256", "gen_ratio_bs1", "gen_ratio_bs64", "gen_ratio_bs256"]
-    goals = [None, 0.85, None, 0.90, 0.90]
+    goals = [0.85, 0.90, None, 0.95, 1.0]
     colors = ["#4c72b0"] * 2 + ["#55a868"] * 3
     for batch in results["shapes"]["gen_batches"]:
         if f"gen_ratio_static_bs{batch}" in results:
