@@ -13,6 +13,7 @@ Usage:
         [--no_semantic] [--embedding_model PATH]
         [--multiref_file ../shared/data/dailydialog_plusplus/test.json.gz [--multiref_min_fraction 0.01]]
         [--trivial {copy_last,random_train} [--dataset_dir ../shared/data/dailydialog/ijcnlp] [--seed 1234]]
+        [--latent_model MODEL_DIR --dataset_dir DIR [--latent_split validation] [--latent_plot latents.png]]
 
 ``--multiref_file`` attaches the 5 DailyDialog++ references to every row whose
 context matches a DailyDialog++ context (``dior_cvae.metrics.MultirefIndex``:
@@ -28,6 +29,11 @@ contexts match train pairs). Below ``--multiref_min_fraction`` matched rows
 instead of its samples (each row keeps its number of samples): ``copy_last``
 repeats the last context turn; ``random_train`` draws training responses at
 random (seeded) from ``--dataset_dir``'s DailyDialog train split.
+
+``--latent_model`` adds the model's latent diagnostics under ``"latent"`` (``examples/diagnose.py``: active units,
+KL per layer and to N(0, I), mutual information — at most log of its batch, ``mutual_information_max`` —, the
+prior/posterior latent norm ratio) on ``--latent_split`` of ``--dataset_dir``; ``--latent_plot`` draws prior against
+posterior latents of the same contexts (PCA of the posterior samples).
 """
 
 from __future__ import annotations
@@ -128,9 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trivial", choices=TRIVIAL, help="score a trivial responder instead of the samples")
     parser.add_argument("--dataset_dir", help="DailyDialog folder (train split) for --trivial random_train")
     parser.add_argument("--seed", type=int, default=1234, help="seed of --trivial random_train")
+    parser.add_argument("--latent_model", help="also the latent diagnostics of this saved model (examples/diagnose.py: "
+                        "active units, KL per layer, mutual information, prior/posterior norm ratio) on --dataset_dir")
+    parser.add_argument("--latent_split", default="validation", choices=["train", "validation", "test"])
+    parser.add_argument("--latent_samples", type=int, default=2000, help="pairs of --latent_split for the diagnostics")
+    parser.add_argument("--latent_plot", help="PNG of prior against posterior latents of the same contexts")
     args = parser.parse_args(argv)
     if args.trivial == "random_train" and not args.dataset_dir:
         parser.error("--trivial random_train needs --dataset_dir")
+    if (args.latent_model or args.latent_plot) and not (args.latent_model and args.dataset_dir):
+        parser.error("--latent_model needs --dataset_dir (and --latent_plot needs --latent_model)")
 
     try:
         rows = read_generations(args.input)
@@ -142,6 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     model = None if args.no_semantic else load_embedding_model(args.embedding_model)
     scores = score_rows(rows, embedding_model=model, semantic=not args.no_semantic, multiref_file=args.multiref_file,
                         multiref_min_fraction=args.multiref_min_fraction, source=args.input, show_progress=True)
+    if args.latent_model:
+        from diagnose import diagnose  # examples/diagnose.py, beside this script
+
+        scores["latent"] = diagnose(args.latent_model, args.dataset_dir, args.latent_split, args.latent_samples,
+                                    plot=args.latent_plot)
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:

@@ -111,3 +111,31 @@ def test_beam_preset_with_input_file(workdir):
     assert rows[0]["context"] == SENTENCES[:3] and rows[0]["reference"] == SENTENCES[3]
     assert rows[1]["context"] == [SENTENCES[4]] and "reference" not in rows[1]
     assert "beam" in proc.stderr
+
+
+def test_score_writes_the_latent_diagnostics_and_plot(workdir):
+    if not (SAMPLE_DIR / "validation.txt.gz").is_file():
+        pytest.skip("the shipped DailyDialog sample is not there")
+    data_args = json.loads((workdir / "data_args.json").read_text())
+    generations = workdir / "for_score.jsonl"
+    run_script(workdir, generations, *data_args, "--max_samples", "4", "--num_inference_steps", "3")
+    plot = workdir / "latents.png"
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "score.py"), "--input", str(generations), "--no_semantic",
+         "--latent_model", str(workdir / "model"), "--dataset_dir", str(SAMPLE_DIR), "--latent_samples", "16",
+         "--latent_plot", str(plot)],
+        env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    latent = json.loads(proc.stdout)["latent"]
+    assert latent["num_examples"] == 16 and latent["prior_type"] == "diffusion"
+    assert 0 <= latent["active_units_fraction"] <= 1 and latent["prior_posterior_norm_ratio"] > 0
+    assert len(latent["kl_to_standard_per_layer"]) == 2
+    assert 0 <= latent["mutual_information"] <= latent["mutual_information_max"] + 1e-3
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    refused = subprocess.run([sys.executable, str(REPO / "examples" / "score.py"), "--input", str(generations),
+                              "--no_semantic", "--latent_model", str(workdir / "model")],
+                             env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert refused.returncode != 0 and "--latent_model needs --dataset_dir" in refused.stderr
