@@ -92,7 +92,7 @@ class LatentProjection(StackedLinear):
 
 
 class DiagonalGaussian:
-    """N(mean, exp(log_std)²) per dimension; log-densities are summed over the last dimension."""
+    """N(mean, exp(log_std)²) per dimension; entropies and KLs are summed over the last dimension."""
 
     def __init__(self, mean: torch.Tensor, log_std: torch.Tensor):
         self.mean = mean
@@ -112,10 +112,6 @@ class DiagonalGaussian:
     def sample(self, generator=None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.log_std.exp() * noise
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        normalized = (value - self.mean) * torch.exp(-self.log_std)
-        return (-0.5 * normalized**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def entropy(self) -> torch.Tensor:
         return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
