@@ -6,7 +6,7 @@
 # 3. the runs side by side, 4. generations + latent diagnostics. Scoring follows on a machine with the MiniLM model:
 #   python examples/collect_results.py --work_dir WORK_DIR ...
 set -uo pipefail
-data=$1; work=$2; minutes=${3:-16}
+data=$1; work=$2; minutes=${3:-15}
 mkdir -p "$work"
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 ${SKIP_BENCH:+:} python benchmarks/bench.py --fast --budget-s 220 --output "$work/speed.json" --plot "$work/speed.png" \
