@@ -33,11 +33,7 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None, 
         if gaussian_prior:
             prior = model.hierarchy.prior_dist(summaries, context_vectors)
             layer_kls.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
-        if model.diffusion_prior is None:
-            kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
-        else:
-            kl = -posterior.entropy().sum(-1) + model.diffusion_prior.nll_bound(
-                latents.flatten(1), context_vectors.flatten(1), generator=generator)
+        kl = model.kl_divergence(latents, posterior, summaries, context_vectors, generator)[0]
         kls.append(kl.float().cpu())
         means.append(posterior.mean.float().cpu())
         log_stds.append(posterior.log_std.float().cpu())

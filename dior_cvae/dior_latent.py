@@ -109,6 +109,9 @@ class DiagonalGaussian:
     def standard(cls, like: torch.Tensor) -> "DiagonalGaussian":
         return cls(torch.zeros_like(like), torch.zeros_like(like))
 
+    def detach(self) -> "DiagonalGaussian":
+        return DiagonalGaussian(self.mean.detach(), self.log_std.detach())
+
     def sample(self, generator=None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.log_std.exp() * noise

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig
 from .dior_compat import CACHE_NAME, check_transformers_version
-from .dior_latent import DiagonalGaussian, HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
+from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
 from .dior_prior import DiffusionPrior, ZeroInitLinear
 
 check_transformers_version()
@@ -209,51 +209,50 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
         return self.hierarchy.posterior_sample(context_vectors, response_vectors)
 
+    def kl_divergence(self, latents, posterior, summaries, context_vectors, generator=None):
+        """Per-example KL(q(z | c, r) ‖ p(z | c)) of posterior samples `latents` (B, L, ls): `(kl, neg_entropy,
+        prior_bound)`, each (B,). For the diffusion prior kl = E[log q] + the bound on −log p (Eq. 16), whose two
+        parts are the other two; for the Gaussian priors kl is analytic and the other two are None."""
+        if self.diffusion_prior is None:
+            return self.hierarchy.prior_kl(posterior, summaries, context_vectors), None, None
+        # E_q[log q] = -Σ_l H(q_l(· | z_<l)): exact given the sampled z_<l, so it adds no sampling noise
+        neg_entropy = -posterior.entropy().sum(-1)
+        prior_bound = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1), generator)
+        return neg_entropy + prior_bound, neg_entropy, prior_bound
+
     def kl_terms(self, latents, posterior, summaries, context_vectors, kl_weight: float):
         """The KL term of the ELBO for posterior samples `latents` (B, L, ls) of `posterior`.
 
-        Returns `(kl_loss, kl_objective, neg_entropy, prior_loss)`: `kl_loss` is the batch mean of the KL estimate
-        KL(q(z | c, r) ‖ p(z | c)) (for the diffusion prior E[log q] + the bound on −log p, Eq. 16, whose two parts
-        are returned too, else None); `kl_objective` is what the loss adds to the reconstruction loss.
+        Returns `(kl_loss, kl_objective, neg_entropy, prior_loss)`: batch means of `kl_divergence`'s three terms
+        (the last two None for the Gaussian priors), and what the loss adds to the reconstruction loss.
 
         In evaluation `kl_objective = kl_weight · kl_loss`: the negative ELBO at β = 1. In training its value is
         `kl_weight · max(kl_loss, config.kl_free_bits · L · ls)` and its gradient is split between the KL's sides:
           - the posterior (and the response encoding) gets β times the floored KL's gradient: below the floor the
             latent carries information for free (Kingma et al. 2016's free bits), so the decoder learns to use it
             before the KL pressure closes it;
-          - the prior (its weights and its context input) gets the KL's gradient at weight 1, always: maximum
-            likelihood on the posterior samples, so that the prior keeps following the posterior while β is
-            annealed or the floor holds (β only sets how hard the posterior is pulled towards the prior).
+          - the prior (its weights) gets the KL's gradient at weight 1, always: maximum likelihood on the posterior
+            samples, so that the prior keeps following the posterior while β is annealed or the floor holds (β only
+            sets how hard the posterior is pulled towards the prior).
         At β = 1 above the floor this is the ELBO's exact gradient.
         """
-        if self.diffusion_prior is None:
-            kl = self.hierarchy.prior_kl(posterior, summaries, context_vectors)
-            neg_entropy = prior_loss = None
-        else:
-            # E_q[log q] = -Σ_l H(q_l(· | z_<l)): exact given the sampled z_<l, so it adds no sampling noise
-            neg_entropy = -posterior.entropy().sum(-1)
-            prior_bound = self.diffusion_prior.nll_bound(latents.flatten(1), context_vectors.flatten(1))
-            kl = neg_entropy + prior_bound
-            neg_entropy, prior_loss = neg_entropy.mean(), prior_bound.mean()
+        kl, neg_entropy, prior_bound = self.kl_divergence(latents, posterior, summaries, context_vectors)
         kl_loss = kl.mean()
+        neg_entropy, prior_loss = (None, None) if neg_entropy is None else (neg_entropy.mean(), prior_bound.mean())
         if not self.training:
             return kl_loss, kl_weight * kl_loss, neg_entropy, prior_loss
 
         floor = self.config.kl_free_bits * self.config.total_latent_size
-        above = ~(kl_loss.detach() <= floor)  # NaN counts as above: it reaches the loss, never hidden by the floor
-        if floor == 0:  # a diffusion KL estimate can fall below 0 by noise: with no floor it keeps its gradient
-            above = torch.ones_like(above)
+        # NaN counts as above (it reaches the loss); with no floor a diffusion estimate below 0 keeps its gradient
+        above = ~(kl_loss.detach() <= floor) | (floor == 0)
         kl_objective = kl_weight * torch.where(above, kl_loss, floor)  # no gradient below the floor
-        # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
-        if self.diffusion_prior is not None:
-            prior_fit = self.diffusion_prior.nll_bound(latents.detach().flatten(1), context_vectors.detach().flatten(1))
-        elif self.hierarchy.prior is not None:
-            fixed = DiagonalGaussian(posterior.mean.detach(), posterior.log_std.detach())
-            prior_fit = self.hierarchy.prior_kl(fixed, summaries.detach(), context_vectors.detach())
-        else:  # N(0, I) has nothing to fit
+        if self.diffusion_prior is None and self.hierarchy.prior is None:  # N(0, I) has nothing to fit
             return kl_loss, kl_objective, neg_entropy, prior_loss
+        # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
+        prior_fit = self.kl_divergence(latents.detach(), posterior.detach(), summaries.detach(),
+                                       context_vectors.detach())[0].mean()
         prior_share = 1 - kl_weight * above.float()  # what kl_objective left to give the prior
-        kl_objective = kl_objective + prior_share * (prior_fit.mean() - prior_fit.mean().detach())  # gradient only
+        kl_objective = kl_objective + prior_share * (prior_fit - prior_fit.detach())  # gradient only
         return kl_loss, kl_objective, neg_entropy, prior_loss
 
     def memory_dropout_mask(self, attention_mask: torch.Tensor, generator=None) -> torch.Tensor:

@@ -488,15 +488,9 @@ def sample_responses(model, tokenizer, examples, encoded, args, num_return_seque
 DIAGNOSTIC_EXAMPLES = 512  # validation examples of the latent diagnostics at every evaluation
 
 
-def latent_diagnostics(model, dataloader, accelerator) -> dict:
-    """`dior_cvae.diagnostics` on the first `DIAGNOSTIC_EXAMPLES` examples of this process's validation shard, as
-    scalars: active units, mutual information, prior/posterior norm ratio, KL to N(0, I) of every latent layer."""
-    batches, seen = [], 0
-    for batch in dataloader:
-        batches.append(batch)
-        seen += batch["input_ids"].shape[0]
-        if seen >= DIAGNOSTIC_EXAMPLES:
-            break
+def latent_diagnostics(model, batches, accelerator) -> dict:
+    """`dior_cvae.diagnostics` on validation `batches` (the first `DIAGNOSTIC_EXAMPLES` examples of this process's
+    shard), as scalars: active units, mutual information, prior/posterior norm ratio, KL to N(0, I) of every layer."""
     with accelerator.autocast():
         stats = latent_statistics(model, batches, pca=False)
     values = {k: stats[k] for k in ("active_units_fraction", "mutual_information", "prior_posterior_norm_ratio",
@@ -515,7 +509,11 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(args.seed)
         totals, count = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=accelerator.device), 0
+        diagnostic_batches, local_count = [], 0
         for batch in dataloader:
+            if local_count < DIAGNOSTIC_EXAMPLES:  # kept for the latent diagnostics: no second pass over the data
+                diagnostic_batches.append(batch)
+                local_count += batch["input_ids"].shape[0]
             with accelerator.autocast():
                 out = model(**batch, kl_weight=1.0)
             values = torch.stack([getattr(out, k).float() if getattr(out, k) is not None else out.loss.new_zeros(())
@@ -528,7 +526,7 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
         if unwrapped.config.prior_type != "diffusion":
             results.pop("neg_entropy"), results.pop("prior_loss")
         if unwrapped.config.has_latent and accelerator.is_main_process:
-            results.update(latent_diagnostics(unwrapped, dataloader, accelerator))
+            results.update(latent_diagnostics(unwrapped, diagnostic_batches, accelerator))
         n = min(args.num_eval_generation_samples, len(examples))
         if n > 0 and accelerator.is_main_process:
             with accelerator.autocast():
