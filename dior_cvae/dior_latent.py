@@ -13,6 +13,12 @@ from transformers.models.bart.modeling_bart import ALL_ATTENTION_FUNCTIONS, Bart
 
 from .dior_compat import pop_cache
 
+
+def rng(generator: torch.Generator | None) -> dict:
+    """`generator=` for torch.rand / randn / randperm, or nothing for the global RNG: torch.compile cannot trace an
+    explicit `generator=None` with dynamic sizes."""
+    return {} if generator is None else {"generator": generator}
+
 # e^-7 ≤ σ ≤ 1, as soft bounds (softplus, so no entry ever sits on a bound without a gradient): posterior noise
 # never exceeds the unit scale of the prior's noise (the authors allow σ up to 12)
 LOG_STD_MIN, LOG_STD_MAX = -7.0, 0.0
@@ -113,7 +119,7 @@ class DiagonalGaussian:
         return DiagonalGaussian(self.mean.detach(), self.log_std.detach())
 
     def sample(self, generator=None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, **rng(generator))
         return self.mean + self.log_std.exp() * noise
 
     def entropy(self) -> torch.Tensor:
@@ -233,7 +239,7 @@ class HierarchicalLatents(nn.Module):
         batch, num_layers = context_vectors.shape[:2]
         if self.prior is None:
             shape = (batch, num_layers, self.latent_size)
-            return torch.randn(shape, generator=generator, device=context_vectors.device, dtype=context_vectors.dtype)
+            return torch.randn(shape, device=context_vectors.device, dtype=context_vectors.dtype, **rng(generator))
         return self._ancestral(self.prior, context_vectors, generator)[0]
 
 

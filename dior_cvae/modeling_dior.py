@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig
 from .dior_compat import CACHE_NAME, check_transformers_version
-from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear
+from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
 from .dior_prior import DiffusionPrior, ZeroInitLinear
 
 check_transformers_version()
@@ -257,7 +257,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     def memory_dropout_mask(self, attention_mask: torch.Tensor, generator=None) -> torch.Tensor:
         """Hide each memory token with probability `config.memory_dropout` (the latent slot is not part of it)."""
-        keep = torch.rand(attention_mask.shape, generator=generator, device=attention_mask.device)
+        keep = torch.rand(attention_mask.shape, device=attention_mask.device, **rng(generator))
         dropped = attention_mask * (keep >= self.config.memory_dropout).to(attention_mask.dtype)
         if not self.config.cross_attention_infusion:  # a row with nothing left would attend to nothing
             dropped = torch.where(dropped.sum(-1, keepdim=True) == 0, attention_mask, dropped)
@@ -303,7 +303,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         cache=None,
         labels: torch.LongTensor | None = None,
         latents: torch.FloatTensor | None = None,
-        kl_weight: float = 1.0,
+        kl_weight: float | torch.Tensor = 1.0,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
@@ -314,7 +314,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             reconstruction target and, through the shared encoder, the input of the posterior.
         latents (`torch.FloatTensor` of shape `(B, L, latent_size)`, *optional*): decode with these latents instead
             of posterior (with labels) or prior (without) samples; with `labels`, `loss` is then `rc_loss`.
-        kl_weight (`float`): β multiplying the KL term, for annealing by the training loop.
+        kl_weight (`float` or 0-d `torch.Tensor`): β multiplying the KL term, for annealing by the training loop (a
+            tensor under torch.compile, where each new float would recompile).
         past_key_values / cache: the decoder cache (transformers < 5.24 / ≥ 5.24 name).
         """
         self._check_context(input_ids)

@@ -222,6 +222,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--pad_to_multiple_of", type=int, default=16,
                        help="Pad batches to a multiple of this many tokens: a few bucket shapes (0: no rounding).")
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
+    train.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the training forward (evaluation and generation stay eager). Default: on "
+                            "on CUDA, where the eager step is bound by kernel launches (docs/performance.md), off on "
+                            "the CPU, where compiling costs more than it saves on small runs.")
+    train.add_argument("--torch_compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
     train.add_argument("--ddp_find_unused_parameters", action="store_true",
                        help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
 
@@ -975,13 +980,19 @@ def main(argv: list[str] | None = None) -> None:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    optimizer = torch.optim.AdamW(
+    optimizer = torch.optim.AdamW(  # fused on CUDA: one kernel per step instead of several per weight group
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=accelerator.device.type == "cuda",
     )
     model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
         model, optimizer, train_dataloader, *eval_dataloaders.values())
     eval_dataloaders = dict(zip(eval_dataloaders, prepared_eval))
+    if args.torch_compile is None:
+        args.torch_compile = accelerator.device.type == "cuda"
+    # the training forward only, sharing the weights; dynamic shapes: one compile for every length-grouped shape
+    train_forward = (torch.compile(model, backend=args.torch_compile_backend, dynamic=True) if args.torch_compile
+                     else model)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -1098,7 +1109,8 @@ def main(argv: list[str] | None = None) -> None:
         for batch_index, batch in enumerate(active_dataloader, start=skip):
             beta = kl_weight(completed_steps, args.kl_annealing, args.kl_annealing_steps, steps_per_epoch)
             with accelerator.accumulate(model):
-                outputs = model(**batch, kl_weight=beta)
+                # β as a tensor: a Python float would be a constant of the compiled graph (a recompile per value)
+                outputs = train_forward(**batch, kl_weight=torch.tensor(beta))
                 accelerator.backward(outputs.loss)
                 nonfinite += (~torch.isfinite(outputs.loss.detach())).float()
                 if accelerator.sync_gradients:
@@ -1130,7 +1142,8 @@ def main(argv: list[str] | None = None) -> None:
                 means = (accelerator.reduce(running, "mean") / running_count).tolist()
                 values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
                           or accelerator.unwrap_model(model).config.prior_type == "diffusion"}
-                values.update(beta=beta, lr=lr_scheduler.get_last_lr()[0], epoch=completed_steps / steps_per_epoch)
+                values.update(beta=beta, lr=lr_scheduler.get_last_lr()[0], epoch=completed_steps / steps_per_epoch,
+                              train_time_s=state["training_time_s"] + time.time() - train_start)
                 progress.set_postfix(loss=f"{values['loss']:.3f}", rc=f"{values['rc_loss']:.2f}",
                                      kl=f"{values['kl_loss']:.2f}", beta=f"{beta:.2f}")
                 log(values, completed_steps)

@@ -83,3 +83,50 @@ def test_sample_latents_in_a_bf16_model(sampler):
     # and through generate(): the prior's float32 latents decode in the bf16 model
     out = sample(model, ids, mask, None)
     assert out.shape == (3, NEW_TOKENS + 1)
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver++", "ddpm"])
+def test_prior_cuda_graph_replays_the_eager_loop(sampler):
+    """The graphed prior gives the eager loop's latents for the same noise; a second call replays the captured graph
+    with new inputs (not the old ones), a new batch size captures a new graph, and weights changed in place are
+    seen by the replay."""
+    import copy
+
+    from dior_cvae.scheduling_dior import DiorScheduler
+
+    device = torch.device("cuda")
+    model = build(device, torch.float32, sampler=sampler, prior_guidance_scale=0.5)
+    prior = model.diffusion_prior
+    with torch.no_grad():  # a denoiser that is not the zero-initialised identity
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    graphs = prior._sampling_graphs
+
+    def eager(condition, seed):
+        generator = torch.Generator(device).manual_seed(seed)
+        scheduler = DiorScheduler(model.config)
+        scheduler.set_timesteps(6, device)
+        shape = (condition.shape[0], model.config.total_latent_size)
+        noise = torch.randn(shape, generator=generator, device=device)
+        latents = prior.sampling_loop(scheduler, noise, condition, scheduler.step_noises(shape, generator, device),
+                                      0.5)
+        return scheduler.final_sample(latents)
+
+    def graphed(condition, seed):
+        return prior.sample(condition, 6, generator=torch.Generator(device).manual_seed(seed))
+
+    condition = torch.randn(3, model.config.encoder_layers * model.config.d_model, device=device)
+    first = graphed(condition, 0)
+    assert len(graphs.graphs) == 1
+    torch.testing.assert_close(first, eager(condition, 0), rtol=1e-5, atol=1e-5)
+    other = torch.randn_like(condition)
+    second = graphed(other, 1)  # replay with new inputs
+    assert len(graphs.graphs) == 1
+    torch.testing.assert_close(second, eager(other, 1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(first, second)
+    with torch.no_grad():
+        prior.denoiser.output.bias.add_(0.3)  # in place, as an optimizer step
+    torch.testing.assert_close(graphed(other, 1), eager(other, 1), rtol=1e-5, atol=1e-5)
+    graphed(condition[:2], 0)
+    assert len(graphs.graphs) == 2
+    assert len(copy.deepcopy(prior)._sampling_graphs.graphs) == 0
