@@ -9,9 +9,6 @@ contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
 
 * training step = forward + backward + AdamW step on **bf16 weights** (no autocast; AdamW fused on CUDA), both
   models alike; examples/s.
-* `--fast` on CUDA adds the training step with each model's forward torch.compile'd (`dynamic=True`, inductor), as
-  `examples/train.py` trains on CUDA by default: `train_ratio_compiled_bs{b}` (Dior compiled / BART compiled) and
-  `train_ratio_compiled_vs_eager_bart_bs{b}`; the first step (the compile) is `train_compile_first_step_s`.
 * generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
   (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
   (for Dior that includes encoding and the 50-step prior sample).
@@ -53,10 +50,8 @@ from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: 
 from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
 
 GOALS = {  # the speed issue's goals (ratios to BART of the same shape, same run)
-    "train_ratio_bs64": (">=", 0.85),  # both eager
+    "train_ratio_bs64": (">=", 0.85),
     "train_ratio_bs256": (">=", 0.90),
-    "train_ratio_compiled_bs64": (">=", 0.85),  # both torch.compile'd (examples/train.py's default on CUDA)
-    "train_ratio_compiled_bs256": (">=", 0.90),
     "gen_ratio_bs64": (">=", 0.95),
     "gen_ratio_bs256": (">=", 1.0),
     "bs1_tokens_per_s": (">=", 1000.0),
@@ -159,17 +154,14 @@ def generation_kwargs(spec):
 # ---- phases ---------------------------------------------------------------------------------------------------------
 
 
-def bench_train(model, batch, spec, timer, device, seed, compile_backend=None):
-    """examples/s of forward + backward + AdamW; with `compile_backend`, the forward torch.compile'd as
-    `examples/train.py` does on CUDA (`dynamic=True`; the first warm-up call compiles)."""
+def bench_train(model, batch, spec, timer, device, seed):
     context, mask, labels = token_batch(batch, spec, device, seed)
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
-    forward = model if compile_backend is None else torch.compile(model, backend=compile_backend, dynamic=True)
 
     def step():
-        loss = forward(input_ids=context, attention_mask=mask, labels=labels).loss
+        loss = model(input_ids=context, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -306,32 +298,6 @@ def run(args):
             log(f"[bench] train {name} bs{batch}: {rate and round(rate, 1)} ex/s, peak {peak} MiB")
         results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
 
-    # training with the forward torch.compile'd (examples/train.py's default on CUDA), both models
-    if args.fast and (device.type == "cuda" or args.train_compile_backend != "inductor"):
-        results["train_compile_backend"] = args.train_compile_backend
-        results["train_compile_first_step_s"] = {}
-        for batch in spec["train_batches"]:
-            for name, model in (("bart", bart), ("dior", dior)):
-                rate = peak = None
-                if _budget_left(args, started) < args.compile_reserve_s:
-                    results["errors"][f"train_{name}_compiled_bs{batch}"] = SKIPPED
-                else:
-                    torch._dynamo.reset()
-                    out = attempt(f"train_{name}_compiled_bs{batch}", lambda: bench_train(
-                        model, batch, spec, timer, device, args.seed, compile_backend=args.train_compile_backend))
-                    rate, peak = out or (None, None)
-                    results["train_compile_first_step_s"][f"{name}_bs{batch}"] = timer.first_s
-                results[f"train_examples_per_s_{name}_compiled_bs{batch}"] = rate
-                results[f"peak_mem_train_{name}_compiled_bs{batch}_mib"] = peak
-                log(f"[bench] train {name} compiled bs{batch}: {rate and round(rate, 1)} ex/s (first step "
-                    f"{timer.first_s and round(timer.first_s, 1)} s)")
-            dior_rate = results[f"train_examples_per_s_dior_compiled_bs{batch}"]
-            for base, key in (("bart_compiled", f"train_ratio_compiled_bs{batch}"),
-                              ("bart", f"train_ratio_compiled_vs_eager_bart_bs{batch}")):
-                base_rate = results.get(f"train_examples_per_s_{base}_bs{batch}")
-                results[key] = dior_rate / base_rate if dior_rate and base_rate else None
-        torch._dynamo.reset()
-
     # generation, eager (the default path of both)
     for batch in spec["gen_batches"]:
         for name, model in (("bart", bart), ("dior", dior)):
@@ -463,12 +429,6 @@ def table(results) -> str:
     for batch in results["shapes"]["train_batches"]:
         add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
             {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
-    for batch in results["shapes"]["train_batches"]:
-        if f"train_examples_per_s_dior_compiled_bs{batch}" in results:
-            add(f"train ex/s bs{batch} compiled", f"train_examples_per_s_{{}}_compiled_bs{batch}",
-                {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
-            rows.append((f"  Dior compiled / BART eager bs{batch}", "", "",
-                         _fmt(results.get(f"train_ratio_compiled_vs_eager_bart_bs{batch}"), 3), ""))
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))
     for batch in results["shapes"]["gen_batches"]:
@@ -534,9 +494,6 @@ def plot(results, path):
     names = ["train_ratio_bs64", "train_ratio_bs256", "gen_ratio_bs1", "gen_ratio_bs64", "gen_ratio_bs256"]
     goals = [0.85, 0.90, None, 0.95, 1.0]
     colors = ["#4c72b0"] * 2 + ["#55a868"] * 3
-    for batch, goal in zip(results["shapes"]["train_batches"], (0.85, 0.90)):
-        if results.get(f"train_ratio_compiled_bs{batch}") is not None:
-            names.append(f"train_ratio_compiled_bs{batch}"), goals.append(goal), colors.append("#dd8452")
     for batch in results["shapes"]["gen_batches"]:
         if f"gen_ratio_static_bs{batch}" in results:
             names.append(f"gen_ratio_static_bs{batch}"), goals.append(None), colors.append("#c44e52")
@@ -594,9 +551,6 @@ def main(argv=None):
                              "--compile-reserve-s is left")
     parser.add_argument("--compile-reserve-s", type=float, default=75.0,
                         help="seconds one compiled static run (one model, one batch size) may take")
-    parser.add_argument("--train-compile-backend", default="inductor",
-                        help="with --fast: torch.compile backend of the compiled training phase (run on CUDA, or on "
-                             "the CPU when this is not inductor, e.g. aot_eager for a smoke run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", action="store_true",
                         help="also estimate one DailyDialog epoch of the quality recipe (benchmarks/epoch_estimate.py)")

@@ -30,7 +30,6 @@ starts, not at a penalty of hundreds of nats. v also keeps x̂0 bounded at high 
 """
 
 import math
-from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -100,7 +99,6 @@ class DiffusionPrior(nn.Module):
         super().__init__()
         self.config = config
         self.denoiser = DiorDenoiser(config)
-        self._sampling_graphs = SamplingGraphs()
 
     def _apply(self, fn, recurse=True):
         def keep_float32(tensor):
@@ -116,10 +114,12 @@ class DiffusionPrior(nn.Module):
             x, condition = latents.float(), condition.float()
             batch, dim = x.shape
             lam_min, lam_max = config.log_snr_min, config.log_snr_max
-            # stratified λ over the batch (VDM's low-discrepancy sampler): same expectation, lower variance
+            # stratified λ over the batch (VDM's low-discrepancy sampler): same expectation, lower variance. Each
+            # example's λ is uniform on its own (the offset is), so no permutation is needed (and `x[randperm]`
+            # broke inductor's pattern matcher under dynamic shapes, torch 2.11).
             offset = torch.rand((), device=x.device, **rng(generator))
             u = (offset + torch.arange(batch, device=x.device) / batch) % 1.0
-            log_snr = lam_min + (lam_max - lam_min) * u[torch.randperm(batch, device=x.device, **rng(generator))]
+            log_snr = lam_min + (lam_max - lam_min) * u
             alpha, sigma = (a.unsqueeze(-1) for a in alpha_sigma(log_snr))
             noise = torch.randn(x.shape, device=x.device, **rng(generator))
             noisy = alpha * x + sigma * noise
@@ -149,103 +149,19 @@ class DiffusionPrior(nn.Module):
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, num_inference_steps=None, prior_guidance_scale=None, generator=None,
                initial_noise=None) -> torch.Tensor:
-        """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min`: (B, E) float32.
-
-        All randomness (the initial noise, and each step's noise for DDPM / DDIM with η > 0) is drawn first, from
-        `generator`; the loop itself is deterministic. On CUDA it runs as a CUDA graph (`SamplingGraphs`): one
-        launch instead of ~50 small kernels per step, the same arithmetic."""
+        """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min`: (B, E) float32."""
         steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
         with torch.autocast(condition.device.type, enabled=False):
             condition = condition.float()
             scheduler = DiorScheduler(self.config)
             scheduler.set_timesteps(steps, condition.device)
-            shape = (condition.shape[0], self.config.total_latent_size)
             latents = initial_noise
             if latents is None:
+                shape = (condition.shape[0], self.config.total_latent_size)
                 latents = torch.randn(shape, generator=generator, device=condition.device)
-            step_noises = scheduler.step_noises(shape, generator, condition.device)
-            if SamplingGraphs.usable(condition):
-                latents = self._sampling_graphs.run(self, scheduler, latents, condition, step_noises, guidance)
-            else:
-                latents = self.sampling_loop(scheduler, latents, condition, step_noises, guidance)
+            x0 = None
+            for step_index in range(steps):
+                prediction = self.guided_prediction(latents, scheduler.log_snrs[step_index], condition, guidance)
+                latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, generator=generator)
             return scheduler.final_sample(latents)
-
-    def sampling_loop(self, scheduler: DiorScheduler, latents, condition, step_noises, guidance: float):
-        """The solver's loop from noise `latents` (B, E) to the sample at `log_snr_max` (before `final_sample`)."""
-        x0 = None
-        for step_index in range(scheduler.num_inference_steps):
-            prediction = self.guided_prediction(latents, scheduler.log_snrs[step_index], condition, guidance)
-            noise = None if step_noises is None else step_noises[step_index]
-            latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, noise=noise)
-        return latents
-
-
-class SamplingGraphs:
-    """CUDA graphs of `DiffusionPrior.sampling_loop`, one per (batch size, steps, solver settings, weights).
-
-    The loop is ~50 small kernels per step (two denoiser branches), so at small batches its time is launch overhead
-    (≈ 1.2 ms per step on an H200); a graph replays the whole loop in one launch. A graph is captured on the first
-    call with a new key (that call runs the loop twice: warm-up and capture) and replayed afterwards with the new
-    inputs copied into its buffers. The key holds the weights' storage addresses, so moving or replacing the
-    weights captures anew (updating them in place, as an optimizer does, is seen by the graph). At most `capacity`
-    graphs are kept (least recently used dropped). A copy or pickle of the model starts with no graphs."""
-
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self.graphs = OrderedDict()
-
-    def __deepcopy__(self, memo):
-        return SamplingGraphs(self.capacity)
-
-    def __getstate__(self):
-        return {"capacity": self.capacity}
-
-    def __setstate__(self, state):
-        self.__init__(state["capacity"])
-
-    @staticmethod
-    def usable(condition: torch.Tensor) -> bool:
-        return (
-            condition.is_cuda
-            and not torch.cuda.is_current_stream_capturing()  # already inside someone's capture
-            and not torch.compiler.is_compiling()
-        )
-
-    def run(self, prior: "DiffusionPrior", scheduler: DiorScheduler, latents, condition, step_noises, guidance):
-        config = prior.config
-        key = (
-            tuple(latents.shape), tuple(condition.shape), scheduler.num_inference_steps, float(guidance),
-            config.sampler, scheduler.eta, config.prediction_type, config.log_snr_min, config.log_snr_max,
-            condition.device, tuple(p.data_ptr() for p in prior.parameters()),
-        )
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(prior, scheduler, latents, condition, step_noises, guidance)
-            self.graphs[key] = entry
-            while len(self.graphs) > self.capacity:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(key)
-        graph, inputs, output, _ = entry
-        for buffer, value in zip(inputs, (latents, condition, step_noises)):
-            if buffer is not None:
-                buffer.copy_(value)
-        graph.replay()
-        return output.clone()
-
-    @staticmethod
-    def _capture(prior, scheduler, latents, condition, step_noises, guidance):
-        inputs = tuple(None if t is None else t.clone() for t in (latents, condition, step_noises))
-
-        def loop():
-            return prior.sampling_loop(scheduler, *inputs, guidance)
-
-        side = torch.cuda.Stream(condition.device)  # warm-up off the current stream, as torch.cuda.graphs asks
-        side.wait_stream(torch.cuda.current_stream(condition.device))
-        with torch.cuda.stream(side):
-            loop()
-        torch.cuda.current_stream(condition.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = loop()
-        return graph, inputs, output, scheduler  # the graph reads the scheduler's coefficient table: keep it alive

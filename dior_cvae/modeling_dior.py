@@ -76,6 +76,15 @@ def _latent_slot_attention(config, layer_idx: int, is_causal: bool, infuse: bool
     )
 
 
+@torch.compiler.disable  # eager even in a compiled step: inductor (torch 2.11, dynamic shapes) failed to build the
+def _above_floor(kl_loss: torch.Tensor, floor: float) -> torch.Tensor:  # kernel that fused it with the KL's mean
+    """1.0 where the (0-d) KL is above the free-bits floor, else 0.0. NaN counts as above (it reaches the loss);
+    with no floor (0) every value is above, so a diffusion estimate below 0 keeps its gradient."""
+    if floor == 0:
+        return torch.ones_like(kl_loss)
+    return (~(kl_loss <= floor)).to(kl_loss.dtype)
+
+
 class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     config: DiorCVAEConfig
     config_class = DiorCVAEConfig
@@ -243,15 +252,14 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             return kl_loss, kl_weight * kl_loss, neg_entropy, prior_loss
 
         floor = self.config.kl_free_bits * self.config.total_latent_size
-        # NaN counts as above (it reaches the loss); with no floor a diffusion estimate below 0 keeps its gradient
-        above = ~(kl_loss.detach() <= floor) | (floor == 0)
-        kl_objective = kl_weight * torch.where(above, kl_loss, floor)  # no gradient below the floor
+        above = _above_floor(kl_loss.detach(), floor)
+        kl_objective = kl_weight * (above * kl_loss + (1 - above) * floor)  # no gradient below the floor
         if self.diffusion_prior is None and self.hierarchy.prior is None:  # N(0, I) has nothing to fit
             return kl_loss, kl_objective, neg_entropy, prior_loss
         # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
         prior_fit = self.kl_divergence(latents.detach(), posterior.detach(), summaries.detach(),
                                        context_vectors.detach())[0].mean()
-        prior_share = 1 - kl_weight * above.float()  # what kl_objective left to give the prior
+        prior_share = 1 - kl_weight * above  # what kl_objective left to give the prior
         kl_objective = kl_objective + prior_share * (prior_fit - prior_fit.detach())  # gradient only
         return kl_loss, kl_objective, neg_entropy, prior_loss
 

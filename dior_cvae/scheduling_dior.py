@@ -112,10 +112,8 @@ class DiorScheduler:
         self._final_alpha = float(alpha_t[-1])
         return self.log_snrs
 
-    def step(self, model_output, step_index: int, sample, previous_x0=None, generator=None, noise=None
-             ) -> SchedulerOutput:
-        """One step from grid point `step_index` to the next; `previous_x0` is the last step's x̂0 (multistep).
-        The stochastic samplers (η > 0) add `noise` (shaped as `sample`), drawn from `generator` if not given."""
+    def step(self, model_output, step_index: int, sample, previous_x0=None, generator=None) -> SchedulerOutput:
+        """One step from grid point `step_index` to the next; `previous_x0` is the last step's x̂0 (multistep)."""
         row = self._table[step_index]
         x0, eps = to_x0_eps(self.prediction_type, model_output, sample, row[_ALPHA_S], row[_SIGMA_S])
         if self.sampler == "dpmsolver++":
@@ -124,16 +122,9 @@ class DiorScheduler:
         alpha_t, sigma_t, noise_std = row[_ALPHA_T], row[_SIGMA_T], row[_NOISE]
         prev = alpha_t * x0 + (sigma_t**2 - noise_std**2).clamp(min=0).sqrt() * eps
         if self.eta > 0:
-            if noise is None:
-                noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev = prev + noise_std * noise
         return SchedulerOutput(prev, x0)
-
-    def step_noises(self, shape, generator=None, device=None) -> torch.Tensor | None:
-        """Every step's noise for samples of `shape`, drawn at once: (steps, *shape), or None for η = 0."""
-        if self.eta == 0:
-            return None
-        return torch.randn((self.num_inference_steps, *shape), generator=generator, device=device)
 
     def final_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """The sample at `log_snr_max` mapped to data scale: the mean of the prior's decoder N(z/α, σ²/α²)."""

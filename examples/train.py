@@ -222,11 +222,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--pad_to_multiple_of", type=int, default=16,
                        help="Pad batches to a multiple of this many tokens: a few bucket shapes (0: no rounding).")
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
-    train.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the training forward (evaluation and generation stay eager). Default: on "
-                            "on CUDA, where the eager step is bound by kernel launches (docs/performance.md), off on "
-                            "the CPU, where compiling costs more than it saves on small runs.")
-    train.add_argument("--torch_compile_backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
     train.add_argument("--ddp_find_unused_parameters", action="store_true",
                        help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
 
@@ -988,11 +983,6 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
         model, optimizer, train_dataloader, *eval_dataloaders.values())
     eval_dataloaders = dict(zip(eval_dataloaders, prepared_eval))
-    if args.torch_compile is None:
-        args.torch_compile = accelerator.device.type == "cuda"
-    # the training forward only, sharing the weights; dynamic shapes: one compile for every length-grouped shape
-    train_forward = (torch.compile(model, backend=args.torch_compile_backend, dynamic=True) if args.torch_compile
-                     else model)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -1109,8 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch_index, batch in enumerate(active_dataloader, start=skip):
             beta = kl_weight(completed_steps, args.kl_annealing, args.kl_annealing_steps, steps_per_epoch)
             with accelerator.accumulate(model):
-                # β as a tensor: a Python float would be a constant of the compiled graph (a recompile per value)
-                outputs = train_forward(**batch, kl_weight=torch.tensor(beta))
+                outputs = model(**batch, kl_weight=beta)
                 accelerator.backward(outputs.loss)
                 nonfinite += (~torch.isfinite(outputs.loss.detach())).float()
                 if accelerator.sync_gradients:

@@ -72,12 +72,8 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
     assert results["static_same_tokens_bs1"] == 1.0 and results["static_same_tokens_bs64"] == 1.0
     assert 0 < results["prior_share_static"] < 1
     assert results["train_ratio_bs256"] == results["train_examples_per_s_dior_bs256"] / results["train_examples_per_s_bart_bs256"]
-    assert set(results["goals_met"]) == {"train_ratio_bs64", "train_ratio_bs256", "train_ratio_compiled_bs64",
-                                         "train_ratio_compiled_bs256", "gen_ratio_bs64", "gen_ratio_bs256",
+    assert set(results["goals_met"]) == {"train_ratio_bs64", "train_ratio_bs256", "gen_ratio_bs64", "gen_ratio_bs256",
                                          "bs1_tokens_per_s", "prior_share"}
-    # the compiled training phase runs on CUDA only (as train.py compiles only there): not measured, not "met"
-    assert "train_examples_per_s_dior_compiled_bs64" not in results
-    assert results["goals_met"]["train_ratio_compiled_bs64"] is None
     assert results["goals"]["train_ratio_bs64"] == ">= 0.85" and results["goals"]["gen_ratio_bs256"] == ">= 1.0"
     assert plot.stat().st_size > 0
 

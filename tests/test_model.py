@@ -465,3 +465,30 @@ def test_a_response_longer_than_the_positions_is_a_clear_error(tiny_model):
     model = tiny_model()
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(input_ids=context_batch(1, 6), labels=torch.randint(4, 96, (1, 65)))
+
+
+def test_torch_compile_of_the_training_forward_matches_eager(tiny_model):
+    """`torch.compile(model, dynamic=True)` (as HF Trainer's `torch_compile=True` does) traces the training forward:
+    random draws, memory dropout and the free-bits gate included. With the aot_eager backend (eager kernels and
+    random draws, so it runs on the CPU) loss and gradients equal eager's over two shapes and two β given as
+    tensors (a float β would be a constant of the graph, recompiled per value)."""
+    model = tiny_model(memory_dropout=0.3, kl_free_bits=0.5).train()  # the diffusion prior
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    for source, target, beta in ((12, 6, 0.3), (20, 9, 0.8)):
+        ids = torch.randint(4, 96, (4, source), generator=g)
+        labels = torch.randint(4, 96, (4, target), generator=g)
+        results = []
+        for forward in (model, compiled):
+            torch.manual_seed(1)
+            out = forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+                          kl_weight=torch.tensor(beta))
+            grads = torch.autograd.grad(out.loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+            results.append((out.loss.detach(), out.kl_loss.detach(), grads))
+        (loss_a, kl_a, grads_a), (loss_b, kl_b, grads_b) = results
+        torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kl_b, kl_a, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads_a, grads_b):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

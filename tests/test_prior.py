@@ -47,8 +47,8 @@ def test_an_untrained_prior_is_the_standard_normal():
 
     torch.manual_seed(0)
     model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs()))
-    x = 0.7 * torch.randn(20000, 16) + 0.3
-    bound = model.diffusion_prior.nll_bound(x, torch.randn(20000, 64)).mean() / 16
+    x = 0.7 * torch.randn(80000, 16) + 0.3  # the estimate's Monte Carlo std is ≈ 0.006 nats per dimension here
+    bound = model.diffusion_prior.nll_bound(x, torch.randn(80000, 64)).mean() / 16
     standard_nll = (0.5 * x**2 + 0.5 * math.log(2 * math.pi)).mean()
     assert abs(bound.item() - standard_nll.item()) < 0.03
     samples = model.diffusion_prior.sample(torch.randn(4000, 64), generator=torch.Generator().manual_seed(1))
