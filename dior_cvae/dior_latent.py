@@ -15,7 +15,7 @@ from .dior_compat import pop_cache
 
 
 def rng(generator: torch.Generator | None) -> dict:
-    """`generator=` for torch.rand / randn / randperm, or nothing for the global RNG: torch.compile cannot trace an
+    """`generator=` for torch.rand / randn, or nothing for the global RNG: torch.compile cannot trace an
     explicit `generator=None` with dynamic sizes."""
     return {} if generator is None else {"generator": generator}
 

@@ -6,15 +6,16 @@ set -uo pipefail
 data=$1; tok=$2; OUT=$3
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-B="d_model=256,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=320,latent_size=16,denoiser_hidden_size=512,dropout=0.1,attention_dropout=0.0,activation_dropout=0.0,prior_type=diffusion"
+# the recipe of examples/dailydialog_experiments.py (model shape, training arguments); later flags override earlier
+# ones: a shorter KL annealing for 3 minutes, no validation passes during training, fewer validation examples
+read -r B < <(python3 -c "import sys; sys.path.insert(0, 'examples'); import dailydialog_experiments as e; print(e.BASE_CONFIG)")
+mapfile -t RECIPE < <(python3 -c "import sys; sys.path.insert(0, 'examples'); import dailydialog_experiments as e; print(*e.TRAIN_ARGS, sep='\n')")
 for fb in 1.0 0.25 0.1; do
   python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 --dynamo_backend no examples/train.py \
-    --dataset_dir "$data" --tokenizer_name "$tok" --overwrite_output_dir --config_overrides "$B,kl_free_bits=$fb" \
-    --max_train_minutes 3 --output_dir "$OUT/fb$fb" --max_source_length 256 --max_target_length 64 \
-    --per_device_train_batch_size 128 --per_device_eval_batch_size 512 --learning_rate 7e-4 --weight_decay 0.01 \
-    --adam_beta2 0.98 --lr_scheduler_type inverse_sqrt --num_warmup_steps 500 --kl_annealing linear \
-    --kl_annealing_steps 1000 --num_train_epochs 100 --num_eval_generation_samples 0 --eval_steps 100000 \
-    --logging_steps 100 --seed 1234 --num_sample_contexts 0 --max_eval_samples 500 > "$OUT/train_$fb.log" 2>&1 &
+    --dataset_dir "$data" --tokenizer_name "$tok" --overwrite_output_dir \
+    --config_overrides "$B,prior_type=diffusion,kl_free_bits=$fb" --max_train_minutes 3 --output_dir "$OUT/fb$fb" \
+    "${RECIPE[@]}" --kl_annealing_steps 1000 --num_eval_generation_samples 0 --eval_steps 100000 \
+    --num_sample_contexts 0 --max_eval_samples 500 > "$OUT/train_$fb.log" 2>&1 &
 done
 wait
 for fb in 1.0 0.25 0.1; do
