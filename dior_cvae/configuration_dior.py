@@ -65,6 +65,12 @@ class DiorCVAEConfig(BartConfig):
         prior_guidance_scale (`float`, defaults to 0.1):
             Guidance weight w: the sampler uses `(1 + w)·f(z_t, t, c) − w·f(z_t, t, 0)` at every step (the authors'
             code applies it only at the first step by accident). `0` disables the unconditional pass.
+        prior_temperature (`float`, defaults to 1.0):
+            Scale τ of the prior's noise at sampling time (per call in `generate()`): the diffusion sampler starts
+            from τ·ε (and scales DDPM/DDIM's per-step noise by τ), the Gaussian priors draw μ + τ·σ·ε. `1` samples
+            the prior itself (the paper); `τ < 1` draws latents nearer the prior's conditional mode, trading the
+            latent's diversity for relevance, as temperature does for tokens (`0`: one latent per context). Not
+            part of the paper; the trade-off is measured in `docs/results.md`.
         denoiser_hidden_size (`int`, defaults to 512): Width of the denoising network.
         denoiser_layers (`int`, defaults to 2): Residual MLP blocks in the denoising network.
 
@@ -116,6 +122,7 @@ class DiorCVAEConfig(BartConfig):
     ddim_eta: float = 0.0
     cfg_dropout: float = 0.1
     prior_guidance_scale: float = 0.1
+    prior_temperature: float = 1.0
     denoiser_hidden_size: int = 512
     denoiser_layers: int = 2
     label_smoothing: float = 0.1
@@ -155,6 +162,9 @@ class DiorCVAEConfig(BartConfig):
         guidance = self.prior_guidance_scale
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
             raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {guidance!r}")
+        temperature = self.prior_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+            raise ValueError(f"`prior_temperature` must be a finite number >= 0, got {temperature!r}")
         for name in ("log_snr_min", "log_snr_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

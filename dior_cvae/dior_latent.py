@@ -118,8 +118,11 @@ class DiagonalGaussian:
     def detach(self) -> "DiagonalGaussian":
         return DiagonalGaussian(self.mean.detach(), self.log_std.detach())
 
-    def sample(self, generator=None) -> torch.Tensor:
+    def sample(self, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """mean + temperature · std · ε."""
         noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, **rng(generator))
+        if temperature != 1.0:
+            noise = temperature * noise
         return self.mean + self.log_std.exp() * noise
 
     def entropy(self) -> torch.Tensor:
@@ -200,15 +203,15 @@ class HierarchicalLatents(nn.Module):
 
         return next_summary
 
-    def _ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None):
-        """z_l ~ head_l(h_l, condition_l) for l = 1..L in order; returns latents, [mean; log_std] and summaries,
-        each (B, L, ·)."""
+    def _ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None, temperature: float = 1.0):
+        """z_l ~ head_l(h_l, condition_l) for l = 1..L in order (noise scaled by `temperature`); returns latents,
+        [mean; log_std] and summaries, each (B, L, ·)."""
         condition_parts = heads.condition(conditions).unbind(0)  # every layer's condition term at once
         head, next_summary = heads.layers(), self._transitions()
         summary, latents, params, summaries = None, [], [], []
         for layer in range(self.num_layers):
             layer_params = head(layer, summary, condition_parts[layer])
-            latent = DiagonalGaussian.from_params(layer_params).sample(generator)
+            latent = DiagonalGaussian.from_params(layer_params).sample(generator, temperature)
             latents.append(latent), params.append(layer_params)
             summaries.append(latent.new_zeros(latent.shape) if summary is None else summary)
             if layer + 1 < self.num_layers:
@@ -234,13 +237,15 @@ class HierarchicalLatents(nn.Module):
             prior = self.prior_dist(summaries, context_vectors)
         return posterior.kl(prior).sum(-1)
 
-    def prior_sample(self, context_vectors: torch.Tensor, generator=None) -> torch.Tensor:
-        """Ancestral sample of the Gaussian prior (learned, or N(0, I) when there is none): (B, L, ls)."""
+    def prior_sample(self, context_vectors: torch.Tensor, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        """Ancestral sample of the Gaussian prior (learned, or N(0, I) when there is none), its noise scaled by
+        `temperature`: (B, L, ls)."""
         batch, num_layers = context_vectors.shape[:2]
         if self.prior is None:
             shape = (batch, num_layers, self.latent_size)
-            return torch.randn(shape, device=context_vectors.device, dtype=context_vectors.dtype, **rng(generator))
-        return self._ancestral(self.prior, context_vectors, generator)[0]
+            noise = torch.randn(shape, device=context_vectors.device, dtype=context_vectors.dtype, **rng(generator))
+            return temperature * noise
+        return self._ancestral(self.prior, context_vectors, generator, temperature)[0]
 
 
 def _prepend_visible_column(attention_mask, query_length: int, key_length: int, causal: bool, reference):

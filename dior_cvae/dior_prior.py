@@ -148,20 +148,24 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, num_inference_steps=None, prior_guidance_scale=None, generator=None,
-               initial_noise=None) -> torch.Tensor:
-        """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min`: (B, E) float32."""
-        steps = self.config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = self.config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
+               initial_noise=None, temperature=None) -> torch.Tensor:
+        """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min` scaled by `temperature` (τ, see
+        `prior_temperature`; `initial_noise` is used as given): (B, E) float32."""
+        config = self.config
+        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
+        temperature = config.prior_temperature if temperature is None else float(temperature)
         with torch.autocast(condition.device.type, enabled=False):
             condition = condition.float()
             scheduler = DiorScheduler(self.config)
             scheduler.set_timesteps(steps, condition.device)
             latents = initial_noise
             if latents is None:
-                shape = (condition.shape[0], self.config.total_latent_size)
-                latents = torch.randn(shape, generator=generator, device=condition.device)
+                shape = (condition.shape[0], config.total_latent_size)
+                latents = temperature * torch.randn(shape, generator=generator, device=condition.device)
             x0 = None
             for step_index in range(steps):
                 prediction = self.guided_prediction(latents, scheduler.log_snrs[step_index], condition, guidance)
-                latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, generator=generator)
+                latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, generator=generator,
+                                             noise_scale=temperature)
             return scheduler.final_sample(latents)

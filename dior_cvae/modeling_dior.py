@@ -202,12 +202,16 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         return self.layer_pooling(encoder_outputs.hidden_states[-self.config.encoder_layers :], attention_mask)
 
     @torch.no_grad()
-    def sample_latents(self, context_vectors, num_inference_steps=None, prior_guidance_scale=None, generator=None):
-        """Draw latents (B, L, ls) from the prior p(z | c) given pooled context vectors (B, L, d)."""
+    def sample_latents(self, context_vectors, num_inference_steps=None, prior_guidance_scale=None, generator=None,
+                       prior_temperature=None):
+        """Draw latents (B, L, ls) from the prior p(z | c) given pooled context vectors (B, L, d), its noise scaled by
+        `prior_temperature` (default: the config's)."""
+        temperature = self.config.prior_temperature if prior_temperature is None else float(prior_temperature)
         if self.diffusion_prior is None:
-            return self.hierarchy.prior_sample(context_vectors, generator)
+            return self.hierarchy.prior_sample(context_vectors, generator, temperature)
         flat = self.diffusion_prior.sample(
-            context_vectors.flatten(1), num_inference_steps, prior_guidance_scale, generator=generator
+            context_vectors.flatten(1), num_inference_steps, prior_guidance_scale, generator=generator,
+            temperature=temperature,
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
@@ -430,6 +434,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         num_inference_steps: int | None = None,
         prior_guidance_scale: float | None = None,
         latent_generator: torch.Generator | None = None,
+        prior_temperature: float | None = None,
         **kwargs,
     ):
         r"""
@@ -440,13 +445,14 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         latents (`torch.FloatTensor`, *optional*): decode with these instead of prior samples, shaped
             `(B, L, latent_size)` (reused by the k sequences of an input) or `(B·k, L, latent_size)`.
-        num_inference_steps / prior_guidance_scale (*optional*): override the configuration for this call.
+        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): override the configuration for
+            this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`).
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
         """
         self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
-                                       prior_guidance_scale, kwargs)
+                                       prior_guidance_scale, prior_temperature, kwargs)
         for name in UNSUPPORTED_GENERATE_ARGS:
             if kwargs.get(name) is not None:
                 raise ValueError(
@@ -496,7 +502,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 if context_vectors is None:
                     context_vectors = self.pool_layers(encoder_outputs, attention_mask)
                 latents = self.sample_latents(
-                    expand(context_vectors), num_inference_steps, prior_guidance_scale, latent_generator
+                    expand(context_vectors), num_inference_steps, prior_guidance_scale, latent_generator,
+                    prior_temperature,
                 )
             elif latents.shape[0] == batch_size and num_sequences > 1:
                 latents = expand(latents)
@@ -515,7 +522,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         )
 
     def _validate_generate_inputs(self, input_ids, attention_mask, latents, generation_config, num_inference_steps,
-                                  prior_guidance_scale, kwargs) -> None:
+                                  prior_guidance_scale, prior_temperature, kwargs) -> None:
         """`generate()`'s own arguments: a `ValueError` that names the argument and the value, not a silent default
         or a bare `IndexError` deep in the model."""
 
@@ -529,6 +536,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             isinstance(prior_guidance_scale, (int, float)) and 0 <= prior_guidance_scale < float("inf")  # NaN fails
         ):
             raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {prior_guidance_scale!r}")
+        if prior_temperature is not None and not (
+            isinstance(prior_temperature, (int, float)) and not isinstance(prior_temperature, bool)
+            and 0 <= prior_temperature < float("inf")
+        ):
+            raise ValueError(f"`prior_temperature` must be a finite number >= 0, got {prior_temperature!r}")
+        if prior_temperature is not None and not config.has_latent:
+            raise ValueError('`prior_temperature` was given, but this model has no latent (`prior_type="none"`)')
         settings = generation_config or self.generation_config
         for name in ("num_return_sequences", "max_new_tokens", "max_length"):
             value = kwargs.get(name, getattr(settings, name, None))

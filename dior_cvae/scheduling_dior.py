@@ -19,8 +19,9 @@ Solvers (`sampler`), all in terms of the denoiser's x̂0 and ε̂ at the current
   second-order update across the last, widest step in λ was unstable: its error at 20 steps exceeded that at 10).
 
 Every per-step coefficient is precomputed by `set_timesteps` into one device tensor, so `step` issues only tensor
-arithmetic (no host syncs: the loop can be captured in a CUDA graph). `tests/test_scheduler.py` checks the solvers
-against diffusers' `DDIMScheduler`, `DDPMScheduler` and `DPMSolverMultistepScheduler` on the same α, σ grid.
+arithmetic (no host syncs: the loop can be captured in a CUDA graph). `tests/test_prior.py` checks DDIM against
+diffusers' `DDIMScheduler` on the same α, σ grid (when diffusers is installed) and every solver against the exact
+probability-flow ODE solution of Gaussian data (DPM-Solver++ second order, DDIM first order).
 Not diffusers itself: this file is remote code, and every import here would become a requirement of *loading* a
 checkpoint (diffusers is in neither the usual transformers install nor our GPU image).
 """
@@ -112,8 +113,10 @@ class DiorScheduler:
         self._final_alpha = float(alpha_t[-1])
         return self.log_snrs
 
-    def step(self, model_output, step_index: int, sample, previous_x0=None, generator=None) -> SchedulerOutput:
-        """One step from grid point `step_index` to the next; `previous_x0` is the last step's x̂0 (multistep)."""
+    def step(self, model_output, step_index: int, sample, previous_x0=None, generator=None,
+             noise_scale: float = 1.0) -> SchedulerOutput:
+        """One step from grid point `step_index` to the next; `previous_x0` is the last step's x̂0 (multistep);
+        `noise_scale` multiplies the fresh noise of DDPM / DDIM with η > 0 (the prior's temperature)."""
         row = self._table[step_index]
         x0, eps = to_x0_eps(self.prediction_type, model_output, sample, row[_ALPHA_S], row[_SIGMA_S])
         if self.sampler == "dpmsolver++":
@@ -123,7 +126,7 @@ class DiorScheduler:
         prev = alpha_t * x0 + (sigma_t**2 - noise_std**2).clamp(min=0).sqrt() * eps
         if self.eta > 0:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev = prev + noise_std * noise
+            prev = prev + (noise_scale * noise_std) * noise
         return SchedulerOutput(prev, x0)
 
     def final_sample(self, sample: torch.Tensor) -> torch.Tensor:

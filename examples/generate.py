@@ -101,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int)
     p.add_argument("--num_inference_steps", type=int, help="prior denoising steps (default: the config's)")
     p.add_argument("--prior_guidance_scale", type=float, help="prior guidance weight (default: the config's)")
+    p.add_argument("--prior_temperature", type=float,
+                   help="scale of the prior's noise, 1 = the prior itself (default: the config's)")
     p.add_argument("--prior_sampler", choices=["dpmsolver++", "ddim", "ddpm"], help="prior sampler (default: the config's)")
     p.add_argument("--seed", type=int, default=42)
 
@@ -125,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num_inference_steps must be >= 1, got {args.num_inference_steps}")
     if args.prior_guidance_scale is not None and not 0 <= args.prior_guidance_scale < float("inf"):
         p.error(f"--prior_guidance_scale must be a finite number >= 0, got {args.prior_guidance_scale}")
+    if args.prior_temperature is not None and not 0 <= args.prior_temperature < float("inf"):
+        p.error(f"--prior_temperature must be a finite number >= 0, got {args.prior_temperature}")
     if args.input_file and Path(args.output).resolve() == Path(args.input_file).resolve():
         p.error(f"--output {args.output} is the --input_file: it would overwrite its own input")
     return args
@@ -246,6 +250,10 @@ def prior_kwargs(args: argparse.Namespace, model, generator: torch.Generator) ->
         kwargs["num_inference_steps"] = args.num_inference_steps
     if args.prior_guidance_scale is not None:
         kwargs["prior_guidance_scale"] = args.prior_guidance_scale
+    if args.prior_temperature is not None:
+        if not getattr(model.config, "has_latent", False):
+            raise SystemExit("--prior_temperature needs a Dior-CVAE model with a latent (this one has none)")
+        kwargs["prior_temperature"] = args.prior_temperature
     unsupported = [k for k in kwargs if k not in accepted]
     if unsupported:
         logger.warning("%s: not a Dior-CVAE generate(); ignoring %s", type(model).__name__, ", ".join(unsupported))

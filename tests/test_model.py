@@ -188,6 +188,32 @@ def test_generate_draws_one_latent_per_returned_sequence(tiny_model):
     assert sampled.shape[0] == 6 and sampled.shape[1] <= 7
 
 
+@pytest.mark.parametrize("prior_type", ["diffusion", "gaussian", "standard"])
+def test_prior_temperature_scales_the_spread_of_generated_latents(tiny_model, prior_type):
+    """τ = 0: one latent per context (its draws coincide); τ = 0.5: half the spread of τ = 1 about the same centre."""
+    model = tiny_model(prior_type=prior_type).eval()
+    if prior_type == "gaussian":  # a prior with a non-zero mean and a spread that is not 1
+        torch.nn.init.normal_(model.hierarchy.prior.out_proj.weight, std=0.5)
+    seen = []
+    original = model.sample_latents
+    model.sample_latents = lambda *a, **kw: seen.append(original(*a, **kw)) or seen[-1]
+    input_ids = context_batch(1, 8)
+
+    def latents(**kwargs):
+        model.generate(input_ids, num_return_sequences=3000, do_sample=False, max_new_tokens=1,
+                       latent_generator=torch.Generator().manual_seed(0), **kwargs)
+        return seen[-1].flatten(1).double()
+
+    full, half, zero = latents(), latents(prior_temperature=0.5), latents(prior_temperature=0)
+    assert zero.std(0).max() < 1e-5
+    centre = full.mean(0)  # for the diffusion prior the mode path ends at its mean only approximately
+    assert (zero[0] - centre).abs().max() < 0.1 and (half.mean(0) - centre).abs().max() < 0.1
+    ratio = half.std(0) / full.std(0)
+    assert ((ratio - 0.5).abs() < 0.05).all(), ratio
+    model.config.prior_temperature = 0.5  # the config's value is the default of every call
+    torch.testing.assert_close(latents(), half)
+
+
 def test_generate_with_given_latents_and_generator_is_reproducible(tiny_model):
     model = tiny_model().eval()
     input_ids = context_batch(2, 8)
@@ -294,6 +320,8 @@ def test_from_bart_copies_the_backbone(tmp_path):
         ("sampler", "euler", "sampler"),
         ("prior_guidance_scale", -1.0, "prior_guidance_scale"),
         ("prior_guidance_scale", float("nan"), "prior_guidance_scale"),
+        ("prior_temperature", -0.5, "prior_temperature"),
+        ("prior_temperature", float("inf"), "prior_temperature"),
         ("denoiser_hidden_size", 0, "denoiser_hidden_size"),
         ("denoiser_layers", -1, "denoiser_layers"),
         ("kl_free_bits", -1.0, "kl_free_bits"),

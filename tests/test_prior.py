@@ -129,6 +129,24 @@ def test_ddim_matches_diffusers_on_the_same_grid():
             torch.testing.assert_close(z_ours, z_theirs.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("sampler,steps", [("dpmsolver++", 20), ("ddpm", 200)])
+def test_prior_temperature_scales_the_spread_about_the_mean(sampler, steps):
+    """With the optimal denoiser of N(2, 0.5²) the sampler is affine in its noises (the initial one and, for DDPM,
+    each step's): scaling them all by τ gives N(2, (τ·0.5)²)."""
+    config = DiorCVAEConfig(**tiny_config_kwargs(sampler=sampler, num_inference_steps=steps, cfg_dropout=0.0,
+                                                 prior_guidance_scale=0.0))
+    prior = DiffusionPrior(config)
+    prior.denoiser = gaussian_x0(2.0, 0.5)
+    spread = {}
+    for temperature in (0.0, 0.3, 1.0):
+        samples = prior.sample(torch.zeros(20000, 64), generator=torch.Generator().manual_seed(0),
+                               temperature=temperature)
+        assert abs(samples.mean().item() - 2.0) < 0.02, temperature
+        spread[temperature] = samples.std().item()
+    assert abs(spread[1.0] - 0.5) < 0.02 and spread[0.0] < 1e-4, spread  # DDPM's first-order error: 0.488
+    assert abs(spread[0.3] / spread[1.0] - 0.3) < 0.01, spread
+
+
 def class_gaussians(n, generator):
     """Two classes (one-hot condition), each an axis-aligned Gaussian with its own mean and std."""
     means = torch.tensor([[2.0, -1.5, 1.0, 0.5], [-1.0, 1.0, -2.0, 1.5]])
