@@ -221,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="Batch training examples of similar length (shuffled, seeded; default on): less padding.")
     train.add_argument("--pad_to_multiple_of", type=int, default=16,
                        help="Pad batches to a multiple of this many tokens: a few bucket shapes (0: no rounding).")
+    train.add_argument("--dataloader_num_workers", type=int, default=None,
+                       help="Worker processes that collate training batches off the training loop (default: 2 on "
+                            "CUDA, with pinned memory and non-blocking copies; 0, in the loop, on CPU).")
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
     train.add_argument("--ddp_find_unused_parameters", action="store_true",
                        help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
@@ -277,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "num_warmup_steps": 0, "num_eval_generation_samples": 0, "eval_samples_per_context": 1,
                 "num_sample_contexts": 0, "num_samples_per_context": 1, "max_train_steps": 1, "eval_steps": 1,
                 "checkpoints_total_limit": 1, "kl_annealing_steps": 0, "max_train_samples": 1, "max_eval_samples": 1,
-                "train_tokenizer_vocab_size": 1}
+                "train_tokenizer_vocab_size": 1, "dataloader_num_workers": 0}
     for name, low in at_least.items():
         value = getattr(args, name)
         if value is not None and value < low and not (name == "num_train_epochs" and args.max_train_steps):
@@ -893,6 +896,9 @@ def main(argv: list[str] | None = None) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cpu = args.cpu or (world_size > 1 and not torch.cuda.is_available())
     ddp_kwargs = [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.ddp_find_unused_parameters else []
+    on_cuda = not use_cpu and torch.cuda.is_available()
+    if args.dataloader_num_workers is None:
+        args.dataloader_num_workers = 2 if on_cuda else 0
     accelerator = Accelerator(
         cpu=use_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -900,7 +906,7 @@ def main(argv: list[str] | None = None) -> None:
         log_with=args.report_to if args.with_tracking else None,
         project_dir=args.output_dir,
         kwargs_handlers=ddp_kwargs,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=on_cuda),
     )
     if world_size > 1 and accelerator.num_processes != world_size:
         raise RuntimeError(f"launched with WORLD_SIZE={world_size} but accelerate runs {accelerator.num_processes} "
@@ -965,9 +971,13 @@ def main(argv: list[str] | None = None) -> None:
         lengths = [(-(-len(e["input_ids"]) // (multiple or 1)), len(e["labels"])) for e in encoded["train"]]
         sampler = LengthGroupedSampler(lengths, args.per_device_train_batch_size, seed=args.seed)
     # the generator also keeps the loader's worker seed off the global RNG (exact resume)
+    # Collation (≈ 9 ms per batch of 128 on one CPU core) runs in workers on CUDA; batches are deterministic
+    # functions of the sampler's indices, which the main process draws, so exact resume does not depend on them.
+    workers = args.dataloader_num_workers
     train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size,
-                                  generator=torch.Generator().manual_seed(args.seed))
+                                  generator=torch.Generator().manual_seed(args.seed), num_workers=workers,
+                                  persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
     eval_split = "validation" if "validation" in encoded else None
     eval_dataloaders = {split: DataLoader(encoded[split], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
                         for split in ("validation", "test") if split in encoded}

@@ -145,7 +145,8 @@ def test_resume_continues_the_same_run(tmp_path):
     """6 updates straight (checkpoint at 2) vs resume from step_2 ("latest"): same losses, bit-identical weights.
 
     40 examples / batch 8 / accumulation 2 = 3 updates per epoch (the last one a single batch), so the run crosses
-    an epoch boundary; validation every 2 updates must not disturb the training randomness."""
+    an epoch boundary; validation every 2 updates must not disturb the training randomness. The resumed run collates
+    in a worker process (the CUDA default) and the straight one in the loop: the batches must not depend on it."""
     from safetensors.torch import load_file
 
     common = SAMPLE + TINY + [
@@ -159,7 +160,8 @@ def test_resume_continues_the_same_run(tmp_path):
 
     resumed.mkdir()
     subprocess.run(["cp", "-r", str(straight / "step_2"), str(resumed / "step_2")], check=True)
-    result = run_train(tmp_path, common + ["--resume_from_checkpoint", "latest", "--output_dir", str(resumed)])
+    result = run_train(tmp_path, common + ["--resume_from_checkpoint", "latest", "--output_dir", str(resumed),
+                                           "--dataloader_num_workers", "1"])
     assert "Resuming from" in result.stderr + result.stdout
 
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
