@@ -2,7 +2,8 @@
 
 Reads WORK/generations/{run}__{split}__{decoding}.jsonl (decoding: sampling, beam5, 5samples; plus
 diffusion__validation1000__{solver}{steps}.jsonl, solver dpmsolverpp/ddim/ddpm), WORK/diagnostics/{run}__diagnostics.json
-(+ diffusion__diagnostics__{solver}{steps}.json), WORK/models/{run}/log_history.jsonl, WORK/commands.jsonl and
+(+ diffusion__diagnostics__{solver}{steps}.json), the temperature sweep {run}__{split}__{sampling|5samples}_{tau|T}{value}.jsonl
+(prior temperature τ of a latent run, token temperature T of the plain seq2seq; "temperature_sweep" in the results), WORK/models/{run}/log_history.jsonl, WORK/commands.jsonl and
 WORK/timings.jsonl. Every generations file is scored in-process with `examples/score.py`'s functions (the MiniLM model is
 loaded once) and the scores are cached in WORK/scores/{job}.json (recomputed when the generations file changes).
 Trivial responders (copy_last; random_train with --dataset_dir) are scored on the validation and test contexts.
@@ -29,6 +30,8 @@ from dior_cvae.metrics import read_generations  # noqa: E402
 METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3", "relevance", "self_bleu5",
            "sample_cosine5", "multiref_bleu1", "multiref_bleu2", "multiref_matched")
 SOLVER_RE = re.compile(r"^(dpmsolverpp|ddim|ddpm)(\d+)$")
+TEMPERATURE_RE = re.compile(r"^(sampling|5samples)_(tau|T)(\d+(?:\.\d+)?)$")  # prior (tau) / token (T) temperature
+KNOBS = {"tau": "prior_temperature", "T": "token_temperature"}
 CACHE_VERSION = 2
 
 
@@ -121,7 +124,7 @@ def main(argv=None):
         path = work / "diagnostics" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    runs, solvers, references = [], [], {}
+    runs, solvers, sweep, references = [], [], [], {}
     for gen_file in sorted((work / "generations").glob("*.jsonl")):
         job = gen_file.stem
         parts = job.split("__")
@@ -142,6 +145,12 @@ def main(argv=None):
                             **{m: scores.get(m) for m in ("bleu1", "bleu2", "distinct2")},
                             "prior_posterior_norm_ratio": diag.get("prior_posterior_norm_ratio"),
                             "active_units": diag.get("active_units")})
+            continue
+        temperature = TEMPERATURE_RE.match(decoding)
+        if temperature:
+            sweep.append({"name": name, "split": split, "decoding": temperature.group(1),
+                          "knob": KNOBS[temperature.group(2)], "value": float(temperature.group(3)),
+                          **{m: scores.get(m) for m in METRICS}, "num_contexts": scores.get("num_contexts")})
             continue
         train_command = commands.get(f"train:{name}", "")
         prior, memory_dropout = prior_and_dropout(name, parse_overrides(train_command))
@@ -170,11 +179,20 @@ def main(argv=None):
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
 
+    swept = {(r["name"], r["knob"]) for r in sweep}
+    for run in runs:  # the main rows are the sweeps' temperature-1 points
+        for name, knob in swept:
+            if run["name"] == name and run["subset"] in ("validation", "test") and run["decoding"] in ("sampling",
+                                                                                                     "5samples"):
+                sweep.append({"name": name, "split": run["subset"], "decoding": run["decoding"], "knob": knob,
+                              "value": 1.0, **{m: run.get(m) for m in METRICS}, "num_contexts": run["num_contexts"]})
+    sweep.sort(key=lambda r: (r["name"], r["split"], r["decoding"], r["value"]))
     solvers.sort(key=lambda r: (r["solver"], r["steps"]))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"runs": runs, "solvers": solvers}, indent=2) + "\n")
-    print(markdown_table(runs, solvers))
-    written = plot(runs, solvers, work, Path(args.plots_dir))
+    Path(args.results).write_text(json.dumps({"runs": runs, "solvers": solvers, "temperature_sweep": sweep},
+                                             indent=2) + "\n")
+    print(markdown_table(runs, solvers, sweep))
+    written = plot(runs, solvers, work, Path(args.plots_dir), sweep)
     print(f"wrote {args.results}" + "".join(f", {p}" for p in written), file=sys.stderr)
 
 
@@ -185,7 +203,7 @@ def _fmt(value) -> str:
         f"{value:.2f}" if isinstance(value, float) else str(value))
 
 
-def markdown_table(runs: list[dict], solvers: list[dict]) -> str:
+def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()) -> str:
     cols = ("name", "prior", "memory_dropout", "split", "decoding", "bleu1", "bleu2", "distinct1", "distinct2",
             "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
             "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
@@ -195,10 +213,15 @@ def markdown_table(runs: list[dict], solvers: list[dict]) -> str:
         scols = ("solver", "steps", "bleu1", "bleu2", "distinct2", "prior_posterior_norm_ratio", "active_units")
         lines += ["", "| " + " | ".join(scols) + " |", "|" + "---|" * len(scols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in scols) + " |" for r in solvers]
+    if sweep:
+        tcols = ("name", "split", "decoding", "knob", "value", "bleu1", "bleu2", "distinct1", "distinct2", "relevance",
+                 "self_bleu5", "sample_cosine5")
+        lines += ["", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in tcols) + " |" for r in sweep]
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path) -> list[Path]:
+def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, sweep: list[dict] = ()) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,6 +264,31 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path) -> 
         fig.suptitle("diffusion prior, DailyDialog validation (first 1,000 contexts), sampling")
         fig.tight_layout()
         written.append(plots_dir / "metrics_vs_steps.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    five = [r for r in sweep if r["decoding"] == "5samples" and r["split"] == "test" and r["relevance"] is not None]
+    if five:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for name in sorted({r["name"] for r in five}):
+            rows = sorted((r for r in five if r["name"] == name), key=lambda r: r["value"])
+            tag = "τ" if rows[0]["knob"] == "prior_temperature" else "T"
+            for ax, key in zip(axes, ("sample_cosine5", "self_bleu5", "distinct2")):
+                points = [(r[key], r["relevance"]) for r in rows if r[key] is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=f"{name} ({tag})")
+                    for r, point in zip(rows, points):
+                        ax.annotate(f"{r['value']:g}", point, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        titles = ("MiniLM cosine between a context's 5 samples (lower = more diverse)",
+                  "self-BLEU of the 5 samples (lower = more diverse)", "Distinct-2 (higher = more diverse)")
+        for ax, title in zip(axes, titles):
+            ax.set_xlabel(title, fontsize=8)
+            ax.set_ylabel("relevance (MiniLM cosine to the reference)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("relevance against diversity, DailyDialog test (first 1,000 contexts × 5 samples): "
+                     "prior temperature τ (latent runs), token temperature T (plain seq2seq)")
+        fig.tight_layout()
+        written.append(plots_dir / "relevance_vs_diversity.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     memdrop = [r for r in runs if r["prior"] == "diffusion" and r["split"] == "test" and r["decoding"] == "sampling"]

@@ -7,7 +7,8 @@
 `--phase train` starts the runs' `accelerate launch examples/train.py` commands side by side (they share the GPU;
 each stops after `--train_minutes`), `--phase eval` samples responses from the trained models with
 `examples/generate.py` (validation and test, top-k/top-p sampling and beam 5, 5 prior draws for 1,000 test contexts,
-and a solver × steps sweep for the diffusion run) and writes their latent diagnostics with `examples/diagnose.py`.
+a solver × steps sweep for the diffusion run, and a temperature sweep: the prior's for the latent runs, the tokens'
+for the plain seq2seq) and writes their latent diagnostics with `examples/diagnose.py`.
 Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
 relevance, DailyDialog++ multi-reference BLEU, trivial responders) runs where the embedding model is, and
 `examples/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
@@ -54,6 +55,21 @@ SAMPLING = ["--decoding", "sampling", "--top_k", "50", "--top_p", "0.9"]
 BEAM = ["--decoding", "beam", "--num_beams", "5"]
 SOLVER_STEPS = (1, 2, 5, 10, 20, 50)
 SOLVERS = ("dpmsolver++", "ddim", "ddpm")
+# The diversity knob of each model, swept at the same token sampling (top-k 50 / top-p 0.9): the prior's temperature τ
+# for the latent runs (1 = the prior itself, the main rows), the token temperature for the plain seq2seq control.
+PRIOR_TEMPERATURES = (0.0, 0.25, 0.5, 0.75)
+TOKEN_TEMPERATURES = (0.7, 0.85, 1.15, 1.3)
+TEMPERATURE_RUNS = ("diffusion", "gaussian", "standard", "none")
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not all(0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be finite numbers >= 0, got {text!r}")
+    return values
 
 
 def record(work_dir: Path, name: str, command: list[str]):
@@ -90,14 +106,24 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
     for split in ("validation", "test"):
         jobs.append((f"{name}__{split}__sampling", "generate.py", [*common, "--split", split, *SAMPLING]))
         jobs.append((f"{name}__{split}__beam5", "generate.py", [*common, "--split", split, *BEAM]))
-    jobs.append((f"{name}__test__5samples", "generate.py",
-                 [*common, "--split", "test", "--max_samples", "1000", "--num_samples", "5", *SAMPLING]))
+    five = ["--split", "test", "--max_samples", "1000", "--num_samples", "5", *SAMPLING]
+    jobs.append((f"{name}__test__5samples", "generate.py", [*common, *five]))
+    if "temperature" in args.sweeps and name in TEMPERATURE_RUNS:
+        flag, values, tag = (("--temperature", args.token_temperatures, "T") if name == "none" else
+                             ("--prior_temperature", args.prior_temperatures, "tau"))
+        for value in values:
+            knob = [flag, str(value)]
+            jobs.append((f"{name}__validation__sampling_{tag}{value}", "generate.py",
+                         [*common, "--split", "validation", *SAMPLING, *knob]))
+            jobs.append((f"{name}__test__sampling_{tag}{value}", "generate.py",
+                         [*common, "--split", "test", *SAMPLING, *knob]))
+            jobs.append((f"{name}__test__5samples_{tag}{value}", "generate.py", [*common, *five, *knob]))
     if name == "none":
         return jobs
     diag = ["--model_name_or_path", model, "--dataset_dir", args.dataset_dir, "--split", "validation",
             "--max_samples", "2000"]
     jobs.append((f"{name}__diagnostics", "diagnose.py", diag))
-    if name == "diffusion":
+    if name == "diffusion" and "solver" in args.sweeps:
         subset = [*common, "--split", "validation", "--max_samples", "1000", *SAMPLING]
         for sampler in SOLVERS:
             for steps in SOLVER_STEPS:
@@ -142,7 +168,14 @@ def main():
     p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.5")
     p.add_argument("--train_minutes", type=float, default=15.0)
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
+    p.add_argument("--sweeps", default="solver,temperature",
+                   help="extra --phase eval generations, comma-separated: solver (diffusion: solver x steps), "
+                        "temperature (prior / token temperature of the diffusion, gaussian, standard, none runs)")
     p.add_argument("--smoke", action="store_true", help="a CPU check of the whole pipeline: tiny shapes, 32 contexts")
+    p.add_argument("--prior_temperatures", type=floats, default=PRIOR_TEMPERATURES,
+                   help="comma-separated prior temperatures of the latent runs' sweep")
+    p.add_argument("--token_temperatures", type=floats, default=TOKEN_TEMPERATURES,
+                   help="comma-separated token temperatures of the plain seq2seq's sweep")
     args = p.parse_args()
     if args.smoke:
         global BASE_CONFIG, SOLVER_STEPS
@@ -151,6 +184,10 @@ def main():
         TRAIN_ARGS.extend(["--max_train_steps", "3", "--max_eval_samples", "32", "--num_eval_generation_samples", "4"])
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    args.sweeps = set(filter(None, args.sweeps.split(",")))
+    bad_sweeps = args.sweeps - {"solver", "temperature"}
+    if bad_sweeps:
+        raise SystemExit(f"--sweeps: unknown {sorted(bad_sweeps)}; choose from solver, temperature")
     names = args.runs.split(",")
     unknown = [n for n in names if n not in RUNS]
     if unknown:
