@@ -123,7 +123,8 @@ print(tokenizer.batch_decode(outputs, skip_special_tokens=True))
 `num_return_sequences=k` draws k latents from the prior per context (outputs are `(batch·k, length)`, grouped by
 context). Beam search works too (`num_beams=5, do_sample=False`): each latent draw is beam-searched. Extra
 `generate()` arguments: `num_inference_steps` (denoising steps of the prior), `prior_guidance_scale` (classifier-free
-guidance weight) and `latent_generator` (a `torch.Generator` for reproducible latents).
+guidance weight), `prior_temperature` (scale of the prior's noise: 1 samples the prior, 0 gives one latent per
+context) and `latent_generator` (a `torch.Generator` for reproducible latents).
 
 {sections}
 

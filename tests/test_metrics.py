@@ -321,6 +321,8 @@ def _fake_work_dir(work: Path) -> None:
     (work / "generations" / "diffusion__test__5samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "generations" / "diffusion__validation__sampling.jsonl").write_text(
         "".join(json.dumps({**r, "samples": r["samples"][:1]}) + "\n" for r in rows))
+    (work / "generations" / "diffusion__test__5samples_tau0.5.jsonl").write_text(
+        "".join(json.dumps({**r, "samples": r["samples"][::-1]}) + "\n" for r in rows))
     (work / "generations" / "diffusion__validation1000__ddim5.jsonl").write_text(
         "".join(json.dumps({**r, "samples": r["samples"][1:]}) + "\n" for r in rows))
     (work / "diagnostics" / "diffusion__diagnostics__ddim5.json").write_text(
@@ -366,11 +368,19 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
         "ddim", 5, 0.6, 10)
     assert solver["distinct2"] == pytest.approx(100.0)
     assert (plots / "metrics_vs_steps.png").is_file()
+    # τ = 0.5, and the τ = 1 points: the main rows of the swept run
+    sweep = {(r["split"], r["decoding"], r["knob"], r["value"]): r for r in data["temperature_sweep"]}
+    assert set(sweep) == {("test", "5samples", "prior_temperature", 0.5), ("test", "5samples", "prior_temperature", 1.0),
+                          ("validation", "sampling", "prior_temperature", 1.0)}
+    assert sweep["test", "5samples", "prior_temperature", 1.0]["self_bleu5"] == five["self_bleu5"]
+    half = sweep["test", "5samples", "prior_temperature", 0.5]
+    assert half["bleu1"] == pytest.approx(score_generations(read_generations(
+        work / "generations" / "diffusion__test__5samples_tau0.5.jsonl"), semantic=False)["bleu1"])
     assert "| diffusion | diffusion | 0.700 | test | 5samples |" in table
     assert (plots / "learning_curves.png").is_file()
     assert {p.name for p in (work / "scores").glob("*.json")} == {
         "diffusion__test__5samples.json", "diffusion__validation__sampling.json", "diffusion__validation1000__ddim5.json",
-        "trivial__validation__copy_last.json"}
+        "diffusion__test__5samples_tau0.5.json", "trivial__validation__copy_last.json"}
     cached = (work / "scores" / "diffusion__test__5samples.json").read_text()
     collect_results.main(args)  # second run: served from the cache, same output
     assert json.loads(results.read_text()) == data
