@@ -474,6 +474,8 @@ def test_prior_type_none_is_exactly_bart(tmp_path):
     labels = torch.randint(4, 96, (3, 5))
     torch.testing.assert_close(plain(input_ids=input_ids, labels=labels).logits,
                                bart(input_ids=input_ids, labels=labels).logits)
+    with pytest.raises(ValueError, match="`prior_temperature` was given, but this model has no latent"):
+        plain.generate(input_ids, max_new_tokens=3, prior_temperature=0.5)
 
 
 def test_outside_the_tested_transformers_range_one_clear_error(monkeypatch):
