@@ -291,7 +291,8 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, swe
         written.append(plots_dir / "relevance_vs_diversity.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    memdrop = [r for r in runs if r["prior"] == "diffusion" and r["split"] == "test" and r["decoding"] == "sampling"]
+    memdrop = [r for r in runs if (r["name"] == "diffusion" or r["name"].startswith("memdrop"))
+               and r["split"] == "test" and r["decoding"] == "sampling"]  # runs that differ in memory dropout only
     if len({r["memory_dropout"] for r in memdrop}) >= 2:
         memdrop.sort(key=lambda r: r["memory_dropout"])
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
