@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 76 k pairs
-# and 15 minutes with six runs sharing one GPU (docs/results.md says why this size).
+# and 15 minutes with six to eight runs sharing one GPU (docs/results.md says why this size).
 BASE_CONFIG = (
     "d_model=256,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,"
     "encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=320,latent_size=16,denoiser_hidden_size=512,"
@@ -166,7 +166,7 @@ def main():
     p.add_argument("--tokenizer_name", required=True)
     p.add_argument("--work_dir", required=True)
     p.add_argument("--phase", choices=["train", "eval"], required=True)
-    p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.5")
+    p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.3,memdrop0.5,memdrop0.9")
     p.add_argument("--train_minutes", type=float, default=15.0)
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
     p.add_argument("--sweeps", default="solver,temperature",
