@@ -12,6 +12,12 @@ MAX_TERMINAL_LOG_SNR = -3.0
 PRIOR_TYPES = ("diffusion", "gaussian", "standard", "none")
 
 
+def check_nonnegative_number(name: str, value) -> None:
+    """A `ValueError` naming `name` unless `value` is a finite int or float >= 0 (bools and NaN refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
+
+
 class DiorCVAEConfig(BartConfig):
     r"""
     Configuration of [`DiorCVAEForConditionalGeneration`]. Every BART argument ([`BartConfig`]) is accepted; the
@@ -159,12 +165,8 @@ class DiorCVAEConfig(BartConfig):
         one_of("prior_type", PRIOR_TYPES)
         one_of("prediction_type", PREDICTION_TYPES)
         one_of("sampler", SAMPLERS)
-        guidance = self.prior_guidance_scale
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
-            raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {guidance!r}")
-        temperature = self.prior_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
-            raise ValueError(f"`prior_temperature` must be a finite number >= 0, got {temperature!r}")
+        check_nonnegative_number("prior_guidance_scale", self.prior_guidance_scale)
+        check_nonnegative_number("prior_temperature", self.prior_temperature)
         for name in ("log_snr_min", "log_snr_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

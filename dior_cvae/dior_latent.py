@@ -119,7 +119,7 @@ class DiagonalGaussian:
         return DiagonalGaussian(self.mean.detach(), self.log_std.detach())
 
     def sample(self, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """mean + temperature · std · ε."""
+        """mean + temperature · std · ε (no extra multiply at 1: the posterior's sample is on the training path)."""
         noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, **rng(generator))
         if temperature != 1.0:
             noise = temperature * noise

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
 from transformers.utils import can_return_tuple
 
-from .configuration_dior import DiorCVAEConfig
+from .configuration_dior import DiorCVAEConfig, check_nonnegative_number
 from .dior_compat import CACHE_NAME, check_transformers_version
 from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
 from .dior_prior import DiffusionPrior, ZeroInitLinear
@@ -205,13 +205,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def sample_latents(self, context_vectors, num_inference_steps=None, prior_guidance_scale=None, generator=None,
                        prior_temperature=None):
         """Draw latents (B, L, ls) from the prior p(z | c) given pooled context vectors (B, L, d), its noise scaled by
-        `prior_temperature` (default: the config's)."""
-        temperature = self.config.prior_temperature if prior_temperature is None else float(prior_temperature)
+        `prior_temperature`; `None`s take the config's values."""
         if self.diffusion_prior is None:
+            temperature = self.config.prior_temperature if prior_temperature is None else prior_temperature
             return self.hierarchy.prior_sample(context_vectors, generator, temperature)
         flat = self.diffusion_prior.sample(
             context_vectors.flatten(1), num_inference_steps, prior_guidance_scale, generator=generator,
-            temperature=temperature,
+            temperature=prior_temperature,
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
@@ -536,13 +536,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             isinstance(prior_guidance_scale, (int, float)) and 0 <= prior_guidance_scale < float("inf")  # NaN fails
         ):
             raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {prior_guidance_scale!r}")
-        if prior_temperature is not None and not (
-            isinstance(prior_temperature, (int, float)) and not isinstance(prior_temperature, bool)
-            and 0 <= prior_temperature < float("inf")
-        ):
-            raise ValueError(f"`prior_temperature` must be a finite number >= 0, got {prior_temperature!r}")
-        if prior_temperature is not None and not config.has_latent:
-            raise ValueError('`prior_temperature` was given, but this model has no latent (`prior_type="none"`)')
+        if prior_temperature is not None:
+            check_nonnegative_number("prior_temperature", prior_temperature)
+            if not config.has_latent:
+                raise ValueError('`prior_temperature` was given, but this model has no latent (`prior_type="none"`)')
         settings = generation_config or self.generation_config
         for name in ("num_return_sequences", "max_new_tokens", "max_length"):
             value = kwargs.get(name, getattr(settings, name, None))

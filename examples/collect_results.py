@@ -179,13 +179,13 @@ def main(argv=None):
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
 
-    swept = {(r["name"], r["knob"]) for r in sweep}
+    knob_of = {r["name"]: r["knob"] for r in sweep}  # one knob per run
     for run in runs:  # the main rows are the sweeps' temperature-1 points
-        for name, knob in swept:
-            if run["name"] == name and run["subset"] in ("validation", "test") and run["decoding"] in ("sampling",
+        if run["name"] in knob_of and run["subset"] in ("validation", "test") and run["decoding"] in ("sampling",
                                                                                                      "5samples"):
-                sweep.append({"name": name, "split": run["subset"], "decoding": run["decoding"], "knob": knob,
-                              "value": 1.0, **{m: run.get(m) for m in METRICS}, "num_contexts": run["num_contexts"]})
+            sweep.append({"name": run["name"], "split": run["subset"], "decoding": run["decoding"],
+                          "knob": knob_of[run["name"]], "value": 1.0, **{m: run.get(m) for m in METRICS},
+                          "num_contexts": run["num_contexts"]})
     sweep.sort(key=lambda r: (r["name"], r["split"], r["decoding"], r["value"]))
     solvers.sort(key=lambda r: (r["solver"], r["steps"]))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

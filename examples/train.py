@@ -970,14 +970,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.group_by_length:  # by (source bucket, target) length
         lengths = [(-(-len(e["input_ids"]) // (multiple or 1)), len(e["labels"])) for e in encoded["train"]]
         sampler = LengthGroupedSampler(lengths, args.per_device_train_batch_size, seed=args.seed)
-    # the generator also keeps the loader's worker seed off the global RNG (exact resume)
-    # Collation (≈ 9 ms per batch of 128 on one CPU core) runs in workers on CUDA; batches are deterministic
-    # functions of the sampler's indices, which the main process draws, so exact resume does not depend on them.
+    # The generator also keeps the loader's worker seed off the global RNG (exact resume). Collation (≈ 9 ms per
+    # batch of 128 on one CPU core) runs in workers on CUDA; batches are deterministic functions of the sampler's
+    # indices, which the main process draws, so exact resume does not depend on the workers.
     workers = args.dataloader_num_workers
     train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=collator,
                                   batch_size=args.per_device_train_batch_size,
                                   generator=torch.Generator().manual_seed(args.seed), num_workers=workers,
-                                  persistent_workers=workers > 0, pin_memory=accelerator.device.type == "cuda")
+                                  persistent_workers=workers > 0, pin_memory=on_cuda)
     eval_split = "validation" if "validation" in encoded else None
     eval_dataloaders = {split: DataLoader(encoded[split], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
                         for split in ("validation", "test") if split in encoded}
@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW(  # fused on CUDA: one kernel per step instead of several per weight group
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        fused=accelerator.device.type == "cuda",
+        fused=on_cuda,
     )
     model, optimizer, train_dataloader, *prepared_eval = accelerator.prepare(
         model, optimizer, train_dataloader, *eval_dataloaders.values())
