@@ -116,7 +116,8 @@ class DiffusionPrior(nn.Module):
             lam_min, lam_max = config.log_snr_min, config.log_snr_max
             # stratified λ over the batch (VDM's low-discrepancy sampler): same expectation, lower variance. Each
             # example's λ is uniform on its own (the offset is), so no permutation is needed (and `x[randperm]`
-            # broke inductor's pattern matcher under dynamic shapes, torch 2.11).
+            # broke inductor's pattern matcher under dynamic shapes, torch 2.11). Every k-th row from any start is
+            # stratified too (`kl_terms` interleaves a detached copy of the batch: each half is stratified).
             offset = torch.rand((), device=x.device, **rng(generator))
             u = (offset + torch.arange(batch, device=x.device) / batch) % 1.0
             log_snr = lam_min + (lam_max - lam_min) * u

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_dior import DiorCVAEConfig, check_nonnegative_number
 from .dior_compat import CACHE_NAME, check_transformers_version
-from .dior_latent import HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
+from .dior_latent import DiagonalGaussian, HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
 from .dior_prior import DiffusionPrior, ZeroInitLinear
 
 check_transformers_version()
@@ -249,7 +249,23 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             sets how hard the posterior is pulled towards the prior).
         At β = 1 above the floor this is the ELBO's exact gradient.
         """
-        kl, neg_entropy, prior_bound = self.kl_divergence(latents, posterior, summaries, context_vectors)
+        fit_prior = self.training and (self.diffusion_prior is not None or self.hierarchy.prior is not None)
+        if fit_prior:
+            # the prior's side alone (the posterior's samples as fixed data) is a second KL evaluation on detached
+            # copies; both run as one batch of 2B rows, interleaved (row 2i: example i, row 2i+1: its detached copy)
+            # so that the diffusion bound's λ, stratified over consecutive rows, stays stratified within each half
+            def with_copy(tensor):
+                return torch.stack([tensor, tensor.detach()], dim=1).flatten(0, 1)
+
+            both = DiagonalGaussian(with_copy(posterior.mean), with_copy(posterior.log_std))
+            kl_pairs, neg_entropy, prior_bound = self.kl_divergence(
+                with_copy(latents), both, with_copy(summaries), with_copy(context_vectors)
+            )
+            kl, prior_fit = kl_pairs.view(-1, 2).unbind(1)
+            if neg_entropy is not None:
+                neg_entropy, prior_bound = neg_entropy[0::2], prior_bound[0::2]
+        else:
+            kl, neg_entropy, prior_bound = self.kl_divergence(latents, posterior, summaries, context_vectors)
         kl_loss = kl.mean()
         neg_entropy, prior_loss = (None, None) if neg_entropy is None else (neg_entropy.mean(), prior_bound.mean())
         if not self.training:
@@ -258,11 +274,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         floor = self.config.kl_free_bits * self.config.total_latent_size
         above = _above_floor(kl_loss.detach(), floor)
         kl_objective = kl_weight * (above * kl_loss + (1 - above) * floor)  # no gradient below the floor
-        if self.diffusion_prior is None and self.hierarchy.prior is None:  # N(0, I) has nothing to fit
+        if not fit_prior:  # N(0, I) has nothing to fit
             return kl_loss, kl_objective, neg_entropy, prior_loss
-        # the prior's side alone (the posterior's samples as fixed data): its gradient, at weight 1 in total
-        prior_fit = self.kl_divergence(latents.detach(), posterior.detach(), summaries.detach(),
-                                       context_vectors.detach())[0].mean()
+        # the prior fit's gradient, at weight 1 in total with the prior's part of kl_objective
+        prior_fit = prior_fit.mean()
         prior_share = 1 - kl_weight * above  # what kl_objective left to give the prior
         kl_objective = kl_objective + prior_share * (prior_fit - prior_fit.detach())  # gradient only
         return kl_loss, kl_objective, neg_entropy, prior_loss

@@ -117,3 +117,31 @@ def test_a_nan_kl_is_never_hidden_by_the_floor(tiny_model, monkeypatch):
     monkeypatch.setattr(model.diffusion_prior, "nll_bound", lambda latents, *a, **k: latents.sum(-1) * float("nan"))
     out = model(input_ids=torch.randint(4, 96, (2, 5)), labels=torch.randint(4, 96, (2, 4)), kl_weight=0.5)
     assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("prior_type", ["gaussian", "diffusion"])
+def test_the_prior_fit_shares_one_batch_with_the_kl(tiny_model, monkeypatch, prior_type):
+    """In training the KL and the prior's fit (on detached copies) are one batch of 2B interleaved rows: the KL is the
+    attached rows' alone, and the diffusion bound's noise levels are stratified within each half."""
+    model = tiny_model(prior_type=prior_type, memory_dropout=0.0).train()
+    batch = dict(input_ids=torch.randint(4, 96, (8, 7)), labels=torch.randint(4, 96, (8, 5)))
+    if prior_type == "gaussian":  # analytic: the training KL equals the evaluation KL of the same posterior sample
+        torch.manual_seed(5)
+        train_kl = model(**batch).kl_loss
+        torch.manual_seed(5)
+        _, context_vectors = model.encode(batch["input_ids"], batch["input_ids"].ne(1).long())
+        latents, posterior, summaries = model.posterior(context_vectors, batch["labels"])
+        expected = model.kl_divergence(latents, posterior, summaries, context_vectors)[0].mean()
+        torch.testing.assert_close(train_kl, expected)
+        return
+    seen = []
+    denoise = model.diffusion_prior.denoiser.forward
+    monkeypatch.setattr(model.diffusion_prior.denoiser, "forward",
+                        lambda noisy, log_snr, condition: seen.append(log_snr.detach()) or denoise(noisy, log_snr, condition))
+    model(**batch)
+    (log_snr,) = seen
+    assert log_snr.shape == (16,)
+    config = model.config
+    u = (log_snr - config.log_snr_min) / (config.log_snr_max - config.log_snr_min)
+    for half in (u[0::2], u[1::2]):  # one point in each eighth of [0, 1)
+        assert sorted((half * 8).floor().long().tolist()) == list(range(8))
