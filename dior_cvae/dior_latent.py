@@ -76,15 +76,20 @@ class LayerPooling(nn.Module):
         self.context = StackedLinear(num_layers, d, 1, bias=False)
 
     def forward(self, layer_hidden_states, attention_mask: torch.Tensor) -> torch.Tensor:
-        """`layer_hidden_states`: L tensors (B, S, d), or one (L, B, S, d); `attention_mask` (B, S)."""
+        """`layer_hidden_states`: L tensors (B, S, d), or one (L, B, S, d); `attention_mask` (B, S) → (B, L, d), or
+        (B, K, S) for K segments of each row pooled separately (their scores computed once) → (B, K, L, d)."""
         states = layer_hidden_states if torch.is_tensor(layer_hidden_states) else torch.stack(tuple(layer_hidden_states))
         num_layers, batch, length, d = states.shape
+        segment_masks = attention_mask if attention_mask.ndim == 3 else attention_mask[:, None]  # (B, K, S)
+        segments = segment_masks.shape[1]
         flat = states.reshape(num_layers, batch * length, d)
-        scores = self.context(torch.tanh(self.proj(flat))).view(num_layers, batch, length)
-        scores = scores.float().masked_fill(attention_mask[None] == 0, torch.finfo(torch.float32).min)
-        weights = scores.softmax(dim=-1).to(states.dtype)
-        pooled = torch.bmm(weights.view(num_layers * batch, 1, length), states.reshape(num_layers * batch, length, d))
-        return pooled.view(num_layers, batch, d).transpose(0, 1)
+        scores = self.context(torch.tanh(self.proj(flat))).view(num_layers, batch, 1, length)
+        scores = scores.float().masked_fill(segment_masks[None] == 0, torch.finfo(torch.float32).min)
+        weights = scores.softmax(dim=-1).to(states.dtype)  # (L, B, K, S)
+        pooled = torch.bmm(weights.view(num_layers * batch, segments, length),
+                           states.reshape(num_layers * batch, length, d))
+        pooled = pooled.view(num_layers, batch, segments, d).permute(1, 2, 0, 3)  # (B, K, L, d)
+        return pooled if attention_mask.ndim == 3 else pooled[:, 0]
 
 
 class LatentProjection(StackedLinear):

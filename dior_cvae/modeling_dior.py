@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationConfig, GenerationMixin
 from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
 from transformers.utils import can_return_tuple
@@ -191,6 +192,47 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             )
         pooled = self.pool_layers(outputs, attention_mask) if self.config.has_latent else None
         return outputs, pooled
+
+    def encode_with_response(self, input_ids, attention_mask, labels, **kwargs):
+        """`encode` of the context and of the response (`labels`, padding = -100) in one encoder pass: each row packs
+        [context; response], each segment attends only to itself and has its own positions from 0, so the states are
+        those of two separate passes (up to float rounding) for half the kernel launches (the step is launch-bound
+        on a GPU; the linear layers' FLOPs are the same). Returns (the context's encoder output, context vectors
+        (B, L, d), response vectors (B, L, d))."""
+        encoder = self.model.encoder
+        response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
+        response_mask = labels.ne(-100).to(attention_mask.dtype)
+        context_length, response_length = input_ids.shape[1], labels.shape[1]
+        packed_ids = torch.cat([input_ids, response_ids], dim=1)  # (B, S + T)
+        packed_mask = torch.cat([attention_mask, response_mask], dim=1)
+        device = packed_ids.device
+        segment = torch.cat([torch.zeros(context_length, dtype=torch.long, device=device),
+                             torch.ones(response_length, dtype=torch.long, device=device)])
+        own_positions = torch.cat([torch.arange(context_length, device=device),
+                                   torch.arange(response_length, device=device)])
+        # the encoder adds the positions 0 .. S+T-1; the response's restart at 0
+        inputs_embeds = encoder.embed_tokens(packed_ids) + (
+            encoder.embed_positions(packed_ids, position_ids=own_positions)
+            - encoder.embed_positions(packed_ids, position_ids=torch.arange(len(segment), device=device))
+        ).to(encoder.embed_tokens.weight.dtype)
+
+        def same_segment(batch_idx, head_idx, q_idx, kv_idx):
+            return segment[q_idx] == segment[kv_idx]
+
+        block_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
+                                               attention_mask=packed_mask, and_mask_function=same_segment)
+        with sdpa_kernel(SDPA_BACKENDS):
+            packed = self.model.encoder(inputs_embeds=inputs_embeds, attention_mask=block_mask,
+                                        output_hidden_states=True, **kwargs)
+        segment_masks = torch.stack([packed_mask * (segment == 0), packed_mask * (segment == 1)], dim=1)  # (B, 2, S+T)
+        pooled = self.layer_pooling(packed.hidden_states[-self.config.encoder_layers :], segment_masks)
+        context = slice(0, context_length)
+        outputs = BaseModelOutput(
+            last_hidden_state=packed.last_hidden_state[:, context],
+            hidden_states=tuple(h[:, context] for h in packed.hidden_states),
+            attentions=None if packed.attentions is None else tuple(a[..., context, context] for a in packed.attentions),
+        )
+        return outputs, pooled[:, 0], pooled[:, 1]
 
     def pool_layers(self, encoder_outputs: BaseModelOutput, attention_mask) -> torch.Tensor:
         """Attention-pooled vector of each encoder layer's output, (B, L, d): the prior's condition."""
@@ -365,8 +407,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(response_ids)
 
         # encode → latents
-        context_vectors = None
-        if encoder_outputs is None:
+        context_vectors = response_vectors = None
+        if encoder_outputs is None and labels is not None and latents is None and self.config.has_latent:
+            encoder_outputs, context_vectors, response_vectors = self.encode_with_response(
+                input_ids, attention_mask, labels, **kwargs
+            )
+        elif encoder_outputs is None:
             encoder_outputs, context_vectors = self.encode(input_ids, attention_mask, **kwargs)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
@@ -379,7 +425,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if context_vectors is None and latents is None:
                 context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if latents is None and labels is not None:
-                latents, posterior, summaries = self.posterior(context_vectors, labels)
+                if response_vectors is None:  # the caller encoded the context
+                    latents, posterior, summaries = self.posterior(context_vectors, labels)
+                else:
+                    latents, posterior, summaries = self.hierarchy.posterior_sample(context_vectors, response_vectors)
                 kl_loss, kl_objective, neg_entropy, prior_loss = self.kl_terms(
                     latents, posterior, summaries, context_vectors, kl_weight
                 )

@@ -162,3 +162,50 @@ def test_diagonal_gaussian_entropy_is_the_mean_negative_log_density():
     samples = torch.stack([dist.sample() for _ in range(20000)])
     log_density = torch.distributions.Normal(mean, log_std.exp()).log_prob(samples).sum(-1)  # (N, 3)
     torch.testing.assert_close(dist.entropy(), -log_density.mean(0), atol=0.05, rtol=0)
+
+
+def _padded_pair(generator):
+    """A context batch (B=3, S=9) and a response batch (T=6) with different padding per row."""
+    context = torch.randint(4, 96, (3, 9), generator=generator)
+    context_mask = torch.ones_like(context)
+    context_mask[1, 6:], context_mask[2, 3:] = 0, 0
+    context = context.masked_fill(context_mask == 0, 1)
+    labels = torch.randint(4, 96, (3, 6), generator=generator)
+    labels[0, 4:], labels[2, 2:] = -100, -100
+    return context, context_mask, labels
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_packed_encoding_equals_two_encoder_passes(attn_implementation):
+    """`encode_with_response` (one pass over [context; response], block-diagonal attention, positions restarting at
+    the response) gives the states and pooled vectors of two separate `encode` calls, and training through it gives
+    the same loss and gradients as the separate path (taken when the caller passes `encoder_outputs`)."""
+    torch.manual_seed(0)
+    model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs(memory_dropout=0.0)))
+    model.set_attn_implementation(attn_implementation)
+    model.eval()
+    context, context_mask, labels = _padded_pair(torch.Generator().manual_seed(1))
+    outputs, context_vectors, response_vectors = model.encode_with_response(context, context_mask, labels)
+    separate, separate_context = model.encode(context, context_mask)
+    response_ids = labels.masked_fill(labels == -100, 1)
+    _, separate_response = model.encode(response_ids, labels.ne(-100).long())
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(context_vectors, separate_context, **tol)
+    torch.testing.assert_close(response_vectors, separate_response, **tol)
+    valid = context_mask.bool()
+    torch.testing.assert_close(outputs.last_hidden_state[valid], separate.last_hidden_state[valid], **tol)
+    assert len(outputs.hidden_states) == len(separate.hidden_states)
+
+    def loss_and_grads(**inputs):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same posterior and diffusion noise in both calls
+        out = model(attention_mask=context_mask, labels=labels, **inputs)
+        out.loss.backward()
+        return out.loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed_loss, packed_grads = loss_and_grads(input_ids=context)
+    separate_loss, separate_grads = loss_and_grads(encoder_outputs=model.encode(context, context_mask)[0])
+    torch.testing.assert_close(packed_loss, separate_loss, **tol)
+    assert packed_grads.keys() == separate_grads.keys()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, separate_grads[name], rtol=1e-4, atol=1e-5, msg=name)
