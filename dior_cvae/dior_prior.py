@@ -4,7 +4,8 @@ The denoiser f_φ(z_λ, λ, e_c) sees the noisy concatenated latent z_λ (B, E),
 features of λ and a small MLP, and the condition e_c = all layers' pooled context vectors (B, L·d) through a condition
 MLP; time and condition are summed before meeting z_λ (as in the authors' code), then `denoiser_layers` residual MLP
 blocks. Classifier-free guidance: in training each example's condition is replaced by zeros with probability
-`cfg_dropout`; in sampling every step uses (1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch.
+`cfg_dropout`; in sampling every step uses (1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch
+(`DiorDenoiser.sampling_predictor`).
 
 The KL term (paper Eq. 16) is E_q[log q(z | c, r)] + the bound below on −log p(z | c), which makes it an honest,
 tight KL estimate. We use VDM's continuous-time bound (Kingma et al. 2021) rather than the authors' T = 50 discrete
@@ -65,7 +66,12 @@ class ResidualBlock(nn.Module):
 
 
 class DiorDenoiser(nn.Module):
-    """f_φ(z_λ, λ, e_c) → v, ε or x0 (`config.prediction_type`), shape (B, E). `output` is zero-initialised."""
+    """f_φ(z_λ, λ, e_c) → v, ε or x0 (`config.prediction_type`), shape (B, E). `output` is zero-initialised.
+
+    `input_proj([z; t + c])` is linear, so it is computed as the sum of three parts: `latent_part(z)`,
+    `noise_level_part(λ)` and `condition_part(e_c)` (which holds the bias). A sampling loop computes the last two
+    once per call (every step's λ in one batch; the condition, and the zero condition of guidance, once) and only the
+    latent part and `head` per step."""
 
     def __init__(self, config):
         super().__init__()
@@ -80,13 +86,46 @@ class DiorDenoiser(nn.Module):
         self.output_norm = nn.LayerNorm(hidden)
         self.output = ZeroInitLinear(hidden, latent)
 
-    def forward(self, noisy_latent: torch.Tensor, log_snr: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def latent_part(self, noisy_latent: torch.Tensor) -> torch.Tensor:
+        """(N, E) → (N, hidden): the noisy latent's share of `input_proj`."""
+        return nn.functional.linear(noisy_latent, self.input_proj.weight[:, : self.config.total_latent_size])
+
+    def noise_level_part(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """(N,) noise levels → (N, hidden): their share of `input_proj`, through the sinusoidal features and
+        `time_mlp`."""
         time_features = noise_level_embedding(log_snr, self.time_mlp[0].in_features, self.config)
-        time_and_condition = self.time_mlp(time_features) + self.condition_mlp(condition)
-        hidden = self.input_proj(torch.cat([noisy_latent, time_and_condition], dim=-1))
+        return nn.functional.linear(self.time_mlp(time_features), self.input_proj.weight[:, self.config.total_latent_size :])
+
+    def condition_part(self, condition: torch.Tensor) -> torch.Tensor:
+        """(N, L·d) conditions → (N, hidden): their share of `input_proj`, through `condition_mlp`, plus its bias."""
+        weight = self.input_proj.weight[:, self.config.total_latent_size :]
+        return nn.functional.linear(self.condition_mlp(condition), weight, self.input_proj.bias)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The sum of the three parts (N, hidden) → the prediction (N, E)."""
         for block in self.blocks:
             hidden = block(hidden)
         return self.output(nn.functional.silu(self.output_norm(hidden)))
+
+    def forward(self, noisy_latent: torch.Tensor, log_snr: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.head(
+            self.latent_part(noisy_latent) + self.noise_level_part(log_snr) + self.condition_part(condition)
+        )
+
+    def sampling_predictor(self, log_snrs: torch.Tensor, condition: torch.Tensor, guidance: float):
+        """For a sampling loop over the noise levels `log_snrs` (steps,) given the conditions (B, L·d): a function
+        (step_index, z (B, E)) → the guided prediction (1 + w)·f(z, λ_i, c) − w·f(z, λ_i, 0) (B, E). What does not
+        depend on z is computed here, once: every step's noise-level part, and the condition part (of [c; 0] with
+        guidance, whose two branches then run as one batch (2, B, ·))."""
+        noise_level_parts = self.noise_level_part(log_snrs)  # (steps, hidden)
+        conditions = condition if guidance == 0 else torch.stack([condition, torch.zeros_like(condition)])
+        condition_parts = self.condition_part(conditions)  # (B, hidden) or (2, B, hidden)
+
+        def predict(step_index: int, noisy: torch.Tensor) -> torch.Tensor:
+            prediction = self.head(condition_parts + (self.latent_part(noisy) + noise_level_parts[step_index]))
+            return prediction if guidance == 0 else torch.lerp(prediction[1], prediction[0], 1 + guidance)
+
+        return predict
 
 
 class DiffusionPrior(nn.Module):
@@ -135,18 +174,6 @@ class DiffusionPrior(nn.Module):
             decoder = dim * 0.5 * (math.log(2 * math.pi * math.e) - lam_max)
             return terminal + diffusion + decoder
 
-    def guided_prediction(self, noisy, log_snr: torch.Tensor, condition, guidance: float) -> torch.Tensor:
-        """(1 + w)·f(z, λ, c) − w·f(z, λ, 0); both branches in one batch."""
-        batch = noisy.shape[0]
-        log_snr = log_snr.expand(batch)
-        if guidance == 0:
-            return self.denoiser(noisy, log_snr, condition)
-        both = self.denoiser(
-            torch.cat([noisy, noisy]), torch.cat([log_snr, log_snr]), torch.cat([condition, torch.zeros_like(condition)])
-        )
-        conditional, unconditional = both.chunk(2)
-        return (1 + guidance) * conditional - guidance * unconditional
-
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, num_inference_steps=None, prior_guidance_scale=None, generator=None,
                initial_noise=None, temperature=None) -> torch.Tensor:
@@ -164,9 +191,10 @@ class DiffusionPrior(nn.Module):
             if latents is None:
                 shape = (condition.shape[0], config.total_latent_size)
                 latents = temperature * torch.randn(shape, generator=generator, device=condition.device)
+            predict = self.denoiser.sampling_predictor(scheduler.log_snrs, condition, guidance)
             x0 = None
             for step_index in range(steps):
-                prediction = self.guided_prediction(latents, scheduler.log_snrs[step_index], condition, guidance)
+                prediction = predict(step_index, latents)
                 latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, generator=generator,
                                              noise_scale=temperature)
             return scheduler.final_sample(latents)

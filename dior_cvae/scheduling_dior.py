@@ -42,6 +42,15 @@ def alpha_sigma(log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.sigmoid(log_snr).sqrt(), torch.sigmoid(-log_snr).sqrt()
 
 
+def to_x0(prediction_type: str, model_output, sample, alpha, sigma):
+    """x̂0 alone from the denoiser's output at a point z = α x + σ ε (as `to_x0_eps`, without computing ε̂)."""
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha
+    return model_output
+
+
 def to_x0_eps(prediction_type: str, model_output, sample, alpha, sigma):
     """(x̂0, ε̂) from the denoiser's output at a point z = α x + σ ε."""
     if prediction_type == "v_prediction":  # v = α ε − σ x
@@ -118,10 +127,11 @@ class DiorScheduler:
         """One step from grid point `step_index` to the next; `previous_x0` is the last step's x̂0 (multistep);
         `noise_scale` multiplies the fresh noise of DDPM / DDIM with η > 0 (the prior's temperature)."""
         row = self._table[step_index]
-        x0, eps = to_x0_eps(self.prediction_type, model_output, sample, row[_ALPHA_S], row[_SIGMA_S])
-        if self.sampler == "dpmsolver++":
+        if self.sampler == "dpmsolver++":  # needs x̂0 only
+            x0 = to_x0(self.prediction_type, model_output, sample, row[_ALPHA_S], row[_SIGMA_S])
             data = x0 if previous_x0 is None else row[_DPM_CUR] * x0 + row[_DPM_PREV] * previous_x0
             return SchedulerOutput(row[_DPM_Z] * sample + row[_DPM_D] * data, x0)
+        x0, eps = to_x0_eps(self.prediction_type, model_output, sample, row[_ALPHA_S], row[_SIGMA_S])
         alpha_t, sigma_t, noise_std = row[_ALPHA_T], row[_SIGMA_T], row[_NOISE]
         prev = alpha_t * x0 + (sigma_t**2 - noise_std**2).clamp(min=0).sqrt() * eps
         if self.eta > 0:

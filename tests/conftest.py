@@ -37,3 +37,18 @@ def tiny_model():
         return DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs(**overrides)))
 
     return build
+
+
+class ForwardDenoiser(torch.nn.Module):
+    """Base of the tests' hand-written denoisers (`forward(noisy, log_snr, condition)` only): the sampling loop's
+    `sampling_predictor` from plain forward calls, (1 + w)·f(z, λ, c) − w·f(z, λ, 0) at every step."""
+
+    def sampling_predictor(self, log_snrs, condition, guidance):
+        def predict(step_index, noisy):
+            log_snr = log_snrs[step_index].expand(len(noisy))
+            conditional = self(noisy, log_snr, condition)
+            if guidance == 0:
+                return conditional
+            return (1 + guidance) * conditional - guidance * self(noisy, log_snr, torch.zeros_like(condition))
+
+        return predict

@@ -241,28 +241,31 @@ def test_bad_contexts_raise(tiny_model):
 
 
 def test_guidance_is_applied_at_every_sampling_step(tiny_model, monkeypatch):
+    """Every step of the sampler gets (1 + w)·f(z, λ, c) − w·f(z, λ, 0), computed here from plain denoiser calls:
+    the sampling loop's precomputed noise-level and condition parts change nothing."""
     from dior_cvae.scheduling_dior import DiorScheduler
 
     model = tiny_model(prior_guidance_scale=0.5).eval()
     prior = model.diffusion_prior
-    calls = []
-
-    class StubDenoiser(torch.nn.Module):
-        def forward(self, noisy, log_snr, condition):
-            calls.append(condition.clone())
-            return torch.zeros_like(noisy) + condition.mean(-1, keepdim=True) + 0.5  # f(0) = 0.5
-
-    prior.denoiser = StubDenoiser()
+    for parameter in prior.parameters():  # a denoiser whose output depends on z, λ and c (zero-init is constant)
+        torch.nn.init.normal_(parameter, std=0.3)
     stepped = []
     original_step = DiorScheduler.step
-    monkeypatch.setattr(DiorScheduler, "step", lambda self, out, *a, **k: (stepped.append(out), original_step(self, out, *a, **k))[1])
+
+    def step(self, out, step_index, sample, *args, **kwargs):
+        stepped.append((out, step_index, sample, self.log_snrs[step_index]))
+        return original_step(self, out, step_index, sample, *args, **kwargs)
+
+    monkeypatch.setattr(DiorScheduler, "step", step)
     condition = torch.randn(3, 2 * 32)
     prior.sample(condition, num_inference_steps=5)
-    assert len(calls) == len(stepped) == 5
-    expected = 1.5 * (condition.mean(-1, keepdim=True) + 0.5) - 0.5 * 0.5
-    for used_condition, output in zip(calls, stepped):
-        torch.testing.assert_close(used_condition, torch.cat([condition, torch.zeros_like(condition)]))
-        torch.testing.assert_close(output, expected.expand_as(output))
+    assert [s[1] for s in stepped] == list(range(5))
+    for output, _, sample, log_snr in stepped:
+        log_snr = log_snr.expand(3)
+        expected = (1.5 * prior.denoiser(sample, log_snr, condition)
+                    - 0.5 * prior.denoiser(sample, log_snr, torch.zeros_like(condition)))
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(stepped[0][0], stepped[-1][0])
 
 
 def test_cfg_dropout_zeroes_the_condition_per_example(tiny_model):
@@ -347,8 +350,18 @@ def test_denoiser_shapes(tiny_model):
     model = tiny_model()
     denoiser = model.diffusion_prior.denoiser
     assert isinstance(denoiser, DiorDenoiser)
-    out = denoiser(torch.randn(5, 16), torch.linspace(-10, 10, 5), torch.randn(5, 64))
+    for parameter in denoiser.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    noisy, log_snr, condition = torch.randn(5, 16), torch.linspace(-10, 10, 5), torch.randn(5, 64)
+    out = denoiser(noisy, log_snr, condition)
     assert out.shape == (5, 16)
+    # the three parts of input_proj are its weight's columns for [z; time_mlp(λ) + condition_mlp(c)] (checkpoints
+    # store that one Linear)
+    from dior_cvae.dior_prior import noise_level_embedding
+
+    time = denoiser.time_mlp(noise_level_embedding(log_snr, denoiser.time_mlp[0].in_features, model.config))
+    hidden = denoiser.input_proj(torch.cat([noisy, time + denoiser.condition_mlp(condition)], dim=-1))
+    torch.testing.assert_close(out, denoiser.head(hidden), rtol=1e-5, atol=1e-5)
 
 
 def test_changing_the_sampler_on_the_config_takes_effect(tiny_model):

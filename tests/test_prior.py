@@ -9,10 +9,10 @@ from dior_cvae import DiorCVAEConfig
 from dior_cvae.dior_prior import DiffusionPrior
 from dior_cvae.scheduling_dior import DiorScheduler, alpha_sigma, log_snr_grid
 
-from conftest import tiny_config_kwargs
+from conftest import ForwardDenoiser, tiny_config_kwargs
 
 
-class gaussian_x0(torch.nn.Module):
+class gaussian_x0(ForwardDenoiser):
     """The optimal denoiser of N(mean, std²) data, as v-prediction: E[x | z_λ] and v = (α z − x̂0) / σ."""
 
     def __init__(self, mean, std):
