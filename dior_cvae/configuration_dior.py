@@ -186,6 +186,11 @@ class DiorCVAEConfig(BartConfig):
                 f"`encoder_layers` ({self.encoder_layers}) must equal `decoder_layers` ({self.decoder_layers}): "
                 "the latent of encoder layer l is infused into decoder layer l"
             )
+        if self.prior_type != "none" and not (self.self_attention_infusion or self.cross_attention_infusion):
+            raise ValueError(
+                "`self_attention_infusion` and `cross_attention_infusion` are both off: the decoder would never see "
+                'the latent (for a model without one, use prior_type="none")'
+            )
         if self.memory_dropout == 1.0 and not self.cross_attention_infusion and self.prior_type != "none":
             raise ValueError(
                 "`memory_dropout` = 1 with `cross_attention_infusion` off would leave the cross-attention nothing "

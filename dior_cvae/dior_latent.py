@@ -253,10 +253,10 @@ class HierarchicalLatents(nn.Module):
         return self._ancestral(self.prior, context_vectors, generator, temperature)[0]
 
 
-def _prepend_visible_column(attention_mask, query_length: int, key_length: int, causal: bool, reference):
-    """Make room in a prepared attention mask for the latent key/value, which every query may see."""
+def _prepend_visible_column(attention_mask, query_length: int, key_length: int, reference):
+    """Make room in a prepared causal self-attention mask for the latent key/value, which every query may see."""
     if attention_mask is None:
-        if not causal or query_length == 1:
+        if query_length == 1:
             return None
         # sdpa relied on `is_causal`, which no longer lines up once a column is prepended: build the mask
         attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=reference.device)
@@ -269,34 +269,38 @@ def _prepend_visible_column(attention_mask, query_length: int, key_length: int, 
 
 
 class LatentSlotAttention(BartAttention):
-    """BART attention that, when `infuse` is set, adds `k_proj`/`v_proj` of the layer's latent slot
-    `latent_memory[:, layer_idx]` (B, 1, d) as one extra key/value that every query sees.
+    """BART attention that, when `infuse` is set, adds the key and value of the layer's latent slot (k_proj / v_proj
+    of Linear_l(z_l), precomputed for every layer by `DiorCVAEForConditionalGeneration.latent_slots`: `latent_slots`
+    (B, L, 2·A, heads, head_dim), this attention's pair at `slot_index`) as one extra key/value that every query sees.
 
     This is exactly the authors' decoder (a slot at position 0 replaced by Linear_l(z_l) before every layer and
     prepended to the cross-attention memory), without materialising the slot: its own query output was discarded.
     The cache holds what BART's holds: self-attention keys of real tokens only (so token positions are BART's), and
     the cross-attention keys of [slot; encoder states], projected once at the first step. The self-attention slot is
-    projected at every step from `latent_memory`, which `forward` always passes. The weights keep BART's names, so
-    BART checkpoints load unchanged.
+    concatenated at every step from `latent_slots`, which `forward` always passes; the cross-attention mask comes
+    with the slot's column (`forward` prepends it to the encoder mask once). The weights keep BART's names, so BART
+    checkpoints load unchanged.
     """
 
-    def __init__(self, *args, infuse: bool = True, **kwargs):
+    def __init__(self, *args, infuse: bool = True, slot_index: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.infuse = infuse
+        self.slot_index = slot_index
 
     def _heads(self, states: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         batch = states.shape[0]
         return proj(states).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, len, hd)
 
-    def forward(self, hidden_states, key_value_states=None, attention_mask=None, latent_memory=None, **kwargs):
+    def forward(self, hidden_states, key_value_states=None, attention_mask=None, latent_slots=None, **kwargs):
         cache = pop_cache(kwargs)  # EncoderDecoderCache or None
         is_cross_attention = key_value_states is not None
         batch, query_length = hidden_states.shape[:2]
-        slot = None
+        slot_key = slot_value = None
         if self.infuse:
-            if latent_memory is None:
-                raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_memory` is required")
-            slot = latent_memory[:, self.layer_idx : self.layer_idx + 1].to(hidden_states.dtype)  # (B, 1, d)
+            if latent_slots is None:
+                raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_slots` is required")
+            pair = latent_slots[:, self.layer_idx, 2 * self.slot_index : 2 * self.slot_index + 2]  # (B, 2, heads, hd)
+            slot_key, slot_value = pair.to(hidden_states.dtype).unsqueeze(3).unbind(1)  # (B, heads, 1, hd) each
 
         query_states = self._heads(hidden_states, self.q_proj)
         if is_cross_attention:
@@ -304,8 +308,11 @@ class LatentSlotAttention(BartAttention):
                 layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
                 key_states, value_states = layer_cache.keys, layer_cache.values  # [slot; memory], from step one
             else:
-                memory = key_value_states if slot is None else torch.cat([slot, key_value_states], dim=1)
-                key_states, value_states = self._heads(memory, self.k_proj), self._heads(memory, self.v_proj)
+                key_states = self._heads(key_value_states, self.k_proj)
+                value_states = self._heads(key_value_states, self.v_proj)
+                if slot_key is not None:
+                    key_states = torch.cat([slot_key, key_states], dim=2)
+                    value_states = torch.cat([slot_value, value_states], dim=2)
                 if cache is not None:
                     key_states, value_states = cache.cross_attention_cache.update(
                         key_states, value_states, self.layer_idx
@@ -315,13 +322,11 @@ class LatentSlotAttention(BartAttention):
             key_states, value_states = self._heads(hidden_states, self.k_proj), self._heads(hidden_states, self.v_proj)
             if cache is not None:
                 key_states, value_states = cache.self_attention_cache.update(key_states, value_states, self.layer_idx)
-            if slot is not None:
-                key_states = torch.cat([self._heads(slot, self.k_proj), key_states], dim=2)
-                value_states = torch.cat([self._heads(slot, self.v_proj), value_states], dim=2)
-        if slot is not None:
-            attention_mask = _prepend_visible_column(
-                attention_mask, query_length, key_states.shape[2] - 1, not is_cross_attention, hidden_states
-            )
+            if slot_key is not None:
+                key_states = torch.cat([slot_key, key_states], dim=2)
+                value_states = torch.cat([slot_value, value_states], dim=2)
+                attention_mask = _prepend_visible_column(attention_mask, query_length, key_states.shape[2] - 1,
+                                                         hidden_states)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

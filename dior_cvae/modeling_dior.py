@@ -64,7 +64,7 @@ class DiorCVAEOutput(Seq2SeqLMOutput):
     latents: torch.FloatTensor | None = None
 
 
-def _latent_slot_attention(config, layer_idx: int, is_causal: bool, infuse: bool) -> LatentSlotAttention:
+def _latent_slot_attention(config, layer_idx: int, is_causal: bool, infuse: bool, slot_index: int) -> LatentSlotAttention:
     return LatentSlotAttention(
         config.d_model,
         config.decoder_attention_heads,
@@ -74,6 +74,7 @@ def _latent_slot_attention(config, layer_idx: int, is_causal: bool, infuse: bool
         config=config,
         layer_idx=layer_idx,
         infuse=infuse,
+        slot_index=slot_index,
     )
 
 
@@ -101,8 +102,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         self.model = BartModel(config)
         if config.has_latent:
             for idx, layer in enumerate(self.model.decoder.layers):
-                layer.self_attn = _latent_slot_attention(config, idx, True, config.self_attention_infusion)
-                layer.encoder_attn = _latent_slot_attention(config, idx, False, config.cross_attention_infusion)
+                # each infusing attention's (key, value) pair in `latent_slots`: self-attention's first
+                layer.self_attn = _latent_slot_attention(config, idx, True, config.self_attention_infusion, 0)
+                layer.encoder_attn = _latent_slot_attention(config, idx, False, config.cross_attention_infusion,
+                                                            int(config.self_attention_infusion))
         self.final_logits_bias = nn.Buffer(torch.zeros((1, self.model.shared.num_embeddings)))
         self.lm_head = nn.Linear(config.d_model, self.model.shared.num_embeddings, bias=False)
 
@@ -332,11 +335,23 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             dropped = torch.where(dropped.sum(-1, keepdim=True) == 0, attention_mask, dropped)
         return dropped
 
-    def _latent_memory(self, latents: torch.Tensor):
-        """(B, L, ls) → (B, L, d): Linear_l(z_l), the key/value source of each decoder layer's latent slot."""
+    def latent_slots(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """(B, L, ls) → (B, L, 2·A, heads, head_dim): for each decoder layer, the key and the value of its latent slot
+        in each of the A attentions that infuse it (self-attention's pair first): k_proj / v_proj of Linear_l(z_l).
+        All layers and projections in one batched matmul (their weights stacked); `generate()` computes them once per
+        call, so that a decoding step only concatenates them with its cache. None when no attention infuses."""
         if self.latent_to_memory is None:
             return None
-        return self.latent_to_memory(latents)
+        config = self.config
+        latent_memory = self.latent_to_memory(latents)  # (B, L, d): Linear_l(z_l)
+        projections = [projection for layer in self.model.decoder.layers
+                       for attention in (layer.self_attn, layer.encoder_attn) if attention.infuse
+                       for projection in (attention.k_proj, attention.v_proj)]  # layer-major: L · 2A of them
+        weight = torch.stack([p.weight for p in projections]).view(config.decoder_layers, -1, config.d_model)
+        bias = torch.stack([p.bias for p in projections]).view(config.decoder_layers, 1, -1)
+        slots = torch.baddbmm(bias, latent_memory.transpose(0, 1), weight.transpose(1, 2))  # (L, B, 2A·d)
+        heads = config.decoder_attention_heads
+        return slots.transpose(0, 1).reshape(latents.shape[0], config.decoder_layers, -1, heads, config.d_model // heads)
 
     def _check_latents(self, latents: torch.Tensor, batch_size: int):
         expected = (batch_size, self.config.encoder_layers, self.config.latent_size)
@@ -372,6 +387,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         cache=None,
         labels: torch.LongTensor | None = None,
         latents: torch.FloatTensor | None = None,
+        latent_slots: torch.FloatTensor | None = None,
         kl_weight: float | torch.Tensor = 1.0,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -383,6 +399,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             reconstruction target and, through the shared encoder, the input of the posterior.
         latents (`torch.FloatTensor` of shape `(B, L, latent_size)`, *optional*): decode with these latents instead
             of posterior (with labels) or prior (without) samples; with `labels`, `loss` is then `rc_loss`.
+        latent_slots (`torch.FloatTensor`, *optional*): `latent_slots(latents)`, computed once by the caller (as
+            `generate()` does for its decoding steps); instead of `latents`, which the output then does not hold.
         kl_weight (`float` or 0-d `torch.Tensor`): β multiplying the KL term, for annealing by the training loop (a
             tensor under torch.compile, where each new float would recompile).
         past_key_values / cache: the decoder cache (transformers < 5.24 / ≥ 5.24 name).
@@ -421,7 +439,14 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones(memory.shape[:2], dtype=torch.long, device=memory.device)
 
         kl_loss = kl_objective = neg_entropy = prior_loss = None
-        if self.config.has_latent:
+        if latent_slots is not None:
+            if latents is not None or not self.config.has_latent:
+                raise ValueError("`latent_slots` were given together with `latents`, or to a model without a latent")
+            expected = (memory.shape[0], self.config.decoder_layers)
+            if tuple(latent_slots.shape[:2]) != expected:
+                raise ValueError(f"`latent_slots` must start with (batch, layers) = {expected}, got "
+                                 f"{tuple(latent_slots.shape)}: pass `latent_slots(latents)`")
+        elif self.config.has_latent:
             if context_vectors is None and latents is None:
                 context_vectors = self.pool_layers(encoder_outputs, attention_mask)
             if latents is None and labels is not None:
@@ -435,6 +460,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             elif latents is None:
                 latents = self.sample_latents(context_vectors)
             self._check_latents(latents, memory.shape[0])
+            latent_slots = self.latent_slots(latents.to(memory.dtype))
         elif latents is not None:
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
 
@@ -442,7 +468,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         memory_mask = attention_mask
         if self.training and self.config.has_latent and self.config.memory_dropout > 0:
             memory_mask = self.memory_dropout_mask(attention_mask)
-        latent_memory = self._latent_memory(latents.to(memory.dtype)) if latents is not None else None
+        if latent_slots is not None and self.config.cross_attention_infusion:  # the slot's key: visible to every query
+            memory_mask = torch.cat([memory_mask.new_ones(memory_mask.shape[0], 1), memory_mask], dim=1)
         with sdpa_kernel(SDPA_BACKENDS):
             decoder_outputs = self.model.decoder(
                 input_ids=decoder_input_ids,
@@ -451,7 +478,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 encoder_attention_mask=memory_mask,
                 use_cache=use_cache,
                 output_hidden_states=output_hidden_states,
-                latent_memory=latent_memory,
+                latent_slots=latent_slots,
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
@@ -572,15 +599,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             elif latents.shape[0] == batch_size and num_sequences > 1:
                 latents = expand(latents)
             self._check_latents(latents, batch_size * num_sequences)
-            latents = latents.to(memory.last_hidden_state.dtype)
+            latent_slots = self.latent_slots(latents.to(memory.last_hidden_state.dtype))  # once, for every step
             if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:
                 memory_mask = self.memory_dropout_mask(memory_mask, latent_generator)
         elif latents is not None:
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
+        else:
+            latent_slots = None
         return super().generate(
             encoder_outputs=memory,
             attention_mask=memory_mask,
-            latents=latents,
+            latent_slots=latent_slots,
             generation_config=generation_config,
             **kwargs,
         )

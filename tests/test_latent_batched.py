@@ -109,11 +109,16 @@ def test_batched_latents_equal_the_per_layer_reference(prior_type, num_layers):
                                               torch.Generator().manual_seed(2))
         torch.testing.assert_close(prior_latents, ref_prior, **TOL)
 
-    memory = model._latent_memory(latents)
+    # the slots: per layer, k_proj / v_proj of each infusing attention applied to Linear_l(z_l)
+    slots = model.latent_slots(latents)
     projection = model.latent_to_memory
-    ref_memory = torch.stack([F.linear(latents[:, l], projection.weight[l], projection.bias[l])
-                              for l in range(num_layers)], dim=1)
-    torch.testing.assert_close(memory, ref_memory, **TOL)
+    heads = model.config.decoder_attention_heads
+    for l, layer in enumerate(model.model.decoder.layers):
+        slot = F.linear(latents[:, l], projection.weight[l], projection.bias[l])
+        for attention in (layer.self_attn, layer.encoder_attn):
+            for which, proj in enumerate((attention.k_proj, attention.v_proj)):
+                expected = proj(slot).view(len(slot), heads, -1)
+                torch.testing.assert_close(slots[:, l, 2 * attention.slot_index + which], expected, **TOL)
 
 
 def test_standard_prior_kl_is_the_analytic_kl_to_n01():
