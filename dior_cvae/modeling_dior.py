@@ -5,10 +5,12 @@ Findings of EMNLP 2023).
 Training forward pass (labels given), top to bottom:
     context  ─ shared BART encoder ─ per-layer attention pooling → context_vectors  (B, L, d)
     response ─ shared BART encoder ─ per-layer attention pooling → response_vectors (B, L, d)
+        (both in one encoder pass, [context; response] packed in each row: `encode_with_response`)
     posterior q(z_l | z_<l, c, r) → latents (B, L, ls)
     decoder(labels shifted right, memory = context states with memory dropout, one latent slot per layer) → logits
     loss = CE + β · KL, with KL = E[log q(z)] + diffusion regression (or analytic KL for the Gaussian priors)
-Generation: encode the context, draw one latent per returned sequence from the prior, decode with any HF strategy.
+Generation: encode the context, draw one latent per returned sequence from the prior, project it once into every
+layer's slot key/value (`latent_slots`), decode with any HF strategy.
 """
 
 import warnings
@@ -199,12 +201,16 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         """`encode` of the context and of the response (`labels`, padding = -100) in one encoder pass: each row packs
         [context; response], each segment attends only to itself and has its own positions from 0, so the states are
         those of two separate passes (up to float rounding) for half the kernel launches (the step is launch-bound
-        on a GPU; the linear layers' FLOPs are the same). Returns (the context's encoder output, context vectors
-        (B, L, d), response vectors (B, L, d))."""
+        on a GPU; the linear layers' FLOPs are the same). Two passes when S + T exceeds `max_position_embeddings`.
+        Returns (the context's encoder output, context vectors (B, L, d), response vectors (B, L, d))."""
         encoder = self.model.encoder
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
         response_mask = labels.ne(-100).to(attention_mask.dtype)
         context_length, response_length = input_ids.shape[1], labels.shape[1]
+        if context_length + response_length > self.config.max_position_embeddings:
+            # the encoder adds the positions 0 .. S+T-1, past its table here: two passes
+            outputs, context_vectors = self.encode(input_ids, attention_mask, **kwargs)
+            return outputs, context_vectors, self.encode(response_ids, response_mask, **kwargs)[1]
         packed_ids = torch.cat([input_ids, response_ids], dim=1)  # (B, S + T)
         packed_mask = torch.cat([attention_mask, response_mask], dim=1)
         device = packed_ids.device

@@ -88,3 +88,19 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
         assert label in table, label
     header = next(line for line in table.splitlines() if line.startswith("metric"))
     assert "BART" in header and "Dior" in header
+
+
+def test_host_cost_a_decoding_step_adds_only_the_slot_concatenations(tmp_path):
+    """`benchmarks/host_cost.py` runs and writes its ratios; and what Dior adds to a decoding step is at most the two
+    concatenations of the latent slot with each layer's self-attention cache, plus two: the slots' projections
+    happen once per `generate()`, not per step (they used to cost 2·L + 1 more ops per step)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import host_cost
+
+    output = tmp_path / "host.json"
+    result = host_cost.main(["--layers", "3", "--steps", "3", "--iters", "1", "--output", str(output)])
+    assert json.loads(output.read_text()) == result
+    for key in ("train_ops", "decode_ops_per_step", "generate_ops", "train_ms", "generate_ms"):
+        assert 0 < result[f"{key}_ratio"] < 10, key
+    extra = result["decode_ops_per_step_dior"] - result["decode_ops_per_step_bart"]
+    assert 0 < extra <= 2 * 3 + 2, extra

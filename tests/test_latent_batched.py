@@ -169,9 +169,9 @@ def test_diagonal_gaussian_entropy_is_the_mean_negative_log_density():
     torch.testing.assert_close(dist.entropy(), -log_density.mean(0), atol=0.05, rtol=0)
 
 
-def _padded_pair(generator):
-    """A context batch (B=3, S=9) and a response batch (T=6) with different padding per row."""
-    context = torch.randint(4, 96, (3, 9), generator=generator)
+def _padded_pair(generator, context_length=9):
+    """A context batch (B=3, S) and a response batch (T=6) with different padding per row."""
+    context = torch.randint(4, 96, (3, context_length), generator=generator)
     context_mask = torch.ones_like(context)
     context_mask[1, 6:], context_mask[2, 3:] = 0, 0
     context = context.masked_fill(context_mask == 0, 1)
@@ -180,16 +180,17 @@ def _padded_pair(generator):
     return context, context_mask, labels
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-def test_packed_encoding_equals_two_encoder_passes(attn_implementation):
+@pytest.mark.parametrize("attn_implementation,context_length", [("sdpa", 9), ("eager", 9), ("sdpa", 60)])
+def test_packed_encoding_equals_two_encoder_passes(attn_implementation, context_length):
     """`encode_with_response` (one pass over [context; response], block-diagonal attention, positions restarting at
     the response) gives the states and pooled vectors of two separate `encode` calls, and training through it gives
-    the same loss and gradients as the separate path (taken when the caller passes `encoder_outputs`)."""
+    the same loss and gradients as the separate path (taken when the caller passes `encoder_outputs`). A context of
+    60 + a response of 6 tokens exceed the 64 positions of the table: two passes, the same results."""
     torch.manual_seed(0)
     model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs(memory_dropout=0.0)))
     model.set_attn_implementation(attn_implementation)
     model.eval()
-    context, context_mask, labels = _padded_pair(torch.Generator().manual_seed(1))
+    context, context_mask, labels = _padded_pair(torch.Generator().manual_seed(1), context_length)
     outputs, context_vectors, response_vectors = model.encode_with_response(context, context_mask, labels)
     separate, separate_context = model.encode(context, context_mask)
     response_ids = labels.masked_fill(labels == -100, 1)
