@@ -37,7 +37,9 @@ def build(dior: bool, d_model: int, layers: int, vocab_size: int, seed: int, tra
                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * d_model,
                  decoder_ffn_dim=4 * d_model, max_position_embeddings=256)
     torch.manual_seed(seed)
-    model = (DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, latent_size=16)) if dior
+    # the denoiser as narrow as the rest (its default width, 512, is real arithmetic for a CPU)
+    model = (DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, latent_size=16, denoiser_hidden_size=d_model))
+             if dior
              else BartForConditionalGeneration(BartConfig(**shape)))
     model.set_attn_implementation("sdpa")
     model.generation_config = type(model.generation_config)(
