@@ -270,12 +270,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
-    def posterior(self, context_vectors, labels):
+    def posterior(self, context_vectors, labels, generator=None):
         """The posterior q(z | c, r) given the pooled context (B, L, d) and the responses `labels` (as in `forward`,
         padding = -100): (latents (B, L, ls), its DiagonalGaussian over (B, L, ls), layer summaries)."""
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
         _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-        return self.hierarchy.posterior_sample(context_vectors, response_vectors)
+        return self.hierarchy.posterior_sample(context_vectors, response_vectors, generator)
 
     def kl_divergence(self, latents, posterior, summaries, context_vectors, generator=None):
         """Per-example KL(q(z | c, r) ‖ p(z | c)) of posterior samples `latents` (B, L, ls): `(kl, neg_entropy,

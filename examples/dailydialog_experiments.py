@@ -8,7 +8,9 @@
 each stops after `--train_minutes`), `--phase eval` samples responses from the trained models with
 `examples/generate.py` (validation and test, top-k/top-p sampling and beam 5, 5 prior draws for 1,000 test contexts,
 a solver × steps sweep for the diffusion run, and a temperature sweep: the prior's for the latent runs, the tokens'
-for the plain seq2seq) and writes their latent diagnostics with `examples/diagnose.py`.
+for the plain seq2seq; and, for the latent runs, test responses decoded with latents drawn from the posterior of the
+reference, `--latents posterior`: the oracle that separates what the prior loses from what the decoder does) and
+writes their latent diagnostics with `examples/diagnose.py`.
 Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
 relevance, DailyDialog++ multi-reference BLEU, trivial responders) runs where the embedding model is, and
 `examples/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
@@ -121,6 +123,9 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
             jobs.append((f"{name}__test__5samples_{tag}{value}", "generate.py", [*common, *five, *knob]))
     if name == "none":
         return jobs
+    # the oracle: latents from the posterior of the reference, to tell what the prior loses from what the decoder does
+    jobs.append((f"{name}__test__sampling_posterior", "generate.py",
+                 [*common, "--split", "test", *SAMPLING, "--latents", "posterior"]))
     diag = ["--model_name_or_path", model, "--dataset_dir", args.dataset_dir, "--split", "validation",
             "--max_samples", "2000"]
     jobs.append((f"{name}__diagnostics", "diagnose.py", diag))

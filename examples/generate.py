@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior_temperature", type=float,
                    help="scale of the prior's noise, 1 = the prior itself (default: the config's)")
     p.add_argument("--prior_sampler", choices=["dpmsolver++", "ddim", "ddpm"], help="prior sampler (default: the config's)")
+    p.add_argument("--latents", default="prior", choices=["prior", "posterior"],
+                   help="prior: sample the latents from p(z | c) (generation proper). posterior: an oracle diagnostic, "
+                        "z ~ q(z | c, r) with r the reference response: how good the responses are when the latent is "
+                        "right; its gap to the prior's rows is what the prior loses")
+    p.add_argument("--max_target_length", type=int, default=64,
+                   help="with --latents posterior: tokens of the reference kept, as in training")
     p.add_argument("--seed", type=int, default=42)
 
     p.add_argument("--turn_separator", help="default: the tokenizer's eos token, as in training")
@@ -129,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--prior_guidance_scale must be a finite number >= 0, got {args.prior_guidance_scale}")
     if args.prior_temperature is not None and not 0 <= args.prior_temperature < float("inf"):
         p.error(f"--prior_temperature must be a finite number >= 0, got {args.prior_temperature}")
+    if args.max_target_length < 3:
+        p.error(f"--max_target_length must be >= 3 (<s>, a token, </s>), got {args.max_target_length}")
+    if args.latents == "posterior" and args.prior_temperature is not None:
+        p.error("--prior_temperature is a setting of the prior: --latents posterior does not sample it")
     if args.input_file and Path(args.output).resolve() == Path(args.input_file).resolve():
         p.error(f"--output {args.output} is the --input_file: it would overwrite its own input")
     return args
@@ -269,6 +279,23 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
+def first_reference(example: dict) -> str:
+    reference = example.get("reference")
+    if reference is None:
+        raise SystemExit("--latents posterior needs a reference response for every context")
+    return reference if isinstance(reference, str) else reference[0]
+
+
+def posterior_latents(model, encoded, idx, input_ids, attention_mask, k: int, extra_kwargs) -> torch.Tensor:
+    """k draws of z ~ q(z | c, r) per context of the batch, r its (first) reference: (len(idx)·k, L, ls)."""
+    labels = torch.full((len(idx), max(len(encoded[i]["labels"]) for i in idx)), -100, dtype=torch.long)
+    for row, i in enumerate(idx):
+        labels[row, : len(encoded[i]["labels"])] = torch.tensor(encoded[i]["labels"])
+    _, context_vectors = model.encode(input_ids, attention_mask)
+    return model.posterior(context_vectors.repeat_interleave(k, 0), labels.to(input_ids.device).repeat_interleave(k, 0),
+                           generator=extra_kwargs.get("latent_generator"))[0]
+
+
 def generate_all(args, model, tokenizer, examples, generation_config, extra_kwargs) -> tuple[list[list[str]], int]:
     """Samples per example (in input order) and the number of generated tokens."""
     from tqdm.auto import tqdm
@@ -278,10 +305,13 @@ def generate_all(args, model, tokenizer, examples, generation_config, extra_kwar
     if limit is not None and max_source > limit:
         logger.info("--max_source_length %d capped at max_position_embeddings %d", max_source, limit)
         max_source = limit
+    posterior = args.latents == "posterior"
     encoded = encode_examples(
         tokenizer,
-        [{"context": ex["context"], "persona": ex.get("persona") or []} for ex in examples],
+        [{"context": ex["context"], "persona": ex.get("persona") or [],
+          **({"response": first_reference(ex)} if posterior else {})} for ex in examples],
         max_source_length=max_source,
+        max_target_length=args.max_target_length,
         turn_separator=args.turn_separator,
         show_progress=False,
     )
@@ -302,11 +332,14 @@ def generate_all(args, model, tokenizer, examples, generation_config, extra_kwar
                 ids = encoded[i]["input_ids"]
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with torch.inference_mode():
+                latents = posterior_latents(model, encoded, idx, input_ids, attention_mask, k, extra_kwargs) if posterior else None
                 out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
                     generation_config=generation_config,
+                    **({"latents": latents} if posterior else {}),
                     **extra_kwargs,
                 )
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -333,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     extra = prior_kwargs(args, model, generator)
+    if args.latents == "posterior" and not getattr(model.config, "has_latent", False):
+        raise SystemExit("--latents posterior needs a Dior-CVAE model with a latent (this one has none)")
 
     started = time.perf_counter()
     samples, new_tokens = generate_all(args, model, tokenizer, examples, generation_config, extra)

@@ -139,3 +139,56 @@ def test_score_writes_the_latent_diagnostics_and_plot(workdir):
                               "--no_semantic", "--latent_model", str(workdir / "model")],
                              env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert refused.returncode != 0 and "--latent_model needs --dataset_dir" in refused.stderr
+
+
+def test_posterior_latents_are_the_references_posterior_draws(workdir):
+    """--latents posterior decodes with z ~ q(z | c, r) of each context's reference: k different draws per context,
+    the posterior's own for that reference (a different reference gives other latents); without a reference, or
+    with a prior setting, it stops with an error naming the problem."""
+    import importlib.util
+
+    from dior_cvae import DiorCVAEForConditionalGeneration
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("generate_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = DiorCVAEForConditionalGeneration.from_pretrained(workdir / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    examples = [{"context": SENTENCES[:2], "reference": SENTENCES[2]}, {"context": SENTENCES[3:4], "reference": SENTENCES[4]}]
+
+    def draws(examples, seed):
+        encoded = script.encode_examples(tokenizer, [{"context": e["context"], "response": e["reference"]} for e in examples],
+                                         max_target_length=64, show_progress=False)
+        width = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.full((2, width), tokenizer.pad_token_id)
+        for row, e in enumerate(encoded):
+            input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask = input_ids.ne(tokenizer.pad_token_id).long()
+        with torch.no_grad():
+            latents = script.posterior_latents(model, encoded, [0, 1], input_ids, mask, 3,
+                                               {"latent_generator": torch.Generator().manual_seed(seed)})
+            labels = torch.full((2, max(len(e["labels"]) for e in encoded)), -100)
+            for row, e in enumerate(encoded):
+                labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
+            posterior = model.posterior(model.encode(input_ids, mask)[1], labels)[1]
+        return latents, posterior
+
+    latents, posterior = draws(examples, 0)
+    assert latents.shape == (6, model.config.encoder_layers, model.config.latent_size)
+    torch.testing.assert_close(latents.view(2, 3, -1).mean(1), posterior.mean.flatten(1), atol=3 * posterior.log_std.exp().max().item(), rtol=0)
+    assert not torch.allclose(latents[0], latents[1])  # k draws, not one reused
+    torch.testing.assert_close(draws(examples, 0)[0], latents)  # the generator decides them
+    swapped = [dict(examples[0], reference=SENTENCES[5]), examples[1]]
+    assert not torch.allclose(draws(swapped, 0)[1].mean[0], posterior.mean[0])  # the reference decides the posterior
+
+    output = workdir / "posterior.jsonl"
+    data_args = json.loads((workdir / "data_args.json").read_text())
+    run_script(workdir, output, *data_args, "--latents", "posterior", "--num_samples", "2", "--max_samples", "3")
+    assert [len(r["samples"]) for r in read_rows(output)] == [2, 2, 2]
+    contexts = workdir / "no_reference.jsonl"
+    contexts.write_text(json.dumps({"context": SENTENCES[4]}) + "\n")
+    with pytest.raises(AssertionError, match="needs a reference response"):
+        run_script(workdir, output, "--input_file", str(contexts), "--latents", "posterior")
+    with pytest.raises(AssertionError, match="--prior_temperature is a setting of the prior"):
+        run_script(workdir, output, *data_args, "--latents", "posterior", "--prior_temperature", "0.5")

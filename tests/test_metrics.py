@@ -385,3 +385,25 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
     collect_results.main(args)  # second run: served from the cache, same output
     assert json.loads(results.read_text()) == data
     assert (work / "scores" / "diffusion__test__5samples.json").read_text() == cached
+
+
+def test_experiments_decode_every_latent_run_with_the_posterior_oracle_too(tmp_path):
+    """dailydialog_experiments.py's eval phase adds `--latents posterior` test generations for each latent run (the
+    oracle that separates what the prior loses), and none for the plain seq2seq, which has no latent."""
+    import argparse
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "dailydialog_experiments.py"
+    spec = importlib.util.spec_from_file_location("dailydialog_experiments", script)
+    experiments = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiments)
+    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", smoke=False, sweeps=(), prior_temperatures=(),
+                              token_temperatures=())
+    for name in ("diffusion", "gaussian", "none"):
+        jobs = {job: command for job, _, command in experiments.eval_jobs(args, name)}
+        oracle = jobs.get(f"{name}__test__sampling_posterior")
+        if name == "none":
+            assert oracle is None and not any("posterior" in job for job in jobs)
+        else:
+            assert oracle is not None and oracle[oracle.index("--latents") + 1] == "posterior"
+            assert oracle[oracle.index("--split") + 1] == "test" and "sampling" in oracle
