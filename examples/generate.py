@@ -280,9 +280,7 @@ def clean(text: str) -> str:
 
 
 def first_reference(example: dict) -> str:
-    reference = example.get("reference")
-    if reference is None:
-        raise SystemExit("--latents posterior needs a reference response for every context")
+    reference = example["reference"]
     return reference if isinstance(reference, str) else reference[0]
 
 
@@ -360,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     examples = load_examples(args)
+    missing = [i for i, example in enumerate(examples) if example.get("reference") is None]
+    if args.latents == "posterior" and missing:
+        raise SystemExit(f"generate.py: error: --latents posterior needs a reference response for every context; "
+                         f"{len(missing)} have none (the first: row {missing[0]} of the input)")
     model, tokenizer = load_model_and_tokenizer(args, device)
     generation_config = build_generation_config(args, model)
 

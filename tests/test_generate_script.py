@@ -141,7 +141,7 @@ def test_score_writes_the_latent_diagnostics_and_plot(workdir):
     assert refused.returncode != 0 and "--latent_model needs --dataset_dir" in refused.stderr
 
 
-def test_posterior_latents_are_the_references_posterior_draws(workdir):
+def test_posterior_latents_are_the_references_posterior_draws(workdir, capsys):
     """--latents posterior decodes with z ~ q(z | c, r) of each context's reference: k different draws per context,
     the posterior's own for that reference (a different reference gives other latents); without a reference, or
     with a prior setting, it stops with an error naming the problem."""
@@ -187,8 +187,12 @@ def test_posterior_latents_are_the_references_posterior_draws(workdir):
     run_script(workdir, output, *data_args, "--latents", "posterior", "--num_samples", "2", "--max_samples", "3")
     assert [len(r["samples"]) for r in read_rows(output)] == [2, 2, 2]
     contexts = workdir / "no_reference.jsonl"
-    contexts.write_text(json.dumps({"context": SENTENCES[4]}) + "\n")
-    with pytest.raises(AssertionError, match="needs a reference response"):
-        run_script(workdir, output, "--input_file", str(contexts), "--latents", "posterior")
-    with pytest.raises(AssertionError, match="--prior_temperature is a setting of the prior"):
-        run_script(workdir, output, *data_args, "--latents", "posterior", "--prior_temperature", "0.5")
+    contexts.write_text(json.dumps({"context": SENTENCES[4], "reference": "ok"}) + "\n"
+                        + json.dumps({"context": SENTENCES[4]}) + "\n")
+    with pytest.raises(SystemExit, match="needs a reference response for every context; 1 have none .*row 1"):
+        script.main(["--model_name_or_path", str(workdir / "missing"), "--output", str(output), "--device", "cpu",
+                     "--input_file", str(contexts), "--latents", "posterior"])  # before any model is loaded
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model_name_or_path", "m", "--output", str(output), "--input_file", str(contexts),
+                           "--latents", "posterior", "--prior_temperature", "0.5"])
+    assert "--prior_temperature is a setting of the prior" in capsys.readouterr().err
