@@ -27,8 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dior_cvae.data import LengthGroupedSampler, encode_examples, load_bart_tokenizer_files  # noqa: E402
+from train_step import write_json  # noqa: E402
 
 RECIPE = dict(vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
               decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=320,
@@ -164,9 +166,7 @@ def main(argv=None):
             result[f"epoch_s_{name}"] = sum(coef[0] + coef[1] * s + coef[2] * t for _, s, t in batch_shapes)
 
     print(json.dumps(result, indent=2))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.output)
     return result
 
 

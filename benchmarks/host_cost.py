@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_step import OpCounter  # noqa: E402
+from train_step import OpCounter, write_json  # noqa: E402
 from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
@@ -133,9 +133,7 @@ def main(argv=None):
     print("\n| host cost (CPU, 1 thread, tiny width) | BART | Dior | speed ratio BART / Dior |\n|---|---|---|---|")
     for label, key in rows:
         print(f"| {label} | {result[f'{key}_bart']:,.1f} | {result[f'{key}_dior']:,.1f} | {result[f'{key}_ratio']:.2f} |")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.output)
     return result
 
 

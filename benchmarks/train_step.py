@@ -127,6 +127,13 @@ def measure(args):
     }
 
 
+def write_json(result: dict, path: str | None) -> None:
+    """The benchmarks' JSON output, when `--output` is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bart", action="store_true", help="plain BART of the same shape instead of Dior-CVAE")
@@ -147,9 +154,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     result = measure(args)
     print(json.dumps(result, indent=2))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.output)
     return result
 
 

@@ -216,12 +216,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         device = packed_ids.device
         segment = torch.cat([torch.zeros(context_length, dtype=torch.long, device=device),
                              torch.ones(response_length, dtype=torch.long, device=device)])
-        own_positions = torch.cat([torch.arange(context_length, device=device),
-                                   torch.arange(response_length, device=device)])
+        packed_positions = torch.arange(len(segment), device=device)
         # the encoder adds the positions 0 .. S+T-1; the response's restart at 0
         inputs_embeds = encoder.embed_tokens(packed_ids) + (
-            encoder.embed_positions(packed_ids, position_ids=own_positions)
-            - encoder.embed_positions(packed_ids, position_ids=torch.arange(len(segment), device=device))
+            encoder.embed_positions(packed_ids, position_ids=packed_positions - context_length * segment)
+            - encoder.embed_positions(packed_ids, position_ids=packed_positions)
         ).to(encoder.embed_tokens.weight.dtype)
 
         # (B, 1, S+T, S+T): a token sees the unpadded tokens of its own segment. Built here, in the two formats of the

@@ -43,8 +43,8 @@ def alpha_sigma(log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def to_x0(prediction_type: str, model_output, sample, alpha, sigma):
-    """x̂0 alone from the denoiser's output at a point z = α x + σ ε (as `to_x0_eps`, without computing ε̂)."""
-    if prediction_type == "v_prediction":
+    """x̂0 from the denoiser's output at a point z = α x + σ ε (`to_x0_eps` adds ε̂)."""
+    if prediction_type == "v_prediction":  # v = α ε − σ x
         return alpha * sample - sigma * model_output
     if prediction_type == "epsilon":
         return (sample - sigma * model_output) / alpha
@@ -53,11 +53,12 @@ def to_x0(prediction_type: str, model_output, sample, alpha, sigma):
 
 def to_x0_eps(prediction_type: str, model_output, sample, alpha, sigma):
     """(x̂0, ε̂) from the denoiser's output at a point z = α x + σ ε."""
+    x0 = to_x0(prediction_type, model_output, sample, alpha, sigma)
     if prediction_type == "v_prediction":  # v = α ε − σ x
-        return alpha * sample - sigma * model_output, sigma * sample + alpha * model_output
+        return x0, sigma * sample + alpha * model_output
     if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha, model_output
-    return model_output, (sample - alpha * model_output) / sigma
+        return x0, model_output
+    return x0, (sample - alpha * model_output) / sigma
 
 
 def log_snr_grid(log_snr_min: float, log_snr_max: float, steps: int) -> torch.Tensor:

@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     examples = load_examples(args)
-    missing = [i for i, example in enumerate(examples) if example.get("reference") is None]
-    if args.latents == "posterior" and missing:
+    missing = [i for i, ex in enumerate(examples) if ex.get("reference") is None] if args.latents == "posterior" else []
+    if missing:
         raise SystemExit(f"generate.py: error: --latents posterior needs a reference response for every context; "
                          f"{len(missing)} have none (the first: row {missing[0]} of the input)")
     model, tokenizer = load_model_and_tokenizer(args, device)
