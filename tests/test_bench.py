@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED_KEYS = [
@@ -104,3 +107,17 @@ def test_host_cost_a_decoding_step_adds_only_the_slot_concatenations(tmp_path):
         assert 0 < result[f"{key}_ratio"] < 10, key
     extra = result["decode_ops_per_step_dior"] - result["decode_ops_per_step_bart"]
     assert 0 < extra <= 2 * 3 + 2, extra
+
+
+def test_profile_generate_refuses_to_run_without_cuda(tmp_path):
+    """`benchmarks/profile_generate.py` measures kernel launches and host syncs, which only a CUDA GPU has: on a
+    machine without one it must stop with a message that says so, and write no JSON of zeros."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the script would profile it")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_generate
+
+    output = tmp_path / "profile.json"
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        profile_generate.main(["--output", str(output)])
+    assert not output.exists()
