@@ -35,6 +35,9 @@ KNOBS = {"tau": "prior_temperature", "T": "token_temperature"}
 CACHE_VERSION = 2
 
 
+CASE_STUDY_RUNS = ("diffusion", "gaussian", "none")  # the issue's case study: the default, a Gaussian prior, the control
+
+
 def parse_overrides(command: str) -> dict:
     if "--config_overrides " not in command:
         return {}
@@ -193,7 +196,28 @@ def main(argv=None):
                                              indent=2) + "\n")
     print(markdown_table(runs, solvers, sweep))
     written = plot(runs, solvers, work, Path(args.plots_dir), sweep)
+    study = case_study(work, CASE_STUDY_RUNS)
+    if study:
+        (Path(args.plots_dir) / "case_study.md").write_text(study)
+        written.append(Path(args.plots_dir) / "case_study.md")
     print(f"wrote {args.results}" + "".join(f", {p}" for p in written), file=sys.stderr)
+
+
+def case_study(work: Path, names, contexts: int = 5) -> str:
+    """Markdown: the first `contexts` test contexts of each run's 5-sample file, every sample as it came out (the
+    files' order, nothing picked). Runs without a 5-sample file are left out; "" when none has one."""
+    parts = []
+    for name in names:
+        path = work / "generations" / f"{name}__test__5samples.jsonl"
+        if not path.is_file():
+            continue
+        parts.append(f"**{name}**\n")
+        for i, row in enumerate(read_jsonl(path)[:contexts], start=1):
+            lines = [f"{i}. context: {' __eou__ '.join(row['context'])}  ", f"   reference: {row['reference']}"]
+            lines += [f"   - {sample}" for sample in row["samples"]]
+            parts.append("\n".join(lines))
+        parts.append("")
+    return "\n".join(parts)
 
 
 def _fmt(value) -> str:

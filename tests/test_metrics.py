@@ -378,6 +378,11 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
         work / "generations" / "diffusion__test__5samples_tau0.5.jsonl"), semantic=False)["bleu1"])
     assert "| diffusion | diffusion | 0.700 | test | 5samples |" in table
     assert (plots / "learning_curves.png").is_file()
+    # the case study: every sample of the first contexts, in the file's order
+    study = (plots / "case_study.md").read_text()
+    assert study.index("**diffusion**") < study.index("1. context: hi there __eou__ hello") < study.index(
+        "   - how are you\n   - fine thanks") < study.index("2. context: bye") < study.index("   - see you later")
+    assert "**gaussian**" not in study  # no 5-sample file for it
     assert {p.name for p in (work / "scores").glob("*.json")} == {
         "diffusion__test__5samples.json", "diffusion__validation__sampling.json", "diffusion__validation1000__ddim5.json",
         "diffusion__test__5samples_tau0.5.json", "trivial__validation__copy_last.json"}
