@@ -7,7 +7,8 @@ width where the CPU does almost no arithmetic, for one training step and for dec
 On a GPU, training at the quality recipe's size and sampled decoding at batch 1-256 are host-bound
 (docs/performance.md): a step costs what the host spends launching it (Python, dispatch, one launch per kernel), not
 its FLOPs. Both are measured here on the CPU, on tiny widths where the arithmetic is negligible:
-- aten ops, counted with a `TorchDispatchMode` (view/metadata ops left out, as in `benchmarks/train_step.py`):
+- aten ops, counted with a `TorchDispatchMode` (view/metadata ops apart, as in `benchmarks/train_step.py`; the
+  decoding step's are reported too: they launch no kernel but cost host time):
   training forward + backward; decoding as the difference of two `generate()` calls of N and 2N new tokens under the
   same seed, over N (one decoding step), and the rest of the 2N-token call (encoder, prior, set-up);
 - wall time: the minimum over `--iters` calls, BART and Dior interleaved (the minimum, because a shared host adds
@@ -102,12 +103,14 @@ def main(argv=None):
         with OpCounter() as counter:
             train_step(train_models[name])
         result[f"train_ops_{name}"] = counter.total
-        counts = []
+        counts, views = [], []
         for new_tokens in (args.steps, 2 * args.steps):
             with OpCounter() as counter:
                 generate(decode_models[name], new_tokens)
             counts.append(counter.total)
+            views.append(sum(counter.view_counts.values()))
         result[f"decode_ops_per_step_{name}"] = (counts[1] - counts[0]) / args.steps
+        result[f"decode_view_ops_per_step_{name}"] = (views[1] - views[0]) / args.steps
         result[f"decode_ops_outside_steps_{name}"] = counts[1] - 2 * args.steps * result[f"decode_ops_per_step_{name}"]
         result[f"generate_ops_{name}"] = counts[1]
     best = {f"{what}_{n}": float("inf") for what in ("train_ms", "generate_ms") for n in names}
@@ -123,6 +126,7 @@ def main(argv=None):
         result.update(best)
     rows = [("training step (fwd + bwd): aten ops", "train_ops"),
             ("decoding step: aten ops", "decode_ops_per_step"),
+            ("decoding step: view / metadata ops (no kernel)", "decode_view_ops_per_step"),
             (f"generate(), {2 * args.steps} new tokens: aten ops", "generate_ops")]
     if args.iters:
         rows += [("training step (fwd + bwd): ms, min", "train_ms"),

@@ -42,14 +42,17 @@ VIEW_OPS = {
 
 
 class OpCounter(TorchDispatchMode):
+    """`counts`: aten ops that launch work; `view_counts`: the VIEW_OPS, kept apart (no kernel, but host time: the
+    H200 profile of `generate()` found them a visible share of it, docs/performance.md)."""
+
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.view_counts = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in VIEW_OPS:
-            self.counts[name] += 1
+        (self.view_counts if name in VIEW_OPS else self.counts)[name] += 1
         return func(*args, **(kwargs or {}))
 
     @property

@@ -291,16 +291,19 @@ class LatentSlotAttention(BartAttention):
         batch = states.shape[0]
         return proj(states).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, len, hd)
 
+    def _with_slot(self, latent_slots, key_states, value_states):
+        """[slot; keys] and [slot; values]: this attention's pair of `latent_slots` (B, L, 2·A, heads, hd) prepended
+        on the length axis of (B, heads, len, hd). Only where it is used: a cached cross-attention already holds it."""
+        pair = latent_slots[:, self.layer_idx, 2 * self.slot_index : 2 * self.slot_index + 2]  # (B, 2, heads, hd)
+        slot_key, slot_value = pair.to(key_states.dtype).unsqueeze(3).unbind(1)  # (B, heads, 1, hd) each
+        return torch.cat([slot_key, key_states], dim=2), torch.cat([slot_value, value_states], dim=2)
+
     def forward(self, hidden_states, key_value_states=None, attention_mask=None, latent_slots=None, **kwargs):
         cache = pop_cache(kwargs)  # EncoderDecoderCache or None
         is_cross_attention = key_value_states is not None
         batch, query_length = hidden_states.shape[:2]
-        slot_key = slot_value = None
-        if self.infuse:
-            if latent_slots is None:
-                raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_slots` is required")
-            pair = latent_slots[:, self.layer_idx, 2 * self.slot_index : 2 * self.slot_index + 2]  # (B, 2, heads, hd)
-            slot_key, slot_value = pair.to(hidden_states.dtype).unsqueeze(3).unbind(1)  # (B, heads, 1, hd) each
+        if self.infuse and latent_slots is None:
+            raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_slots` is required")
 
         query_states = self._heads(hidden_states, self.q_proj)
         if is_cross_attention:
@@ -310,9 +313,8 @@ class LatentSlotAttention(BartAttention):
             else:
                 key_states = self._heads(key_value_states, self.k_proj)
                 value_states = self._heads(key_value_states, self.v_proj)
-                if slot_key is not None:
-                    key_states = torch.cat([slot_key, key_states], dim=2)
-                    value_states = torch.cat([slot_value, value_states], dim=2)
+                if self.infuse:
+                    key_states, value_states = self._with_slot(latent_slots, key_states, value_states)
                 if cache is not None:
                     key_states, value_states = cache.cross_attention_cache.update(
                         key_states, value_states, self.layer_idx
@@ -322,9 +324,8 @@ class LatentSlotAttention(BartAttention):
             key_states, value_states = self._heads(hidden_states, self.k_proj), self._heads(hidden_states, self.v_proj)
             if cache is not None:
                 key_states, value_states = cache.self_attention_cache.update(key_states, value_states, self.layer_idx)
-            if slot_key is not None:
-                key_states = torch.cat([slot_key, key_states], dim=2)
-                value_states = torch.cat([slot_value, value_states], dim=2)
+            if self.infuse:
+                key_states, value_states = self._with_slot(latent_slots, key_states, value_states)
                 attention_mask = _prepend_visible_column(attention_mask, query_length, key_states.shape[2] - 1,
                                                          hidden_states)
 
