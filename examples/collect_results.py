@@ -319,12 +319,13 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, swe
                and r["split"] == "test" and r["decoding"] == "sampling"]  # runs that differ in memory dropout only
     if len({r["memory_dropout"] for r in memdrop}) >= 2:
         memdrop.sort(key=lambda r: r["memory_dropout"])
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         ps = [r["memory_dropout"] for r in memdrop]
         axes[0].plot(ps, [r["distinct2"] for r in memdrop], marker="o")
         axes[1].plot(ps, [r["bleu1"] for r in memdrop], marker="o", label="BLEU-1")
         axes[1].plot(ps, [r["bleu2"] for r in memdrop], marker="o", label="BLEU-2")
-        for ax, title in zip(axes, ("Distinct-2", "BLEU")):
+        axes[2].plot(ps, [r["relevance"] if r["relevance"] is not None else float("nan") for r in memdrop], marker="o")
+        for ax, title in zip(axes, ("Distinct-2", "BLEU", "relevance (MiniLM cosine to the reference)")):
             ax.set_xlabel("memory dropout p")
             ax.set_title(title)
             ax.grid(alpha=0.3)
