@@ -35,7 +35,7 @@ KNOBS = {"tau": "prior_temperature", "T": "token_temperature"}
 CACHE_VERSION = 2
 
 
-CASE_STUDY_RUNS = ("diffusion", "gaussian", "none")  # the issue's case study: the default, a Gaussian prior, the control
+CASE_STUDY_RUNS = ("diffusion", "gaussian", "none")  # the case study: the default, a Gaussian prior, the control
 
 
 def parse_overrides(command: str) -> dict:
@@ -45,8 +45,21 @@ def parse_overrides(command: str) -> dict:
     return dict(item.split("=", 1) for item in overrides.split(",") if "=" in item)
 
 
+def base_name(name: str) -> str:
+    """The run a seed replica `NAME-sN` (dailydialog_experiments.py) repeats: `memdrop0.5-s2` → `memdrop0.5`."""
+    match = re.fullmatch(r"(.+)-s\d+", name)
+    return match.group(1) if match else name
+
+
+def train_seed(command: str) -> int | None:
+    """The training seed of a recorded train.py command: its last `--seed` (None when it has none)."""
+    seeds = re.findall(r"--seed (\d+)", command)
+    return int(seeds[-1]) if seeds else None
+
+
 def prior_and_dropout(name: str, config: dict) -> tuple[str, float]:
     """Prior type and memory dropout of a run (config overrides first, else the run-name convention)."""
+    name = base_name(name)
     if name == "none":
         return "none", 0.0
     if name.startswith("memdrop"):
@@ -160,7 +173,8 @@ def main(argv=None):
         diag = diagnostics(f"{name}__diagnostics")
         history = read_jsonl(work / "models" / name / "log_history.jsonl")
         epochs = max((r["epoch"] for r in history if "epoch" in r), default=None)
-        runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout, "split": base_split,
+        runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout, "seed": train_seed(train_command),
+                     "split": base_split,
                      "subset": split, "decoding": decoding, **{m: scores.get(m) for m in METRICS},
                      "num_contexts": scores.get("num_contexts"),
                      "active_units": diag.get("active_units"),
@@ -176,8 +190,8 @@ def main(argv=None):
                                   lambda f=gen_file, k=kind: trivial_rows(read_generations(f)[:], k, train, args.seed),
                                   {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
                                    "seed": args.seed}, multiref=split == "test")
-            runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "split": split, "subset": split,
-                         "decoding": kind, **{m: scores.get(m) for m in METRICS},
+            runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "split": split,
+                         "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
                          "num_contexts": scores.get("num_contexts"), "active_units": None,
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
@@ -315,22 +329,31 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, swe
         written.append(plots_dir / "relevance_vs_diversity.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    memdrop = [r for r in runs if (r["name"] == "diffusion" or r["name"].startswith("memdrop"))
+    memdrop = [r for r in runs if (base_name(r["name"]) == "diffusion" or base_name(r["name"]).startswith("memdrop"))
                and r["split"] == "test" and r["decoding"] == "sampling"]  # runs that differ in memory dropout only
     if len({r["memory_dropout"] for r in memdrop}) >= 2:
-        memdrop.sort(key=lambda r: r["memory_dropout"])
+        ps = sorted({r["memory_dropout"] for r in memdrop})
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-        ps = [r["memory_dropout"] for r in memdrop]
-        axes[0].plot(ps, [r["distinct2"] for r in memdrop], marker="o")
-        axes[1].plot(ps, [r["bleu1"] for r in memdrop], marker="o", label="BLEU-1")
-        axes[1].plot(ps, [r["bleu2"] for r in memdrop], marker="o", label="BLEU-2")
-        axes[2].plot(ps, [r["relevance"] if r["relevance"] is not None else float("nan") for r in memdrop], marker="o")
+
+        def curve(ax, metric, **kwargs):  # the mean over the seeds of each p; the bars span their min and max
+            values = [[r[metric] for r in memdrop if r["memory_dropout"] == p and r[metric] is not None] for p in ps]
+            means = [sum(v) / len(v) if v else float("nan") for v in values]
+            spans = [[m - min(v) if v else 0 for m, v in zip(means, values)],
+                     [max(v) - m if v else 0 for m, v in zip(means, values)]]
+            ax.errorbar(ps, means, yerr=spans, marker="o", capsize=3, **kwargs)
+
+        curve(axes[0], "distinct2")
+        curve(axes[1], "bleu1", label="BLEU-1")
+        curve(axes[1], "bleu2", label="BLEU-2")
+        curve(axes[2], "relevance")
         for ax, title in zip(axes, ("Distinct-2", "BLEU", "relevance (MiniLM cosine to the reference)")):
             ax.set_xlabel("memory dropout p")
             ax.set_title(title)
             ax.grid(alpha=0.3)
         axes[1].legend()
-        fig.suptitle("diffusion prior, DailyDialog test, sampling")
+        seeds = max(sum(r["memory_dropout"] == p for r in memdrop) for p in ps)
+        fig.suptitle("diffusion prior, DailyDialog test, sampling" + (f" (mean of up to {seeds} seeds; bars: min to max)"
+                                                                      if seeds > 1 else ""))
         fig.tight_layout()
         written.append(plots_dir / "memory_dropout.png")
         fig.savefig(written[-1], dpi=120)

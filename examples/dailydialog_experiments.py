@@ -11,7 +11,8 @@ a solver × steps sweep for the diffusion run, and a temperature sweep: the prio
 for the plain seq2seq; and, for the latent runs, test responses decoded with latents drawn from the posterior of the
 reference, `--latents posterior`: the oracle that separates what the prior loses from what the decoder does) and
 writes their latent diagnostics with `examples/diagnose.py`.
-Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
+A run name with a seed suffix, `NAME-sN` (e.g. `memdrop0.5-s2`), is a replica of NAME trained with `--seed N`, for
+seed spreads. Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
 relevance, DailyDialog++ multi-reference BLEU, trivial responders) runs where the embedding model is, and
 `examples/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
 """
@@ -80,15 +81,26 @@ def record(work_dir: Path, name: str, command: list[str]):
         f.write(json.dumps({"name": name, "command": shlex.join(command)}) + "\n")
 
 
+def split_seed(name: str) -> tuple[str, int | None]:
+    """`memdrop0.5-s2` → ("memdrop0.5", 2): a replica of a run with another training seed;
+    `memdrop0.5` → ("memdrop0.5", None): the run itself (seed 1234 of TRAIN_ARGS)."""
+    base, sep, seed = name.rpartition("-s")
+    if sep and base in RUNS and seed.isdigit():
+        return base, int(seed)
+    return name, None
+
+
 def train_command(args, name: str) -> list[str]:
+    base, seed = split_seed(name)
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
         str(REPO / "examples/train.py"),
         "--dataset_dir", args.dataset_dir, "--tokenizer_name", args.tokenizer_name, "--overwrite_output_dir",
-        "--config_overrides", f"{BASE_CONFIG},{RUNS[name]}",
+        "--config_overrides", f"{BASE_CONFIG},{RUNS[base]}",
         "--max_train_minutes", str(args.train_minutes),
         "--output_dir", str(Path(args.work_dir) / "models" / name),
         *TRAIN_ARGS,
+        *(["--seed", str(seed)] if seed is not None else []),  # after TRAIN_ARGS' --seed: the last one counts
     ]
 
 
@@ -101,6 +113,7 @@ def model_folder(args, name: str) -> str:
 def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
     """(job name, script, arguments) for one trained model: generations and latent diagnostics."""
     model = model_folder(args, name)
+    base, _ = split_seed(name)
     common = ["--model_name_or_path", model, "--dataset_dir", args.dataset_dir, "--batch_size", "512",
               "--max_new_tokens", "40", "--dtype", "bfloat16", "--seed", "1234"]
     if args.smoke:
@@ -111,7 +124,7 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
         jobs.append((f"{name}__{split}__beam5", "generate.py", [*common, "--split", split, *BEAM]))
     five = ["--split", "test", "--max_samples", "1000", "--num_samples", "5", *SAMPLING]
     jobs.append((f"{name}__test__5samples", "generate.py", [*common, *five]))
-    if "temperature" in args.sweeps and name in TEMPERATURE_RUNS:
+    if "temperature" in args.sweeps and name in TEMPERATURE_RUNS:  # the seed-1234 runs only
         flag, values, tag = (("--temperature", args.token_temperatures, "T") if name == "none" else
                              ("--prior_temperature", args.prior_temperatures, "tau"))
         for value in values:
@@ -121,7 +134,7 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
             jobs.append((f"{name}__test__sampling_{tag}{value}", "generate.py",
                          [*common, "--split", "test", *SAMPLING, *knob]))
             jobs.append((f"{name}__test__5samples_{tag}{value}", "generate.py", [*common, *five, *knob]))
-    if name == "none":
+    if base == "none":
         return jobs
     # the oracle: latents from the posterior of the reference, to tell what the prior loses from what the decoder does
     jobs.append((f"{name}__test__sampling_posterior", "generate.py",
@@ -171,7 +184,8 @@ def main():
     p.add_argument("--tokenizer_name", required=True)
     p.add_argument("--work_dir", required=True)
     p.add_argument("--phase", choices=["train", "eval"], required=True)
-    p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.3,memdrop0.5,memdrop0.9")
+    p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.3,memdrop0.5,memdrop0.9",
+                   help="comma-separated run names; NAME-sN is a replica of NAME trained with --seed N")
     p.add_argument("--train_minutes", type=float, default=15.0)
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
     p.add_argument("--sweeps", default="solver,temperature",
@@ -195,9 +209,10 @@ def main():
     if bad_sweeps:
         raise SystemExit(f"--sweeps: unknown {sorted(bad_sweeps)}; choose from solver, temperature")
     names = args.runs.split(",")
-    unknown = [n for n in names if n not in RUNS]
+    unknown = [n for n in names if split_seed(n)[0] not in RUNS]
     if unknown:
-        raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}")
+        raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}, each optionally with a seed suffix "
+                         "-sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
 
     if args.phase == "train":
         jobs = []

@@ -412,3 +412,33 @@ def test_experiments_decode_every_latent_run_with_the_posterior_oracle_too(tmp_p
         else:
             assert oracle is not None and oracle[oracle.index("--latents") + 1] == "posterior"
             assert oracle[oracle.index("--split") + 1] == "test" and "sampling" in oracle
+
+
+def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
+    """`memdrop0.5-s2` (dailydialog_experiments.py) is memdrop0.5 trained with --seed 2: the same config, its own output
+    folder, the seed recorded; a replica of the plain seq2seq still gets no posterior oracle, and collect_results.py
+    gives replicas the prior, memory dropout and seed of their command."""
+    import argparse
+    import importlib.util
+
+    script = REPO / "examples" / "dailydialog_experiments.py"
+    spec = importlib.util.spec_from_file_location("dailydialog_experiments", script)
+    experiments = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiments)
+    sys.path.insert(0, str(REPO / "examples"))
+    import collect_results
+
+    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", tokenizer_name="T", train_minutes=1.0,
+                              smoke=False, sweeps=(), prior_temperatures=(), token_temperatures=())
+    original, replica = experiments.train_command(args, "memdrop0.5"), experiments.train_command(args, "memdrop0.5-s2")
+    assert replica[replica.index("--config_overrides") + 1] == original[original.index("--config_overrides") + 1]
+    assert replica[replica.index("--output_dir") + 1].endswith("memdrop0.5-s2")
+    command = " ".join(replica)
+    assert collect_results.train_seed(command) == 2 and collect_results.train_seed(" ".join(original)) == 1234
+    assert collect_results.prior_and_dropout("memdrop0.5-s2", collect_results.parse_overrides(command)) == (
+        "diffusion", 0.5)
+    none_replica = " ".join(experiments.train_command(args, "none-s3"))
+    assert collect_results.prior_and_dropout("none-s3", collect_results.parse_overrides(none_replica)) == ("none", 0.0)
+    assert not any("posterior" in job for job, _, _ in experiments.eval_jobs(args, "none-s3"))
+    assert any("posterior" in job for job, _, _ in experiments.eval_jobs(args, "diffusion-s3"))
+    assert experiments.split_seed("memdrop0.5-sx") == ("memdrop0.5-sx", None)  # not a replica: refused by main()
