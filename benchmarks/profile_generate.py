@@ -11,17 +11,18 @@ host time. The numbers say whether a call is bound by the host (GPU busy ≪ wal
 
 import argparse
 import collections
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
+import transformers
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
+from train_step import write_json  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -76,12 +77,12 @@ def main(argv=None):
     bart, dior = bench.build_models(spec, device, torch.bfloat16, seed=0)
     kwargs = bench.generation_kwargs(spec)
     results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
-               "transformers": bench.transformers.__version__, "generation": kwargs, "calls": {}}
+               "transformers": transformers.__version__, "generation": kwargs, "calls": {}}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         context, mask, _ = bench.token_batch(batch, spec, device, seed=0)
         for name, model in (("bart", bart), ("dior", dior)):
             results["calls"][f"{name}_bs{batch}"] = profile_call(model, context, mask, kwargs, args.top)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, args.output)
     print(f"{'call':12s} {'wall ms':>9s} {'launches':>9s} {'GPU busy ms':>12s} {'host ms':>9s} {'syncs':>6s}")
     for key, row in results["calls"].items():
         print(f"{key:12s} {row['wall_ms']:9.1f} {row['kernel_launches']:9d} {row['gpu_busy_ms']:12.1f} "

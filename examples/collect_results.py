@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dailydialog_experiments import split_seed  # noqa: E402
 from score import load_train_responses, score_rows, trivial_rows  # noqa: E402
 
 from dior_cvae.metrics import read_generations  # noqa: E402
@@ -46,9 +47,8 @@ def parse_overrides(command: str) -> dict:
 
 
 def base_name(name: str) -> str:
-    """The run a seed replica `NAME-sN` (dailydialog_experiments.py) repeats: `memdrop0.5-s2` → `memdrop0.5`."""
-    match = re.fullmatch(r"(.+)-s\d+", name)
-    return match.group(1) if match else name
+    """The run a seed replica `NAME-sN` repeats: `memdrop0.5-s2` → `memdrop0.5` (dailydialog_experiments.split_seed)."""
+    return split_seed(name)[0]
 
 
 def train_seed(command: str) -> int | None:

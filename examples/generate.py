@@ -284,13 +284,14 @@ def first_reference(example: dict) -> str:
     return reference if isinstance(reference, str) else reference[0]
 
 
-def posterior_latents(model, encoded, idx, input_ids, attention_mask, k: int, extra_kwargs) -> torch.Tensor:
-    """k draws of z ~ q(z | c, r) per context of the batch, r its (first) reference: (len(idx)·k, L, ls)."""
+def posterior_latents(model, encoded, idx, context_vectors, k: int, extra_kwargs) -> torch.Tensor:
+    """k draws of z ~ q(z | c, r) per context of the batch, r its (first) reference: (len(idx)·k, L, ls), given the
+    pooled contexts `context_vectors` (len(idx), L, d) of `model.encode`."""
     labels = torch.full((len(idx), max(len(encoded[i]["labels"]) for i in idx)), -100, dtype=torch.long)
     for row, i in enumerate(idx):
         labels[row, : len(encoded[i]["labels"])] = torch.tensor(encoded[i]["labels"])
-    _, context_vectors = model.encode(input_ids, attention_mask)
-    return model.posterior(context_vectors.repeat_interleave(k, 0), labels.to(input_ids.device).repeat_interleave(k, 0),
+    labels = labels.to(context_vectors.device).repeat_interleave(k, 0)
+    return model.posterior(context_vectors.repeat_interleave(k, 0), labels,
                            generator=extra_kwargs.get("latent_generator"))[0]
 
 
@@ -332,12 +333,16 @@ def generate_all(args, model, tokenizer, examples, generation_config, extra_kwar
                 attention_mask[row, : len(ids)] = 1
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             with torch.inference_mode():
-                latents = posterior_latents(model, encoded, idx, input_ids, attention_mask, k, extra_kwargs) if posterior else None
+                oracle = {}
+                if posterior:  # one encoding of the context: for the posterior, and reused by generate()
+                    encoder_outputs, context_vectors = model.encode(input_ids, attention_mask)
+                    oracle = {"encoder_outputs": encoder_outputs,
+                              "latents": posterior_latents(model, encoded, idx, context_vectors, k, extra_kwargs)}
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=generation_config,
-                    **({"latents": latents} if posterior else {}),
+                    **oracle,
                     **extra_kwargs,
                 )
             sequences = out if isinstance(out, torch.Tensor) else out.sequences

@@ -166,7 +166,7 @@ def test_posterior_latents_are_the_references_posterior_draws(workdir, capsys):
             input_ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask = input_ids.ne(tokenizer.pad_token_id).long()
         with torch.no_grad():
-            latents = script.posterior_latents(model, encoded, [0, 1], input_ids, mask, 3,
+            latents = script.posterior_latents(model, encoded, [0, 1], model.encode(input_ids, mask)[1], 3,
                                                {"latent_generator": torch.Generator().manual_seed(seed)})
             labels = torch.full((2, max(len(e["labels"]) for e in encoded)), -100)
             for row, e in enumerate(encoded):

@@ -392,16 +392,20 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
     assert (work / "scores" / "diffusion__test__5samples.json").read_text() == cached
 
 
+def _experiments_module():
+    """examples/dailydialog_experiments.py, imported (examples/ on the path, as collect_results.py needs it too)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    import dailydialog_experiments
+
+    return dailydialog_experiments
+
+
 def test_experiments_decode_every_latent_run_with_the_posterior_oracle_too(tmp_path):
     """dailydialog_experiments.py's eval phase adds `--latents posterior` test generations for each latent run (the
     oracle that separates what the prior loses), and none for the plain seq2seq, which has no latent."""
     import argparse
-    import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "dailydialog_experiments.py"
-    spec = importlib.util.spec_from_file_location("dailydialog_experiments", script)
-    experiments = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiments)
+    experiments = _experiments_module()
     args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", smoke=False, sweeps=(), prior_temperatures=(),
                               token_temperatures=())
     for name in ("diffusion", "gaussian", "none"):
@@ -419,13 +423,8 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     folder, the seed recorded; a replica of the plain seq2seq still gets no posterior oracle, and collect_results.py
     gives replicas the prior, memory dropout and seed of their command."""
     import argparse
-    import importlib.util
 
-    script = REPO / "examples" / "dailydialog_experiments.py"
-    spec = importlib.util.spec_from_file_location("dailydialog_experiments", script)
-    experiments = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiments)
-    sys.path.insert(0, str(REPO / "examples"))
+    experiments = _experiments_module()
     import collect_results
 
     args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", tokenizer_name="T", train_minutes=1.0,
