@@ -1,5 +1,6 @@
-"""Helpers for `examples/train.py`: KL annealing, learning-rate schedules, `--config_overrides` parsing, a weights
-checksum, markdown helpers for the model card, and the 🤗 Trainer route (`DiorTrainer` + `KLAnnealingCallback`).
+"""Helpers for `examples/train.py`: KL annealing, learning-rate schedules, a deferred device read-back,
+`--config_overrides` parsing, a weights checksum, markdown helpers for the model card, and the 🤗 Trainer route
+(`DiorTrainer` + `KLAnnealingCallback`).
 """
 
 from __future__ import annotations
@@ -191,6 +192,53 @@ def complete_from_scratch_overrides(overrides: Mapping[str, Any]) -> tuple[dict,
                 out[key] = 4 * d_model
                 notes.append(f"{key}={4 * d_model} (4 * d_model)")
     return out, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a per-update device value without draining the GPU queue
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DeferredReadback:
+    """Reads a small per-update device tensor back one update late, so the host never waits for the GPU.
+
+    `.item()` on a CUDA tensor waits for every kernel queued before it: in a host-bound training loop that empties the
+    queue once per update, and the GPU then idles while the host launches the next forward. `push(value, tag)` instead
+    copies `value` into pinned host memory without waiting and returns what the *previous* push held, by then long
+    computed: `(tag, host_tensor)`, or None on the first push. `flush()` returns the latest push (it waits for it);
+    call it wherever the latest value must be known, e.g. before saving weights. On other devices both read at once,
+    so `push` returns its own value.
+    """
+
+    def __init__(self, device: torch.device):
+        self.deferred = torch.device(device).type == "cuda"
+        self._buffers: list[torch.Tensor] = []  # two pinned buffers, alternating: one written, one being read
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if self.deferred else []
+        self._slot = 0
+        self._pending: tuple[int, Any] | None = None  # (slot, tag) of the latest push
+
+    def push(self, value: torch.Tensor, tag: Any) -> tuple[Any, torch.Tensor] | None:
+        value = value.detach()
+        if not self.deferred:
+            return tag, value.cpu()
+        if not self._buffers or self._buffers[0].shape != value.shape or self._buffers[0].dtype != value.dtype:
+            self._buffers = [torch.empty(value.shape, dtype=value.dtype, pin_memory=True) for _ in range(2)]
+        slot = self._slot
+        self._buffers[slot].copy_(value, non_blocking=True)
+        self._events[slot].record()
+        previous, self._pending, self._slot = self._pending, (slot, tag), 1 - slot
+        return self._read(previous)
+
+    def flush(self) -> tuple[Any, torch.Tensor] | None:
+        latest, self._pending = self._pending, None
+        return self._read(latest)
+
+    def _read(self, entry) -> tuple[Any, torch.Tensor] | None:
+        if entry is None:
+            return None
+        slot, tag = entry
+        self._events[slot].synchronize()
+        return tag, self._buffers[slot].clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------

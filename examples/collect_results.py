@@ -68,6 +68,15 @@ def prior_and_dropout(name: str, config: dict) -> tuple[str, float]:
         config.get("memory_dropout", 0.7))
 
 
+def free_bits(prior: str, config: dict) -> float | None:
+    """The run's `kl_free_bits` (its config override, else the config default); None for the plain seq2seq."""
+    if prior == "none":
+        return None
+    from dior_cvae import DiorCVAEConfig
+
+    return float(config.get("kl_free_bits", DiorCVAEConfig().kl_free_bits))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -169,12 +178,13 @@ def main(argv=None):
                           **{m: scores.get(m) for m in METRICS}, "num_contexts": scores.get("num_contexts")})
             continue
         train_command = commands.get(f"train:{name}", "")
-        prior, memory_dropout = prior_and_dropout(name, parse_overrides(train_command))
+        overrides = parse_overrides(train_command)
+        prior, memory_dropout = prior_and_dropout(name, overrides)
         diag = diagnostics(f"{name}__diagnostics")
         history = read_jsonl(work / "models" / name / "log_history.jsonl")
         epochs = max((r["epoch"] for r in history if "epoch" in r), default=None)
         runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout, "seed": train_seed(train_command),
-                     "split": base_split,
+                     "kl_free_bits": free_bits(prior, overrides), "split": base_split,
                      "subset": split, "decoding": decoding, **{m: scores.get(m) for m in METRICS},
                      "num_contexts": scores.get("num_contexts"),
                      "active_units": diag.get("active_units"),
@@ -190,7 +200,8 @@ def main(argv=None):
                                   lambda f=gen_file, k=kind: trivial_rows(read_generations(f)[:], k, train, args.seed),
                                   {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
                                    "seed": args.seed}, multiref=split == "test")
-            runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "split": split,
+            runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "kl_free_bits": None,
+                         "split": split,
                          "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
                          "num_contexts": scores.get("num_contexts"), "active_units": None,
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
@@ -242,7 +253,7 @@ def _fmt(value) -> str:
 
 
 def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()) -> str:
-    cols = ("name", "prior", "memory_dropout", "split", "decoding", "bleu1", "bleu2", "distinct1", "distinct2",
+    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "split", "decoding", "bleu1", "bleu2", "distinct1", "distinct2",
             "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
             "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -44,7 +44,13 @@ RUNS = {
     "memdrop0.3": "prior_type=diffusion,memory_dropout=0.3",
     "memdrop0.5": "prior_type=diffusion,memory_dropout=0.5",
     "memdrop0.9": "prior_type=diffusion,memory_dropout=0.9",
-    "freebits0.25": "prior_type=diffusion,kl_free_bits=0.25",  # a 16-nat floor instead of 64 (docs/results.md)
+    # a 16-nat free-bits floor instead of 64 (docs/results.md), alone and with less memory dropout (0.3 is what the
+    # authors' code effectively drops, configuration_dior.py): a latent that carries less, a decoder that sees more
+    "freebits0.25": "prior_type=diffusion,kl_free_bits=0.25",
+    "freebits0.25-memdrop0.3": "prior_type=diffusion,kl_free_bits=0.25,memory_dropout=0.3",
+    "freebits0.25-memdrop0": "prior_type=diffusion,kl_free_bits=0.25,memory_dropout=0.0",
+    "gaussian-freebits0.25-memdrop0.3": "prior_type=gaussian,kl_free_bits=0.25,memory_dropout=0.3",
+    "standard-freebits0.25-memdrop0.3": "prior_type=standard,kl_free_bits=0.25,memory_dropout=0.3",
 }
 TRAIN_ARGS = [
     "--max_source_length", "256", "--max_target_length", "64",
@@ -124,7 +130,7 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
         jobs.append((f"{name}__{split}__beam5", "generate.py", [*common, "--split", split, *BEAM]))
     five = ["--split", "test", "--max_samples", "1000", "--num_samples", "5", *SAMPLING]
     jobs.append((f"{name}__test__5samples", "generate.py", [*common, *five]))
-    if "temperature" in args.sweeps and name in TEMPERATURE_RUNS:  # the seed-1234 runs only
+    if "temperature" in args.sweeps and name in args.temperature_runs:  # the seed-1234 runs only
         flag, values, tag = (("--temperature", args.token_temperatures, "T") if name == "none" else
                              ("--prior_temperature", args.prior_temperatures, "tau"))
         for value in values:
@@ -190,13 +196,16 @@ def main():
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
     p.add_argument("--sweeps", default="solver,temperature",
                    help="extra --phase eval generations, comma-separated: solver (diffusion: solver x steps), "
-                        "temperature (prior / token temperature of the diffusion, gaussian, standard, none runs)")
+                        "temperature (prior / token temperature of the --temperature_runs)")
     p.add_argument("--smoke", action="store_true", help="a CPU check of the whole pipeline: tiny shapes, 32 contexts")
     p.add_argument("--prior_temperatures", type=floats, default=PRIOR_TEMPERATURES,
                    help="comma-separated prior temperatures of the latent runs' sweep")
     p.add_argument("--token_temperatures", type=floats, default=TOKEN_TEMPERATURES,
                    help="comma-separated token temperatures of the plain seq2seq's sweep")
+    p.add_argument("--temperature_runs", default=",".join(TEMPERATURE_RUNS),
+                   help="comma-separated runs of the temperature sweep (token temperature for none, prior for the rest)")
     args = p.parse_args()
+    args.temperature_runs = set(filter(None, args.temperature_runs.split(",")))
     if args.smoke:
         global BASE_CONFIG, SOLVER_STEPS
         BASE_CONFIG = BASE_CONFIG.replace("d_model=256", "d_model=32").replace("ffn_dim=1024", "ffn_dim=64")
@@ -209,9 +218,9 @@ def main():
     if bad_sweeps:
         raise SystemExit(f"--sweeps: unknown {sorted(bad_sweeps)}; choose from solver, temperature")
     names = args.runs.split(",")
-    unknown = [n for n in names if split_seed(n)[0] not in RUNS]
+    unknown = [n for n in [*names, *args.temperature_runs] if split_seed(n)[0] not in RUNS]
     if unknown:
-        raise SystemExit(f"unknown runs {unknown}; choose from {sorted(RUNS)}, each optionally with a seed suffix "
+        raise SystemExit(f"--runs / --temperature_runs: unknown {unknown}; choose from {sorted(RUNS)}, each optionally with a seed suffix "
                          "-sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
 
     if args.phase == "train":

@@ -28,7 +28,8 @@ Safety: a non-empty `--output_dir` is refused unless `--resume_from_checkpoint` 
 (which writes into it and deletes nothing). Checkpoints are written to a hidden temporary folder, then renamed; their
 trainer_state.json lists every file's size and sha256 and the run id, so `--resume_from_checkpoint latest` takes the
 newest intact checkpoint of this run (warning about any it skips). A non-finite loss or gradient norm stops training
-with the step; non-finite weights are never saved. No pickle is unpickled beyond `torch.load(weights_only=True)`.
+(on CUDA one update later: the flag is read back without waiting for the GPU) before any checkpoint or model of that
+update is written; non-finite weights are never saved. No pickle is unpickled beyond `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
+    DeferredReadback,
     complete_from_scratch_overrides,
     create_lr_scheduler,
     format_duration,
@@ -1099,6 +1101,19 @@ def main(argv: list[str] | None = None) -> None:
     running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
     running_count = 0
     nonfinite = torch.zeros((), device=accelerator.device)  # NaN / inf losses in the current update (any rank)
+    nonfinite_readback = DeferredReadback(accelerator.device)
+
+    def stop_if_nonfinite(readback) -> None:
+        """Stop at a non-finite update, before anything from it on is saved (`readback`: a DeferredReadback value)."""
+        if readback is None:
+            return
+        (step, in_epoch, batch_index), (flag, loss) = readback[0], readback[1].tolist()
+        if flag > 0:
+            raise SystemExit(
+                f"train.py: error: non-finite loss or gradient (loss {loss}) at update step {step} (epoch {in_epoch}, "
+                f"batch {batch_index}): stopping; no checkpoint or model from this update on is saved. Try a lower "
+                "--learning_rate, --max_grad_norm, or --mixed_precision no.")
+
     model.train()
     for epoch in range(starting_epoch, num_epochs):
         if completed_steps >= args.max_train_steps:
@@ -1116,12 +1131,11 @@ def main(argv: list[str] | None = None) -> None:
                     grad_norm = (accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                                  if accelerator.mixed_precision != "fp16" else torch.zeros(()))  # fp16: the scaler skips
                     nonfinite += (~torch.isfinite(grad_norm.to(nonfinite.device))).float()
-                    if accelerator.reduce(nonfinite, "max").item() > 0:  # every rank stops at the same update
-                        raise SystemExit(
-                            f"train.py: error: non-finite loss or gradient (loss {outputs.loss.item()}) at update "
-                            f"step {completed_steps + 1} (epoch {epoch}, batch {batch_index}): stopping before the "
-                            "weights change; nothing of this step is saved. Try a lower --learning_rate, "
-                            "--max_grad_norm, or --mixed_precision no.")
+                    # every rank reads the same flag, so all stop at the same update; on CUDA it is read one update
+                    # late (DeferredReadback), on the CPU before this update's optimizer step
+                    stop_if_nonfinite(nonfinite_readback.push(
+                        torch.stack([accelerator.reduce(nonfinite, "max"), outputs.loss.detach().float()]),
+                        (completed_steps + 1, epoch, batch_index)))
                 optimizer.step()
                 if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped and not metric_scheduler:
                     lr_scheduler.step()
@@ -1138,6 +1152,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.debug_sigkill == f"update:{completed_steps}":
                 os.kill(os.getpid(), signal.SIGKILL)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
+                stop_if_nonfinite(nonfinite_readback.flush())
                 means = (accelerator.reduce(running, "mean") / running_count).tolist()
                 values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
                           or accelerator.unwrap_model(model).config.prior_type == "diffusion"}
@@ -1155,13 +1170,17 @@ def main(argv: list[str] | None = None) -> None:
                         logger.info(f"--max_train_minutes {args.max_train_minutes} reached after {completed_steps} updates")
                         args.max_train_steps = completed_steps
             if args.eval_steps and eval_split and completed_steps % args.eval_steps == 0:
+                stop_if_nonfinite(nonfinite_readback.flush())  # run_evaluation may save best/
                 run_evaluation(completed_steps)
             if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
+                stop_if_nonfinite(nonfinite_readback.flush())
                 checkpoint(f"step_{completed_steps}", epoch, batch_index + 1)
             if completed_steps >= args.max_train_steps:
                 break
         if args.checkpointing_steps == "epoch":
+            stop_if_nonfinite(nonfinite_readback.flush())
             checkpoint(f"epoch_{epoch}", epoch, len(train_dataloader))
+    stop_if_nonfinite(nonfinite_readback.flush())
     progress.close()
     training_time = state["training_time_s"] + time.time() - train_start
 

@@ -83,3 +83,18 @@ def test_sample_latents_in_a_bf16_model(sampler):
     # and through generate(): the prior's float32 latents decode in the bf16 model
     out = sample(model, ids, mask, None)
     assert out.shape == (3, NEW_TOKENS + 1)
+
+
+def test_deferred_readback_returns_the_previous_update_without_waiting():
+    from dior_cvae.training_utils import DeferredReadback
+
+    readback = DeferredReadback(torch.device("cuda"))
+    assert readback.push(torch.tensor([0.0, 2.5], device="cuda"), 1) is None  # nothing earlier yet
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # queue work behind the next push: its value is read back only one push later
+        busy = (busy @ busy).tanh()  # stays finite
+    tag, value = readback.push(torch.tensor([1.0, float("inf")], device="cuda") + 0 * busy[0, :2], 2)
+    assert tag == 1 and value.tolist() == [0.0, 2.5]
+    tag, value = readback.flush()
+    assert tag == 2 and value[0] == 1 and value[1].isinf()
+    assert readback.flush() is None

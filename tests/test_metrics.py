@@ -376,7 +376,7 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
     half = sweep["test", "5samples", "prior_temperature", 0.5]
     assert half["bleu1"] == pytest.approx(score_generations(read_generations(
         work / "generations" / "diffusion__test__5samples_tau0.5.jsonl"), semantic=False)["bleu1"])
-    assert "| diffusion | diffusion | 0.700 | test | 5samples |" in table
+    assert "| diffusion | diffusion | 0.700 | 1.00 | test | 5samples |" in table
     assert (plots / "learning_curves.png").is_file()
     # the case study: every sample of the first contexts, in the file's order
     study = (plots / "case_study.md").read_text()
@@ -441,3 +441,8 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     assert not any("posterior" in job for job, _, _ in experiments.eval_jobs(args, "none-s3"))
     assert any("posterior" in job for job, _, _ in experiments.eval_jobs(args, "diffusion-s3"))
     assert experiments.split_seed("memdrop0.5-sx") == ("memdrop0.5-sx", None)  # not a replica: refused by main()
+    lower_floor = experiments.train_command(args, "gaussian-freebits0.25-memdrop0.3-s2")
+    overrides = collect_results.parse_overrides(" ".join(lower_floor))
+    assert collect_results.prior_and_dropout("gaussian-freebits0.25-memdrop0.3-s2", overrides) == ("gaussian", 0.3)
+    assert collect_results.free_bits("gaussian", overrides) == 0.25
+    assert collect_results.free_bits("diffusion", {}) == 1.0 and collect_results.free_bits("none", {}) is None

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from dior_cvae.training_utils import (
+    DeferredReadback,
     complete_from_scratch_overrides,
     kl_weight,
     parse_config_overrides,
@@ -370,6 +371,13 @@ def test_every_parameter_gets_a_gradient(tiny_model, prior_type):
     input_ids, labels = torch.randint(5, 96, (3, 10)), torch.randint(5, 96, (3, 6))
     model(input_ids=input_ids, labels=labels, kl_weight=0.0).loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_deferred_readback_on_the_cpu_reads_at_once():
+    readback = DeferredReadback(torch.device("cpu"))
+    tag, value = readback.push(torch.tensor([1.0, float("nan")]), "update 1")
+    assert tag == "update 1" and value[0] == 1 and value[1].isnan()
+    assert readback.flush() is None  # nothing is left pending on the CPU
 
 
 def test_kl_weight_schedules():
