@@ -36,7 +36,8 @@ from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: 
 def build(dior: bool, d_model: int, layers: int, vocab_size: int, seed: int, train: bool):
     shape = dict(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * d_model,
-                 decoder_ffn_dim=4 * d_model, max_position_embeddings=256)
+                 decoder_ffn_dim=4 * d_model, max_position_embeddings=256,
+                 dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)  # bart-base's, in both (as bench.py)
     torch.manual_seed(seed)
     # the denoiser as narrow as the rest (its default width, 512, is real arithmetic for a CPU)
     model = (DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, latent_size=16, denoiser_hidden_size=d_model))
