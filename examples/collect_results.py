@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dailydialog_experiments import split_seed  # noqa: E402
 from score import load_train_responses, score_rows, trivial_rows  # noqa: E402
 
+from dior_cvae import DiorCVAEConfig  # noqa: E402
 from dior_cvae.metrics import read_generations  # noqa: E402
 
 METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3", "relevance", "self_bleu5",
@@ -34,6 +35,7 @@ SOLVER_RE = re.compile(r"^(dpmsolverpp|ddim|ddpm)(\d+)$")
 TEMPERATURE_RE = re.compile(r"^(sampling|5samples)_(tau|T)(\d+(?:\.\d+)?)$")  # prior (tau) / token (T) temperature
 KNOBS = {"tau": "prior_temperature", "T": "token_temperature"}
 CACHE_VERSION = 2
+DEFAULTS = DiorCVAEConfig()  # what a run without an override of a field trained with
 
 
 CASE_STUDY_RUNS = ("diffusion", "gaussian", "none")  # the case study: the default, a Gaussian prior, the control
@@ -65,16 +67,12 @@ def prior_and_dropout(name: str, config: dict) -> tuple[str, float]:
     if name.startswith("memdrop"):
         return config.get("prior_type", "diffusion"), float(config.get("memory_dropout", name[len("memdrop"):]))
     return config.get("prior_type", name if name in ("diffusion", "gaussian", "standard") else "diffusion"), float(
-        config.get("memory_dropout", 0.7))
+        config.get("memory_dropout", DEFAULTS.memory_dropout))
 
 
 def free_bits(prior: str, config: dict) -> float | None:
     """The run's `kl_free_bits` (its config override, else the config default); None for the plain seq2seq."""
-    if prior == "none":
-        return None
-    from dior_cvae import DiorCVAEConfig
-
-    return float(config.get("kl_free_bits", DiorCVAEConfig().kl_free_bits))
+    return None if prior == "none" else float(config.get("kl_free_bits", DEFAULTS.kl_free_bits))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -201,8 +199,7 @@ def main(argv=None):
                                   {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
                                    "seed": args.seed}, multiref=split == "test")
             runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "kl_free_bits": None,
-                         "split": split,
-                         "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
+                         "split": split, "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
                          "num_contexts": scores.get("num_contexts"), "active_units": None,
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
@@ -253,8 +250,8 @@ def _fmt(value) -> str:
 
 
 def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()) -> str:
-    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "split", "decoding", "bleu1", "bleu2", "distinct1", "distinct2",
-            "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
+    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "split", "decoding", "bleu1", "bleu2", "distinct1",
+            "distinct2", "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
             "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in runs]

@@ -220,8 +220,8 @@ def main():
     names = args.runs.split(",")
     unknown = [n for n in [*names, *args.temperature_runs] if split_seed(n)[0] not in RUNS]
     if unknown:
-        raise SystemExit(f"--runs / --temperature_runs: unknown {unknown}; choose from {sorted(RUNS)}, each optionally with a seed suffix "
-                         "-sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
+        raise SystemExit(f"--runs / --temperature_runs: unknown {unknown}; choose from {sorted(RUNS)}, each optionally "
+                         "with a seed suffix -sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
 
     if args.phase == "train":
         jobs = []

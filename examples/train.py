@@ -1064,7 +1064,22 @@ def main(argv: list[str] | None = None) -> None:
 
     last_eval: dict[int, dict] = {}
 
+    # the non-finite flag of each update, read back one update late on CUDA (DeferredReadback)
+    nonfinite_readback = DeferredReadback(accelerator.device)
+
+    def stop_if_nonfinite(readback) -> None:
+        """Stop at a non-finite update, before anything from it on is saved (`readback`: a DeferredReadback value)."""
+        if readback is None:
+            return
+        (step, in_epoch, batch_index), (flag, loss) = readback[0], readback[1].tolist()
+        if flag > 0:
+            raise SystemExit(
+                f"train.py: error: non-finite loss or gradient (loss {loss}) at update step {step} (epoch {in_epoch}, "
+                f"batch {batch_index}): stopping; no checkpoint or model from this update on is saved. Try a lower "
+                "--learning_rate, --max_grad_norm, or --mixed_precision no.")
+
     def run_evaluation(step: int) -> dict:
+        stop_if_nonfinite(nonfinite_readback.flush())  # it may save best/
         results = evaluate(model, eval_dataloaders[eval_split], accelerator, args, tokenizer,
                            raw[eval_split], encoded[eval_split])
         logger.info(f"step {step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
@@ -1089,6 +1104,7 @@ def main(argv: list[str] | None = None) -> None:
                 "lr_scheduler": lr_scheduler.state_dict()}
 
     def checkpoint(name: str, epoch: int, batches_in_epoch: int) -> None:
+        stop_if_nonfinite(nonfinite_readback.flush())
         save_checkpoint(accelerator, model, tokenizer, output_dir / name, trainer_state(epoch, batches_in_epoch),
                         args.debug_sigkill)
         if accelerator.is_main_process:
@@ -1101,19 +1117,6 @@ def main(argv: list[str] | None = None) -> None:
     running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
     running_count = 0
     nonfinite = torch.zeros((), device=accelerator.device)  # NaN / inf losses in the current update (any rank)
-    nonfinite_readback = DeferredReadback(accelerator.device)
-
-    def stop_if_nonfinite(readback) -> None:
-        """Stop at a non-finite update, before anything from it on is saved (`readback`: a DeferredReadback value)."""
-        if readback is None:
-            return
-        (step, in_epoch, batch_index), (flag, loss) = readback[0], readback[1].tolist()
-        if flag > 0:
-            raise SystemExit(
-                f"train.py: error: non-finite loss or gradient (loss {loss}) at update step {step} (epoch {in_epoch}, "
-                f"batch {batch_index}): stopping; no checkpoint or model from this update on is saved. Try a lower "
-                "--learning_rate, --max_grad_norm, or --mixed_precision no.")
-
     model.train()
     for epoch in range(starting_epoch, num_epochs):
         if completed_steps >= args.max_train_steps:
@@ -1152,7 +1155,6 @@ def main(argv: list[str] | None = None) -> None:
             if args.debug_sigkill == f"update:{completed_steps}":
                 os.kill(os.getpid(), signal.SIGKILL)
             if completed_steps % args.logging_steps == 0 or completed_steps == args.max_train_steps:
-                stop_if_nonfinite(nonfinite_readback.flush())
                 means = (accelerator.reduce(running, "mean") / running_count).tolist()
                 values = {k: v for k, v in zip(LOSS_KEYS, means) if k in ("loss", "rc_loss", "kl_loss")
                           or accelerator.unwrap_model(model).config.prior_type == "diffusion"}
@@ -1170,17 +1172,14 @@ def main(argv: list[str] | None = None) -> None:
                         logger.info(f"--max_train_minutes {args.max_train_minutes} reached after {completed_steps} updates")
                         args.max_train_steps = completed_steps
             if args.eval_steps and eval_split and completed_steps % args.eval_steps == 0:
-                stop_if_nonfinite(nonfinite_readback.flush())  # run_evaluation may save best/
                 run_evaluation(completed_steps)
             if args.checkpointing_steps not in (None, "epoch") and completed_steps % int(args.checkpointing_steps) == 0:
-                stop_if_nonfinite(nonfinite_readback.flush())
                 checkpoint(f"step_{completed_steps}", epoch, batch_index + 1)
             if completed_steps >= args.max_train_steps:
                 break
         if args.checkpointing_steps == "epoch":
-            stop_if_nonfinite(nonfinite_readback.flush())
             checkpoint(f"epoch_{epoch}", epoch, len(train_dataloader))
-    stop_if_nonfinite(nonfinite_readback.flush())
+    stop_if_nonfinite(nonfinite_readback.flush())  # the last update, before the final evaluation and save
     progress.close()
     training_time = state["training_time_s"] + time.time() - train_start
 
