@@ -48,6 +48,7 @@ from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
 from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
+from dior_cvae.training_utils import CompiledTrainingForward  # noqa: E402
 
 GOALS = {  # the speed issue's goals (ratios to BART of the same shape, same run)
     "train_ratio_bs64": (">=", 0.85),
@@ -154,25 +155,28 @@ def generation_kwargs(spec):
 # ---- phases ---------------------------------------------------------------------------------------------------------
 
 
-def bench_train(model, batch, spec, timer, device, seed):
+def bench_train(model, batch, spec, timer, device, seed, compile_mode=None):
+    """examples/s of forward + backward + AdamW step; with `compile_mode` the forward (and its backward) run through
+    `CompiledTrainingForward` (examples/train.py's `--torch_compile`), one static compile for this shape."""
     context, mask, labels = token_batch(batch, spec, device, seed)
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    forward = model if compile_mode is None else CompiledTrainingForward(model, compile_mode, dynamic=False)
 
     def step():
-        loss = model(input_ids=context, attention_mask=mask, labels=labels).loss
+        loss = forward(input_ids=context, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     timer.reset_peak()
-    seconds = timer.median(step, spec["warmup"], spec["iters"])
+    seconds = timer.median(step, spec["warmup"] + (2 if compile_mode else 0), spec["iters"])  # + graph recording
     peak = timer.peak_mib()
-    del optimizer
+    del optimizer, forward
     model.zero_grad(set_to_none=True)
     model.eval()
-    return batch / seconds, peak
+    return batch / seconds, peak, timer.first_s
 
 
 def bench_generate(model, batch, spec, timer, device, seed, **extra):
@@ -292,11 +296,29 @@ def run(args):
     for batch in spec["train_batches"]:
         for name, model in (("bart", bart), ("dior", dior)):
             out = attempt(f"train_{name}_bs{batch}", lambda: bench_train(model, batch, spec, timer, device, args.seed))
-            rate, peak = out or (None, None)
+            rate, peak, _ = out or (None, None, None)
             results[f"train_examples_per_s_{name}_bs{batch}"] = rate
             results[f"peak_mem_train_{name}_bs{batch}_mib"] = peak
             log(f"[bench] train {name} bs{batch}: {rate and round(rate, 1)} ex/s, peak {peak} MiB")
         results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
+    if args.compile_train:  # both models through train.py's --torch_compile, one static compile per batch size
+        results["train_compile_mode"] = args.compile_train
+        for batch in spec["train_batches"]:
+            for name, model in (("bart", bart), ("dior", dior)):
+                out = attempt(f"train_compiled_{name}_bs{batch}", lambda: bench_train(
+                    model, batch, spec, timer, device, args.seed, compile_mode=args.compile_train))
+                rate, peak, first_s = out or (None, None, None)
+                results[f"train_examples_per_s_{name}_compiled_bs{batch}"] = rate
+                results[f"train_compile_s_{name}_bs{batch}"] = first_s
+                results[f"peak_mem_train_{name}_compiled_bs{batch}_mib"] = peak
+                log(f"[bench] train compiled ({args.compile_train}) {name} bs{batch}: {rate and round(rate, 1)} ex/s, "
+                    f"first call {first_s and round(first_s, 1)} s, peak {peak} MiB")
+            results[f"train_ratio_compiled_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_compiled_bs{batch}")
+            eager_bart, compiled_dior = (results.get(f"train_examples_per_s_bart_bs{batch}"),
+                                         results.get(f"train_examples_per_s_dior_compiled_bs{batch}"))
+            results[f"train_ratio_compiled_vs_eager_bart_bs{batch}"] = (
+                compiled_dior / eager_bart if eager_bart and compiled_dior else None)
+        torch._dynamo.reset()  # the compiled training graphs are not needed by the generation phases
 
     # generation, eager (the default path of both)
     for batch in spec["gen_batches"]:
@@ -429,6 +451,12 @@ def table(results) -> str:
     for batch in results["shapes"]["train_batches"]:
         add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
             {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
+    for batch in results["shapes"]["train_batches"]:
+        if f"train_examples_per_s_dior_compiled_bs{batch}" in results:
+            add(f"train ex/s bs{batch} compiled ({results['train_compile_mode']})",
+                f"train_examples_per_s_{{}}_compiled_bs{batch}")
+            rows.append((f"  Dior compiled / BART eager bs{batch}", "", "",
+                         _fmt(results.get(f"train_ratio_compiled_vs_eager_bart_bs{batch}"), 3), ""))
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))
     for batch in results["shapes"]["gen_batches"]:
@@ -551,6 +579,9 @@ def main(argv=None):
                              "--compile-reserve-s is left")
     parser.add_argument("--compile-reserve-s", type=float, default=75.0,
                         help="seconds one compiled static run (one model, one batch size) may take")
+    parser.add_argument("--compile-train", default=None, metavar="MODE",
+                        help="also time the training step of both models through examples/train.py's --torch_compile "
+                             "with this torch.compile mode (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", action="store_true",
                         help="also estimate one DailyDialog epoch of the quality recipe (benchmarks/epoch_estimate.py)")

@@ -242,6 +242,49 @@ class DeferredReadback:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A compiled training forward
+# ---------------------------------------------------------------------------------------------------------------
+
+#: `torch.compile` modes that replay the compiled kernels as CUDA graphs (inductor's cudagraph trees).
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+class CompiledTrainingForward:
+    """`torch.compile` of a model's training forward (its backward is compiled with it), for a training loop that
+    keeps the eager `model` for evaluation, generation and saving (same parameters, no recompilation for eval mode).
+
+    Call it as the model, with a tensor `kl_weight` (a float would be a constant of the graph, recompiled at each new
+    β): `forward(**batch, kl_weight=beta)`. With a CUDA-graph mode (`CUDAGRAPH_COMPILE_MODES`) each call first marks
+    a new step for the cudagraph trees: the outputs of the previous call are then dead (their memory is reused by
+    the replay), so a loop must use an update's outputs before its next forward — the loss, the logged terms and the
+    deferred read-back all do. transformers installs its output-capturing hooks (Dior's encoder returns every
+    layer's states) at the first forward, in a thread lock that dynamo cannot trace: the first call therefore runs
+    the model eagerly once (RNG state restored) before the first compiled call, so that the graph has no break there.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str | None = "reduce-overhead", backend: str = "inductor",
+                 dynamic: bool | None = None):
+        self.model = model
+        self.mode = None if mode in (None, "default") else mode
+        self.backend = backend
+        self.uses_cuda_graphs = backend == "inductor" and self.mode in CUDAGRAPH_COMPILE_MODES
+        # dynamic=None: the first shape compiles static, a second recompiles with dynamic sizes (then, with CUDA
+        # graphs, each new shape records a graph); dynamic=False: one static compile per shape (benchmarks)
+        self.compiled = torch.compile(model, backend=backend, mode=self.mode, dynamic=dynamic)
+        self._hooks_installed = False
+
+    def __call__(self, **inputs):
+        if not self._hooks_installed:
+            device = next(self.model.parameters()).device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                self.model(**inputs)
+            self._hooks_installed = True
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Weights checksum (DDP consistency checks)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -337,6 +380,9 @@ __all__ = [
     "KLAnnealingCallback",
     "DiorTrainer",
     "weights_checksum",
+    "CompiledTrainingForward",
+    "CUDAGRAPH_COMPILE_MODES",
+    "DeferredReadback",
     "markdown_table",
     "format_duration",
 ]

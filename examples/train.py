@@ -81,8 +81,10 @@ from dior_cvae.diagnostics import latent_statistics
 from dior_cvae.metrics import score_generations
 from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
+    CUDAGRAPH_COMPILE_MODES,
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
+    CompiledTrainingForward,
     DeferredReadback,
     complete_from_scratch_overrides,
     create_lr_scheduler,
@@ -226,6 +228,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--dataloader_num_workers", type=int, default=None,
                        help="Worker processes that collate training batches off the training loop (default: 2 on "
                             "CUDA, with pinned memory and non-blocking copies; 0, in the loop, on CPU).")
+    train.add_argument("--torch_compile", action="store_true",
+                       help="torch.compile the training forward and backward (evaluation, generation and saving stay "
+                            "eager). The first updates compile (a minute or two), each new batch shape records a "
+                            "graph; see docs/performance.md for when it pays.")
+    train.add_argument("--torch_compile_mode", default="reduce-overhead",
+                       help='torch.compile mode: "reduce-overhead" (CUDA graphs: no per-kernel launch cost on the '
+                            'host; needs --gradient_accumulation_steps 1), "default", "max-autotune", ...')
+    train.add_argument("--torch_compile_backend", default="inductor", help="torch.compile backend.")
     train.add_argument("--cpu", action="store_true", help="Train on CPU even if an accelerator is available.")
     train.add_argument("--ddp_find_unused_parameters", action="store_true",
                        help="Only for model variants where some parameter gets no gradient in a step (slower DDP).")
@@ -299,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
         p.error("--lr_scheduler_kwargs must be a JSON object")
+    if (args.torch_compile and args.torch_compile_mode in CUDAGRAPH_COMPILE_MODES
+            and args.torch_compile_backend == "inductor" and args.gradient_accumulation_steps > 1):
+        p.error(f"--torch_compile_mode {args.torch_compile_mode} replays CUDA graphs, whose outputs (the gradients "
+                "included) the next micro-batch overwrites: it needs --gradient_accumulation_steps 1, got "
+                f"{args.gradient_accumulation_steps} (use --torch_compile_mode default)")
     for flag in ("model_name_or_path", "tokenizer_name", "config_name", "dataset_dir", "personachat_dir"):
         value = getattr(args, flag)
         if value and _looks_local(value) and not Path(value).expanduser().exists():
@@ -1114,6 +1129,12 @@ def main(argv: list[str] | None = None) -> None:
     # ---- train ----------------------------------------------------------------------------------------------------
     progress = tqdm(range(args.max_train_steps), initial=completed_steps, disable=not accelerator.is_local_main_process)
     train_start = time.time()
+    train_forward = model
+    if args.torch_compile:
+        logger.info(f"torch.compile of the training step (mode {args.torch_compile_mode}, backend "
+                    f"{args.torch_compile_backend}): the first updates compile")
+        train_forward = CompiledTrainingForward(model, args.torch_compile_mode, args.torch_compile_backend)
+    beta_tensor = torch.zeros((), device=accelerator.device)  # β as a device tensor: no recompile, no host copy
     running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
     running_count = 0
     nonfinite = torch.zeros((), device=accelerator.device)  # NaN / inf losses in the current update (any rank)
@@ -1127,7 +1148,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch_index, batch in enumerate(active_dataloader, start=skip):
             beta = kl_weight(completed_steps, args.kl_annealing, args.kl_annealing_steps, steps_per_epoch)
             with accelerator.accumulate(model):
-                outputs = model(**batch, kl_weight=beta)
+                outputs = train_forward(**batch, kl_weight=beta_tensor.fill_(beta))
                 accelerator.backward(outputs.loss)
                 nonfinite += (~torch.isfinite(outputs.loss.detach())).float()
                 if accelerator.sync_gradients:

@@ -180,6 +180,41 @@ def test_resume_continues_the_same_run(tmp_path):
     assert evals_b == {4: evals_a[4], 6: evals_a[6]}
 
 
+def test_torch_compile_trains_the_same_model(tmp_path):
+    """`--torch_compile` runs the training forward and backward through `CompiledTrainingForward` (backend aot_eager
+    here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers): 4 updates
+    with β annealed (a new value each update, given as a tensor) and memory dropout give the eager run's losses and
+    weights; evaluation, sampling and saving run on the eager model."""
+    from safetensors.torch import load_file
+
+    common = SAMPLE + TINY + [
+        "--max_train_samples", "32", "--max_train_steps", "4", "--num_sample_contexts", "0", "--kl_annealing", "linear",
+        "--kl_annealing_steps", "4", "--dataloader_num_workers", "0",
+        "--pad_to_multiple_of", "64"]  # one batch shape: one compile
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_train(tmp_path, common + ["--output_dir", str(eager)])
+    result = run_train(tmp_path, common + ["--output_dir", str(compiled), "--torch_compile",
+                                           "--torch_compile_backend", "aot_eager"])
+    assert "torch.compile of the training step" in result.stderr + result.stdout
+    rows_a = [r for r in read_log(eager) if "rc_loss" in r]
+    rows_b = [r for r in read_log(compiled) if "rc_loss" in r]
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    assert len({r["beta"] for r in rows_b}) == 4
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "rc_loss", "kl_loss"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-4), (a["step"], key, a[key], b[key])
+    weights_a, weights_b = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
+    for key in weights_a:
+        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_with_cuda_graphs_refuses_gradient_accumulation(tmp_path):
+    result = run_train(tmp_path, SAMPLE + TINY + ["--torch_compile", "--gradient_accumulation_steps", "2",
+                                                  "--output_dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 2
+    assert "--torch_compile_mode reduce-overhead" in result.stderr and "--gradient_accumulation_steps 1" in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. two-process CPU DDP
 # ---------------------------------------------------------------------------------------------------------------
