@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py --fast                    # GPU: bart-base shapes, bf16, ~3–5 minutes (compiles)
     python benchmarks/bench.py --tiny --output tmp.json  # CPU smoke run (CI / tests); its numbers mean nothing
+    python benchmarks/bench.py --train-only --compile-train reduce-overhead   # GPU: training, eager and compiled
 
 Both models are randomly initialised with the bart-base shape (6+6 layers, d_model 768, 12 heads, FFN 3072,
 vocabulary 50,265; dropouts 0.1 as in facebook/bart-base), SDPA attention, and see the same random token batches:
@@ -155,14 +156,15 @@ def generation_kwargs(spec):
 # ---- phases ---------------------------------------------------------------------------------------------------------
 
 
-def bench_train(model, batch, spec, timer, device, seed, compile_mode=None):
+def bench_train(model, batch, spec, timer, device, seed, compile_mode=None, compile_backend="inductor"):
     """examples/s of forward + backward + AdamW step; with `compile_mode` the forward (and its backward) run through
     `CompiledTrainingForward` (examples/train.py's `--torch_compile`), one static compile for this shape."""
     context, mask, labels = token_batch(batch, spec, device, seed)
     model.train()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
-    forward = model if compile_mode is None else CompiledTrainingForward(model, compile_mode, dynamic=False)
+    forward = model if compile_mode is None else CompiledTrainingForward(model, compile_mode, compile_backend,
+                                                                             dynamic=False)
 
     def step():
         loss = forward(input_ids=context, attention_mask=mask, labels=labels).loss
@@ -303,10 +305,11 @@ def run(args):
         results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
     if args.compile_train:  # both models through train.py's --torch_compile, one static compile per batch size
         results["train_compile_mode"] = args.compile_train
+        results["train_compile_backend"] = args.compile_train_backend
         for batch in spec["train_batches"]:
             for name, model in (("bart", bart), ("dior", dior)):
                 out = attempt(f"train_compiled_{name}_bs{batch}", lambda: bench_train(
-                    model, batch, spec, timer, device, args.seed, compile_mode=args.compile_train))
+                    model, batch, spec, timer, device, args.seed, args.compile_train, args.compile_train_backend))
                 rate, peak, first_s = out or (None, None, None)
                 results[f"train_examples_per_s_{name}_compiled_bs{batch}"] = rate
                 results[f"train_compile_s_{name}_bs{batch}"] = first_s
@@ -319,6 +322,8 @@ def run(args):
             results[f"train_ratio_compiled_vs_eager_bart_bs{batch}"] = (
                 compiled_dior / eager_bart if eager_bart and compiled_dior else None)
         torch._dynamo.reset()  # the compiled training graphs are not needed by the generation phases
+    if args.train_only:
+        return _finish(results, started)
 
     # generation, eager (the default path of both)
     for batch in spec["gen_batches"]:
@@ -408,6 +413,10 @@ def run(args):
     results["bs1_candidates"] = {k: {"tokens_per_s": v[0], "prior_ms": v[1], "generate_ms": v[2]}
                                  for k, v in candidates.items()}
 
+    return _finish(results, started)
+
+
+def _finish(results, started):
     results["goals"] = {k: f"{op} {v}" for k, (op, v) in GOALS.items()}
     results["goals_met"] = {k: _met(results.get(k), op, v) for k, (op, v) in GOALS.items()}
     results["wall_s"] = round(time.perf_counter() - started, 1)
@@ -582,6 +591,10 @@ def main(argv=None):
     parser.add_argument("--compile-train", default=None, metavar="MODE",
                         help="also time the training step of both models through examples/train.py's --torch_compile "
                              "with this torch.compile mode (e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile-train-backend", default="inductor",
+                        help="torch.compile backend of --compile-train (aot_eager: a CPU smoke test)")
+    parser.add_argument("--train-only", action="store_true", help="only the training phases (with --compile-train: "
+                        "eager and compiled, both models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epoch", action="store_true",
                         help="also estimate one DailyDialog epoch of the quality recipe (benchmarks/epoch_estimate.py)")

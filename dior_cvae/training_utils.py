@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 
+from .dior_compat import compiled_training_problem
+
 # ---------------------------------------------------------------------------------------------------------------
 # KL annealing
 # ---------------------------------------------------------------------------------------------------------------
@@ -264,6 +266,9 @@ class CompiledTrainingForward:
 
     def __init__(self, model: torch.nn.Module, mode: str | None = "reduce-overhead", backend: str = "inductor",
                  dynamic: bool | None = None):
+        problem = compiled_training_problem()
+        if problem:
+            raise RuntimeError(problem)
         self.model = model
         self.mode = None if mode in (None, "default") else mode
         self.backend = backend

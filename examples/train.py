@@ -78,6 +78,7 @@ from dior_cvae.data import (
     train_tokenizer,
 )
 from dior_cvae.diagnostics import latent_statistics
+from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.metrics import score_generations
 from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
@@ -309,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
         p.error("--lr_scheduler_kwargs must be a JSON object")
+    if args.torch_compile and compiled_training_problem():
+        p.error(f"--torch_compile: {compiled_training_problem()}")
     if (args.torch_compile and args.torch_compile_mode in CUDAGRAPH_COMPILE_MODES
             and args.torch_compile_backend == "inductor" and args.gradient_accumulation_steps > 1):
         p.error(f"--torch_compile_mode {args.torch_compile_mode} replays CUDA graphs, whose outputs (the gradients "

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dior_cvae.dior_compat import compiled_training_problem
+
 ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED_KEYS = [
@@ -91,6 +93,33 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
         assert label in table, label
     header = next(line for line in table.splitlines() if line.startswith("metric"))
     assert "BART" in header and "Dior" in header
+
+
+@pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
+def test_train_only_benchmark_times_the_compiled_training_step(tmp_path):
+    """`--train-only --compile-train`: eager and compiled training of both models (backend aot_eager, so that it
+    runs on the CPU), with ratios like for like and against eager BART, and no generation phase."""
+    output = tmp_path / "speed.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--tiny", "--train-only", "--device", "cpu",
+         "--compile-train", "default", "--compile-train-backend", "aot_eager", "--output", str(output)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(output.read_text())
+    assert results["errors"] == {}, results["errors"]
+    for batch in (64, 256):
+        for name in ("bart", "dior"):
+            for key in (f"train_examples_per_s_{name}_bs{batch}", f"train_examples_per_s_{name}_compiled_bs{batch}",
+                        f"train_compile_s_{name}_bs{batch}"):
+                assert isinstance(results[key], float) and results[key] > 0, key
+        ratio = results[f"train_ratio_compiled_bs{batch}"]
+        assert ratio == pytest.approx(results[f"train_examples_per_s_dior_compiled_bs{batch}"]
+                                      / results[f"train_examples_per_s_bart_compiled_bs{batch}"])
+        assert results[f"train_ratio_compiled_vs_eager_bart_bs{batch}"] > 0
+    assert not any(key.startswith("gen_") for key in results)
+    assert "train ex/s bs64 compiled (default)" in proc.stdout
 
 
 def test_host_cost_a_decoding_step_adds_only_the_slot_concatenations(tmp_path):

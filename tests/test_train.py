@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.training_utils import (
     DeferredReadback,
     complete_from_scratch_overrides,
@@ -180,6 +181,21 @@ def test_resume_continues_the_same_run(tmp_path):
     assert evals_b == {4: evals_a[4], 6: evals_a[6]}
 
 
+def test_compiled_training_needs_a_transformers_without_the_layerdrop_branch():
+    from dior_cvae.dior_compat import compiled_training_problem
+
+    assert "transformers >= 5.23.0" in compiled_training_problem("5.17.0")
+    assert compiled_training_problem("5.23.0") is None and compiled_training_problem("5.24.0.dev0") is None
+
+
+@pytest.mark.skipif(compiled_training_problem() is None, reason="only older transformers refuse --torch_compile")
+def test_torch_compile_is_refused_on_an_older_transformers(tmp_path):
+    result = run_train(tmp_path, SAMPLE + TINY + ["--torch_compile", "--output_dir", str(tmp_path / "out")], check=False)
+    assert result.returncode == 2
+    assert "--torch_compile: a compiled training step needs transformers >= 5.23.0" in result.stderr
+
+
+@pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
 def test_torch_compile_trains_the_same_model(tmp_path):
     """`--torch_compile` runs the training forward and backward through `CompiledTrainingForward` (backend aot_eager
     here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers): 4 updates
@@ -208,6 +224,7 @@ def test_torch_compile_trains_the_same_model(tmp_path):
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
 def test_torch_compile_with_cuda_graphs_refuses_gradient_accumulation(tmp_path):
     result = run_train(tmp_path, SAMPLE + TINY + ["--torch_compile", "--gradient_accumulation_steps", "2",
                                                   "--output_dir", str(tmp_path / "out")], check=False)
