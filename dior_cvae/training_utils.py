@@ -362,10 +362,16 @@ class DiorTrainer(Seq2SeqTrainer):
         self.kl_annealing = kl_annealing or KLAnnealingCallback()
         self.add_callback(self.kl_annealing)
         self.model_accepts_loss_kwargs = False
+        self._beta: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         beta = self.kl_annealing.beta if model.training else 1.0
-        outputs = model(**inputs, kl_weight=beta)
+        device = inputs["input_ids"].device
+        if self._beta is None or self._beta.device != device:
+            self._beta = torch.zeros((), device=device)
+        # β as a 0-d device tensor, refilled in place: under `torch_compile=True` a float would be a constant of the
+        # graph (a recompile at every new β of the annealing), and a new tensor from the host a copy each step
+        outputs = model(**inputs, kl_weight=self._beta.fill_(beta))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs, *args, **kwargs):

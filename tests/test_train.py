@@ -464,7 +464,7 @@ def test_config_overrides_are_typed_from_the_config_fields():
 
 def test_trainer_route_anneals_beta(tiny_model, tmp_path):
     """Seq2SeqTrainer route: β from the linear schedule at each update (2 forwards per update with accumulation),
-    logged as `beta`; evaluation at β = 1."""
+    as a 0-d tensor (so that `torch_compile=True` does not recompile per β), logged as `beta`; evaluation at β = 1."""
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Seq2SeqTrainingArguments
 
     from dior_cvae.data import encode_examples, load_dailydialog_dir, train_tokenizer
@@ -480,7 +480,9 @@ def test_trainer_route_anneals_beta(tiny_model, tmp_path):
 
     @functools.wraps(forward)  # the Trainer reads the signature to pick the batch columns
     def spy(**kwargs):
-        used.append(kwargs["kl_weight"])
+        beta = kwargs["kl_weight"]
+        assert torch.is_tensor(beta) and beta.ndim == 0, "β must reach the model as a 0-d tensor (no recompiles)"
+        used.append(beta.item())
         return forward(**kwargs)
 
     model.forward = spy
