@@ -107,6 +107,7 @@ def train_command(args, name: str) -> list[str]:
         "--output_dir", str(Path(args.work_dir) / "models" / name),
         *TRAIN_ARGS,
         *(["--seed", str(seed)] if seed is not None else []),  # after TRAIN_ARGS' --seed: the last one counts
+        *(["--torch_compile"] if getattr(args, "torch_compile", False) else []),
     ]
 
 
@@ -193,6 +194,8 @@ def main():
     p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.3,memdrop0.5,memdrop0.9",
                    help="comma-separated run names; NAME-sN is a replica of NAME trained with --seed N")
     p.add_argument("--train_minutes", type=float, default=15.0)
+    p.add_argument("--torch_compile", action="store_true",
+                   help="train with train.py --torch_compile (transformers >= 5.23; the compile counts in --train_minutes)")
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
     p.add_argument("--sweeps", default="solver,temperature",
                    help="extra --phase eval generations, comma-separated: solver (diffusion: solver x steps), "

@@ -436,6 +436,9 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     assert collect_results.train_seed(command) == 2 and collect_results.train_seed(" ".join(original)) == 1234
     assert collect_results.prior_and_dropout("memdrop0.5-s2", collect_results.parse_overrides(command)) == (
         "diffusion", 0.5)
+    assert "--torch_compile" not in original
+    args.torch_compile = True
+    assert experiments.train_command(args, "memdrop0.5")[-1] == "--torch_compile"
     none_replica = " ".join(experiments.train_command(args, "none-s3"))
     assert collect_results.prior_and_dropout("none-s3", collect_results.parse_overrides(none_replica)) == ("none", 0.0)
     assert not any("posterior" in job for job, _, _ in experiments.eval_jobs(args, "none-s3"))
