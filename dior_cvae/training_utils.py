@@ -1,4 +1,5 @@
-"""Helpers for `examples/train.py`: KL annealing, learning-rate schedules, a deferred device read-back,
+"""Helpers for `examples/train.py`: KL annealing, learning-rate schedules, a deferred device read-back, a compiled
+training forward (`--torch_compile`),
 `--config_overrides` parsing, a weights checksum, markdown helpers for the model card, and the 🤗 Trainer route
 (`DiorTrainer` + `KLAnnealingCallback`).
 """
