@@ -252,6 +252,11 @@ class DeferredReadback:
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def uses_cuda_graphs(mode: str | None, backend: str = "inductor") -> bool:
+    """Whether `torch.compile(mode=mode, backend=backend)` replays CUDA graphs (whose outputs the next call reuses)."""
+    return backend == "inductor" and mode in CUDAGRAPH_COMPILE_MODES
+
+
 class CompiledTrainingForward:
     """`torch.compile` of a model's training forward (its backward is compiled with it), for a training loop that
     keeps the eager `model` for evaluation, generation and saving (same parameters, no recompilation for eval mode).
@@ -271,12 +276,10 @@ class CompiledTrainingForward:
         if problem:
             raise RuntimeError(problem)
         self.model = model
-        self.mode = None if mode in (None, "default") else mode
-        self.backend = backend
-        self.uses_cuda_graphs = backend == "inductor" and self.mode in CUDAGRAPH_COMPILE_MODES
+        self.uses_cuda_graphs = uses_cuda_graphs(mode, backend)
         # dynamic=None: the first shape compiles static, a second recompiles with dynamic sizes (then, with CUDA
         # graphs, each new shape records a graph); dynamic=False: one static compile per shape (benchmarks)
-        self.compiled = torch.compile(model, backend=backend, mode=self.mode, dynamic=dynamic)
+        self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic)
         self._hooks_installed = False
 
     def __call__(self, **inputs):
@@ -394,6 +397,7 @@ __all__ = [
     "weights_checksum",
     "CompiledTrainingForward",
     "CUDAGRAPH_COMPILE_MODES",
+    "uses_cuda_graphs",
     "DeferredReadback",
     "markdown_table",
     "format_duration",

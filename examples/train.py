@@ -82,7 +82,6 @@ from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.metrics import score_generations
 from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
-    CUDAGRAPH_COMPILE_MODES,
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
     CompiledTrainingForward,
@@ -94,6 +93,7 @@ from dior_cvae.training_utils import (
     kl_weight,
     markdown_table,
     parse_config_overrides,
+    uses_cuda_graphs,
     weights_checksum,
 )
 
@@ -310,10 +310,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
         p.error("--lr_scheduler_kwargs must be a JSON object")
-    if args.torch_compile and compiled_training_problem():
-        p.error(f"--torch_compile: {compiled_training_problem()}")
-    if (args.torch_compile and args.torch_compile_mode in CUDAGRAPH_COMPILE_MODES
-            and args.torch_compile_backend == "inductor" and args.gradient_accumulation_steps > 1):
+    problem = compiled_training_problem() if args.torch_compile else None
+    if problem:
+        p.error(f"--torch_compile: {problem}")
+    if (args.torch_compile and uses_cuda_graphs(args.torch_compile_mode, args.torch_compile_backend)
+            and args.gradient_accumulation_steps > 1):
         p.error(f"--torch_compile_mode {args.torch_compile_mode} replays CUDA graphs, whose outputs (the gradients "
                 "included) the next micro-batch overwrites: it needs --gradient_accumulation_steps 1, got "
                 f"{args.gradient_accumulation_steps} (use --torch_compile_mode default)")
