@@ -9,7 +9,10 @@ vocabulary 50,265; dropouts 0.1 as in facebook/bart-base), SDPA attention, and s
 contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
 
 * training step = forward + backward + AdamW step on **bf16 weights** (no autocast; AdamW fused on CUDA), both
-  models alike; examples/s.
+  models alike; examples/s. What bounds it: the FLOPs of one forward + backward (`train_gflop_*`,
+  torch.utils.flop_counter; `train_flop_ratio_bs*` = BART's / Dior's, the ratio a step bound by its matmuls would
+  have; the forward's by module) and, on CUDA, the GPU kernel time of 3 more steps under torch.profiler
+  (`train_kernel_ms_*`; `train_gpu_busy_*` = kernel time / step time: ≈ 1 device-bound, ≪ 1 host-bound).
 * generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
   (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
   (for Dior that includes encoding and the 50-step prior sample).
@@ -158,7 +161,12 @@ def generation_kwargs(spec):
 
 def bench_train(model, batch, spec, timer, device, seed, compile_mode=None, compile_backend="inductor"):
     """examples/s of forward + backward + AdamW step; with `compile_mode` the forward (and its backward) run through
-    `CompiledTrainingForward` (examples/train.py's `--torch_compile`), one static compile for this shape."""
+    `CompiledTrainingForward` (examples/train.py's `--torch_compile`), one static compile for this shape.
+
+    Returns a dict: `rate` (examples/s), `peak` (MiB), `first_s` (the first step: the compile), and on CUDA the
+    profile of 3 more steps: `kernel_ms` (GPU kernel time per step, CUDA-graph replays included), `busy`
+    (kernel time / median step time: near 1 when the step is bound by the device's work, ≪ 1 when by the host)
+    and `top_kernels`."""
     context, mask, labels = token_batch(batch, spec, device, seed)
     model.train()
     fused = device.type == "cuda"
@@ -174,11 +182,51 @@ def bench_train(model, batch, spec, timer, device, seed, compile_mode=None, comp
 
     timer.reset_peak()
     seconds = timer.median(step, spec["warmup"] + (2 if compile_mode else 0), spec["iters"])  # + graph recording
-    peak = timer.peak_mib()
+    out = dict(rate=batch / seconds, peak=timer.peak_mib(), first_s=timer.first_s)
+    if device.type == "cuda":
+        out["kernel_ms"], out["top_kernels"] = kernel_time(step, calls=3)
+        out["busy"] = out["kernel_ms"] / (seconds * 1e3)
     del optimizer, forward
     model.zero_grad(set_to_none=True)
     model.eval()
-    return batch / seconds, peak, timer.first_s
+    return out
+
+
+def kernel_time(fn, calls, top=8):
+    """GPU kernel milliseconds per call of `fn` under torch.profiler (CUPTI sees kernels replayed from CUDA graphs),
+    and the `top` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / calls
+    ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    return total_ms, [{"kernel": e.key[:160], "ms_per_call": e.self_device_time_total / 1e3 / calls,
+                       "launches_per_call": e.count / calls} for e in ranked]
+
+
+def train_flops(model, batch, spec, device, seed):
+    """Floating-point operations of one training forward + backward (torch.utils.flop_counter: matmuls and
+    attention), in GFLOP, and the forward's by module (two levels deep, e.g. `model.encoder`; the backward's
+    attribution to modules is not reliable, so it is counted as a whole)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    context, mask, labels = token_batch(batch, spec, device, seed)
+    model.train()
+    forward, backward = FlopCounterMode(display=False, depth=3), FlopCounterMode(display=False)
+    with forward:
+        loss = model(input_ids=context, attention_mask=mask, labels=labels).loss
+    with backward:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    by_module = {".".join(name.split(".")[1:]): sum(ops.values()) / 1e9  # without the root class's name
+                 for name, ops in forward.get_flop_counts().items() if 1 <= name.count(".") <= 2}
+    return (forward.get_total_flops() + backward.get_total_flops()) / 1e9, by_module
 
 
 def bench_generate(model, batch, spec, timer, device, seed, **extra):
@@ -298,11 +346,17 @@ def run(args):
     for batch in spec["train_batches"]:
         for name, model in (("bart", bart), ("dior", dior)):
             out = attempt(f"train_{name}_bs{batch}", lambda: bench_train(model, batch, spec, timer, device, args.seed))
-            rate, peak, _ = out or (None, None, None)
-            results[f"train_examples_per_s_{name}_bs{batch}"] = rate
-            results[f"peak_mem_train_{name}_bs{batch}_mib"] = peak
-            log(f"[bench] train {name} bs{batch}: {rate and round(rate, 1)} ex/s, peak {peak} MiB")
+            _record_train(results, out, f"{name}_bs{batch}")
+            flops = attempt(f"train_flops_{name}_bs{batch}", lambda: train_flops(model, batch, spec, device, args.seed))
+            results[f"train_gflop_{name}_bs{batch}"], results[f"train_forward_gflop_by_module_{name}_bs{batch}"] = (
+                flops or (None, None))
+            log(f"[bench] train {name} bs{batch}: {_fmt(results[f'train_examples_per_s_{name}_bs{batch}'])} ex/s, "
+                f"GPU busy {_fmt(results.get(f'train_gpu_busy_{name}_bs{batch}'), 2)}, "
+                f"{_fmt(results[f'train_gflop_{name}_bs{batch}'])} GFLOP")
         results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
+        # what the ratio would be if both steps were bound by their matmuls alone (BART's FLOPs / Dior's)
+        bart_flops, dior_flops = results[f"train_gflop_bart_bs{batch}"], results[f"train_gflop_dior_bs{batch}"]
+        results[f"train_flop_ratio_bs{batch}"] = bart_flops / dior_flops if bart_flops and dior_flops else None
     if args.compile_train:  # both models through train.py's --torch_compile, one static compile per batch size
         results["train_compile_mode"] = args.compile_train
         results["train_compile_backend"] = args.compile_train_backend
@@ -310,13 +364,15 @@ def run(args):
             for name, model in (("bart", bart), ("dior", dior)):
                 out = attempt(f"train_compiled_{name}_bs{batch}", lambda: bench_train(
                     model, batch, spec, timer, device, args.seed, args.compile_train, args.compile_train_backend))
-                rate, peak, first_s = out or (None, None, None)
-                results[f"train_examples_per_s_{name}_compiled_bs{batch}"] = rate
-                results[f"train_compile_s_{name}_bs{batch}"] = first_s
-                results[f"peak_mem_train_{name}_compiled_bs{batch}_mib"] = peak
-                log(f"[bench] train compiled ({args.compile_train}) {name} bs{batch}: {rate and round(rate, 1)} ex/s, "
-                    f"first call {first_s and round(first_s, 1)} s, peak {peak} MiB")
+                _record_train(results, out, f"{name}_compiled_bs{batch}")
+                results[f"train_compile_s_{name}_bs{batch}"] = (out or {}).get("first_s")
+                log(f"[bench] train compiled ({args.compile_train}) {name} bs{batch}: "
+                    f"{_fmt(results[f'train_examples_per_s_{name}_compiled_bs{batch}'])} ex/s, first call "
+                    f"{_fmt(results[f'train_compile_s_{name}_bs{batch}'])} s, GPU busy "
+                    f"{_fmt(results.get(f'train_gpu_busy_{name}_compiled_bs{batch}'), 2)}")
             results[f"train_ratio_compiled_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_compiled_bs{batch}")
+            results[f"train_kernel_ratio_compiled_bs{batch}"] = _ratio_inverse(
+                results, f"train_kernel_ms_{{}}_compiled_bs{batch}")
             eager_bart, compiled_dior = (results.get(f"train_examples_per_s_bart_bs{batch}"),
                                          results.get(f"train_examples_per_s_dior_compiled_bs{batch}"))
             results[f"train_ratio_compiled_vs_eager_bart_bs{batch}"] = (
@@ -416,6 +472,23 @@ def run(args):
     return _finish(results, started)
 
 
+def _record_train(results, out, suffix):
+    """bench_train's dict (None if the phase failed) under the keys of `results/speed.json`."""
+    out = out or {}
+    results[f"train_examples_per_s_{suffix}"] = out.get("rate")
+    results[f"peak_mem_train_{suffix}_mib"] = out.get("peak")
+    if "kernel_ms" in out:
+        results[f"train_kernel_ms_{suffix}"] = out["kernel_ms"]
+        results[f"train_gpu_busy_{suffix}"] = out["busy"]
+        results[f"train_top_kernels_{suffix}"] = out["top_kernels"]
+
+
+def _ratio_inverse(results, pattern):
+    """BART / Dior of a time (the throughput ratio it implies)."""
+    bart, dior = results.get(pattern.format("bart")), results.get(pattern.format("dior"))
+    return bart / dior if bart and dior else None
+
+
 def _finish(results, started):
     results["goals"] = {k: f"{op} {v}" for k, (op, v) in GOALS.items()}
     results["goals_met"] = {k: _met(results.get(k), op, v) for k, (op, v) in GOALS.items()}
@@ -461,11 +534,22 @@ def table(results) -> str:
         add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
             {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
     for batch in results["shapes"]["train_batches"]:
+        rows.append((f"  train GFLOP bs{batch} (BART/Dior: the ratio if matmul-bound)",
+                     _fmt(results.get(f"train_gflop_bart_bs{batch}")), _fmt(results.get(f"train_gflop_dior_bs{batch}")),
+                     _fmt(results.get(f"train_flop_ratio_bs{batch}"), 3), ""))
+        if f"train_gpu_busy_dior_bs{batch}" in results:
+            add(f"  train GPU busy bs{batch} (kernel time / step)", f"train_gpu_busy_{{}}_bs{batch}", digits=2)
+    for batch in results["shapes"]["train_batches"]:
         if f"train_examples_per_s_dior_compiled_bs{batch}" in results:
             add(f"train ex/s bs{batch} compiled ({results['train_compile_mode']})",
                 f"train_examples_per_s_{{}}_compiled_bs{batch}")
             rows.append((f"  Dior compiled / BART eager bs{batch}", "", "",
                          _fmt(results.get(f"train_ratio_compiled_vs_eager_bart_bs{batch}"), 3), ""))
+            if f"train_kernel_ms_dior_compiled_bs{batch}" in results:
+                add(f"  compiled kernel ms/step bs{batch} (BART/Dior)", f"train_kernel_ms_{{}}_compiled_bs{batch}",
+                    digits=2)
+                rows[-1] = rows[-1][:3] + (_fmt(results.get(f"train_kernel_ratio_compiled_bs{batch}"), 3), "")
+                add(f"  compiled GPU busy bs{batch}", f"train_gpu_busy_{{}}_compiled_bs{batch}", digits=2)
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))
     for batch in results["shapes"]["gen_batches"]:

@@ -56,6 +56,14 @@ def test_tiny_benchmark_runs_and_reports(tmp_path):
     assert results["bs1_path"] in ("eager", "static")
     assert not any("fast" in key or "graphed" in key for key in results), "a key of the deleted dior_fast path"
 
+    # the training step's FLOPs (forward + backward): Dior does BART's work plus the response encoding and pooling
+    for batch in (64, 256):
+        bart, dior = results[f"train_gflop_bart_bs{batch}"], results[f"train_gflop_dior_bs{batch}"]
+        assert 0 < bart < dior and results[f"train_flop_ratio_bs{batch}"] == pytest.approx(bart / dior)
+    assert results["train_gflop_dior_bs256"] == pytest.approx(4 * results["train_gflop_dior_bs64"], rel=1e-6)
+    by_module = results["train_forward_gflop_by_module_dior_bs64"]
+    assert {"model.encoder", "model.decoder", "layer_pooling", "lm_head"} <= set(by_module)
+
     # the prior: the default sampler/steps and every sampler over the step sweep, all measured
     assert results["prior_default"] == {"sampler": "dpmsolver++", "num_inference_steps": 20}
     sweep = results["prior_ms_bs1_sweep"]
@@ -150,3 +158,25 @@ def test_profile_generate_refuses_to_run_without_cuda(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         profile_generate.main(["--output", str(output)])
     assert not output.exists()
+
+
+def test_epoch_rate_reads_the_steady_rate_past_the_compile(tmp_path):
+    """benchmarks/epoch_rate.py: the rate between the first row `--skip_s` past the first logged one and the last
+    (a run that spent 60 s compiling before its first logged update still reads its steady rate), epochs from
+    step / epoch; evaluation rows ignored; a broken line is an error naming file:line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import epoch_rate
+
+    log = tmp_path / "log_history.jsonl"
+    rows = [{"step": s, "rc_loss": 1.0, "loss": 2.0, "train_time_s": 60 + (s - 25) / 50, "epoch": s / 500}
+            for s in range(25, 2025, 25)] + [{"step": 2000, "eval_loss": 3.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "rate.json"
+    epoch_rate.main(["--run", f"compiled={log}", "--output", str(out), "--plot", str(tmp_path / "rate.png")])
+    run = json.loads(out.read_text())["runs"]["compiled"]
+    assert run["updates_per_s"] == pytest.approx(50.0) and run["steps_per_epoch"] == 500
+    assert run["epoch_s"] == pytest.approx(10.0) and run["first_logged_s"] == pytest.approx(60.0)
+    assert (tmp_path / "rate.png").stat().st_size > 0
+    log.write_text(log.read_text() + "{not json\n")
+    with pytest.raises(SystemExit, match=r"log_history.jsonl:82: not JSON"):
+        epoch_rate.main(["--run", f"compiled={log}", "--output", str(out)])
