@@ -257,6 +257,27 @@ def uses_cuda_graphs(mode: str | None, backend: str = "inductor") -> bool:
     return backend == "inductor" and mode in CUDAGRAPH_COMPILE_MODES
 
 
+class StaticShapeCollator:
+    """A seq2seq collator whose batches all have one shape: `input_ids` / `attention_mask` padded to `source_length`
+    (with `pad_token_id` / 0) and `labels` to `target_length` (with -100), for a compiled training step that then
+    compiles once and replays one CUDA graph. Padding is masked, so it changes no loss; a longer batch is an error."""
+
+    def __init__(self, collator, source_length: int, target_length: int, pad_token_id: int):
+        self.collator, self.source_length, self.target_length = collator, source_length, target_length
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
+        for key, value in fill.items():
+            length = self.target_length if key == "labels" else self.source_length
+            tensor = batch[key]
+            if tensor.shape[1] > length:
+                raise ValueError(f"a batch's {key} has {tensor.shape[1]} tokens, more than the static length {length}")
+            batch[key] = torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
+        return batch
+
+
 class CompiledTrainingForward:
     """`torch.compile` of a model's training forward (its backward is compiled with it), for a training loop that
     keeps the eager `model` for evaluation, generation and saving (same parameters, no recompilation for eval mode).
@@ -277,9 +298,20 @@ class CompiledTrainingForward:
             raise RuntimeError(problem)
         self.model = model
         self.uses_cuda_graphs = uses_cuda_graphs(mode, backend)
-        # dynamic=None: the first shape compiles static, a second recompiles with dynamic sizes (then, with CUDA
-        # graphs, each new shape records a graph); dynamic=False: one static compile per shape (benchmarks)
-        self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic)
+        # dynamic=True: one compile for every batch shape (train.py: batches vary in length); with CUDA graphs each
+        # new shape records a graph. None: the first shape static, a second recompiles dynamic. False: one static
+        # compile per shape (benchmarks)
+        if backend == "inductor" and dynamic is not False:
+            # torch 2.11's inductor asserts in its memory-coalescing analysis on this model with dynamic sizes
+            # (tiling_utils.get_pw_red_splits; seen on the H200), an analysis its config says does not yet apply to
+            # dynamic shapes: compile without it. The mode's own options (e.g. CUDA graphs) are kept, passed as
+            # options, since torch.compile takes a mode or options, not both.
+            from torch._inductor import list_mode_options
+
+            options = (list_mode_options(mode, dynamic) if mode else {}) | {"triton.coalesce_tiling_analysis": False}
+            self.compiled = torch.compile(model, backend=backend, options=options, dynamic=dynamic)
+        else:
+            self.compiled = torch.compile(model, backend=backend, mode=mode, dynamic=dynamic)
         self._hooks_installed = False
 
     def __call__(self, **inputs):

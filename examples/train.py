@@ -85,6 +85,7 @@ from dior_cvae.training_utils import (
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
     CompiledTrainingForward,
+    StaticShapeCollator,
     DeferredReadback,
     complete_from_scratch_overrides,
     create_lr_scheduler,
@@ -231,8 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "CUDA, with pinned memory and non-blocking copies; 0, in the loop, on CPU).")
     train.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the training forward and backward (evaluation, generation and saving stay "
-                            "eager). The first updates compile (a minute or two), each new batch shape records a "
-                            "graph; see docs/performance.md for when it pays.")
+                            "eager). Every training batch is padded to --max_source_length / --max_target_length "
+                            "and the last partial batch of each epoch is dropped, so the step compiles once (a "
+                            "minute or two) for one static shape; see docs/performance.md for when it pays.")
     train.add_argument("--torch_compile_mode", default="reduce-overhead",
                        help='torch.compile mode: "reduce-overhead" (CUDA graphs: no per-kernel launch cost on the '
                             'host; needs --gradient_accumulation_steps 1), "default", "max-autotune", ...')
@@ -995,8 +997,12 @@ def main(argv: list[str] | None = None) -> None:
     # batch of 128 on one CPU core) runs in workers on CUDA; batches are deterministic functions of the sampler's
     # indices, which the main process draws, so exact resume does not depend on the workers.
     workers = args.dataloader_num_workers
-    train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=collator,
-                                  batch_size=args.per_device_train_batch_size,
+    train_collator = collator
+    if args.torch_compile:  # one batch shape: the step compiles once, for static sizes, and replays one CUDA graph
+        train_collator = StaticShapeCollator(collator, min(args.max_source_length, model.config.max_position_embeddings),
+                                             args.max_target_length, tokenizer.pad_token_id)
+    train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=train_collator,
+                                  batch_size=args.per_device_train_batch_size, drop_last=args.torch_compile,
                                   generator=torch.Generator().manual_seed(args.seed), num_workers=workers,
                                   persistent_workers=workers > 0, pin_memory=on_cuda)
     eval_split = "validation" if "validation" in encoded else None
@@ -1137,7 +1143,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.torch_compile:
         logger.info(f"torch.compile of the training step (mode {args.torch_compile_mode}, backend "
                     f"{args.torch_compile_backend}): the first updates compile")
-        train_forward = CompiledTrainingForward(model, args.torch_compile_mode, args.torch_compile_backend)
+        # static sizes (StaticShapeCollator): on the H200 (torch 2.11) inductor's dynamic-size compile of this
+        # step needed its coalescing analysis off, and the recipe's run then died (SIGSEGV) in its first updates
+        train_forward = CompiledTrainingForward(model, args.torch_compile_mode, args.torch_compile_backend,
+                                                dynamic=False)
     beta_tensor = torch.zeros((), device=accelerator.device)  # β as a device tensor: no recompile, no host copy
     running = torch.zeros(len(LOSS_KEYS), device=accelerator.device)
     running_count = 0

@@ -88,3 +88,22 @@ def test_accelerate_sharding_and_skipping(epoch):
     prepared.set_epoch(epoch)
     assert [rows(b) for b in skip_first_batches(prepared, 3)] == expected[3:]
     assert torch.is_tensor(next(iter(prepared))["input_ids"])
+
+
+def test_static_shape_collator_pads_every_batch_to_one_shape():
+    """train.py --torch_compile: every batch (S, T) = (24, 16) whatever its lengths, padding masked (pad id, mask 0,
+    labels -100), the tokens unchanged; a batch longer than the static length is refused, naming the field."""
+    from dior_cvae.training_utils import StaticShapeCollator
+
+    collator = StaticShapeCollator(DataCollatorForSeq2Seq(TOKENIZER), 24, 16, TOKENIZER.pad_token_id)
+    features = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(7, 7 + m))} for n, m in ((3, 2), (9, 11))]
+    batch = collator([dict(f) for f in features])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 24) and batch["labels"].shape == (2, 16)
+    for row, feature in enumerate(features):
+        n, m = len(feature["input_ids"]), len(feature["labels"])
+        assert batch["input_ids"][row, :n].tolist() == feature["input_ids"]
+        assert (batch["input_ids"][row, n:] == TOKENIZER.pad_token_id).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (24 - n)
+        assert batch["labels"][row, :m].tolist() == feature["labels"] and (batch["labels"][row, m:] == -100).all()
+    with pytest.raises(ValueError, match="labels has 17 tokens, more than the static length 16"):
+        collator([{"input_ids": [5, 6], "labels": list(range(7, 24))}])

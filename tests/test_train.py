@@ -198,7 +198,8 @@ def test_torch_compile_is_refused_on_an_older_transformers(tmp_path):
 @pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
 def test_torch_compile_trains_the_same_model(tmp_path):
     """`--torch_compile` runs the training forward and backward through `CompiledTrainingForward` (backend aot_eager
-    here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers): 4 updates
+    here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers) on batches of
+    one static shape (the eager run pads to the same lengths, so that the random draws line up): 4 updates
     with β annealed (a new value each update, given as a tensor) and memory dropout give the eager run's losses and
     weights; evaluation, sampling and saving run on the eager model."""
     from safetensors.torch import load_file
@@ -206,7 +207,7 @@ def test_torch_compile_trains_the_same_model(tmp_path):
     common = SAMPLE + TINY + [
         "--max_train_samples", "32", "--max_train_steps", "4", "--num_sample_contexts", "0", "--kl_annealing", "linear",
         "--kl_annealing_steps", "4", "--dataloader_num_workers", "0",
-        "--pad_to_multiple_of", "64"]  # one batch shape: one compile
+        "--max_target_length", "64", "--pad_to_multiple_of", "64"]  # eager batches: the compiled run's static shape
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_train(tmp_path, common + ["--output_dir", str(eager)])
     result = run_train(tmp_path, common + ["--output_dir", str(compiled), "--torch_compile",
