@@ -355,8 +355,7 @@ def run(args):
                 f"{_fmt(results[f'train_gflop_{name}_bs{batch}'])} GFLOP")
         results[f"train_ratio_bs{batch}"] = _ratio(results, f"train_examples_per_s_{{}}_bs{batch}")
         # what the ratio would be if both steps were bound by their matmuls alone (BART's FLOPs / Dior's)
-        bart_flops, dior_flops = results[f"train_gflop_bart_bs{batch}"], results[f"train_gflop_dior_bs{batch}"]
-        results[f"train_flop_ratio_bs{batch}"] = bart_flops / dior_flops if bart_flops and dior_flops else None
+        results[f"train_flop_ratio_bs{batch}"] = _ratio_inverse(results, f"train_gflop_{{}}_bs{batch}")
     if args.compile_train:  # both models through train.py's --torch_compile, one static compile per batch size
         results["train_compile_mode"] = args.compile_train
         results["train_compile_backend"] = args.compile_train_backend
@@ -525,18 +524,19 @@ def _fmt(value, digits=1):
 def table(results) -> str:
     rows = [("metric", "BART", "Dior", "Dior/BART", "goal")]
 
-    def add(label, key, goal="", digits=1):
+    def add(label, key, goal="", digits=1, ratio=None):
+        """A BART / Dior row; the last column is Dior / BART unless `ratio` is given."""
         bart, dior = results.get(key.format("bart")), results.get(key.format("dior"))
-        ratio = dior / bart if bart and dior else None
+        if ratio is None:
+            ratio = dior / bart if bart and dior else None
         rows.append((label, _fmt(bart, digits), _fmt(dior, digits), _fmt(ratio, 3), goal))
 
     for batch in results["shapes"]["train_batches"]:
         add(f"train ex/s bs{batch}", f"train_examples_per_s_{{}}_bs{batch}",
             {64: ">= 0.85", 256: ">= 0.90"}.get(batch, ""))
     for batch in results["shapes"]["train_batches"]:
-        rows.append((f"  train GFLOP bs{batch} (BART/Dior: the ratio if matmul-bound)",
-                     _fmt(results.get(f"train_gflop_bart_bs{batch}")), _fmt(results.get(f"train_gflop_dior_bs{batch}")),
-                     _fmt(results.get(f"train_flop_ratio_bs{batch}"), 3), ""))
+        add(f"  train GFLOP bs{batch} (BART/Dior: the ratio if matmul-bound)", f"train_gflop_{{}}_bs{batch}",
+            ratio=results.get(f"train_flop_ratio_bs{batch}"))
         if f"train_gpu_busy_dior_bs{batch}" in results:
             add(f"  train GPU busy bs{batch} (kernel time / step)", f"train_gpu_busy_{{}}_bs{batch}", digits=2)
     for batch in results["shapes"]["train_batches"]:
@@ -547,8 +547,7 @@ def table(results) -> str:
                          _fmt(results.get(f"train_ratio_compiled_vs_eager_bart_bs{batch}"), 3), ""))
             if f"train_kernel_ms_dior_compiled_bs{batch}" in results:
                 add(f"  compiled kernel ms/step bs{batch} (BART/Dior)", f"train_kernel_ms_{{}}_compiled_bs{batch}",
-                    digits=2)
-                rows[-1] = rows[-1][:3] + (_fmt(results.get(f"train_kernel_ratio_compiled_bs{batch}"), 3), "")
+                    digits=2, ratio=results.get(f"train_kernel_ratio_compiled_bs{batch}"))
                 add(f"  compiled GPU busy bs{batch}", f"train_gpu_busy_{{}}_compiled_bs{batch}", digits=2)
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))

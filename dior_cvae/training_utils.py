@@ -298,9 +298,9 @@ class CompiledTrainingForward:
             raise RuntimeError(problem)
         self.model = model
         self.uses_cuda_graphs = uses_cuda_graphs(mode, backend)
-        # dynamic=True: one compile for every batch shape (train.py: batches vary in length); with CUDA graphs each
-        # new shape records a graph. None: the first shape static, a second recompiles dynamic. False: one static
-        # compile per shape (benchmarks)
+        # dynamic=False: one static compile per shape (train.py pads to one shape; benchmarks). None: the first shape
+        # static, a second recompiles dynamic. True: one compile for every shape. With CUDA graphs, each new shape
+        # records a graph.
         if backend == "inductor" and dynamic is not False:
             # torch 2.11's inductor asserts in its memory-coalescing analysis on this model with dynamic sizes
             # (tiling_utils.get_pw_red_splits; seen on the H200), an analysis its config says does not yet apply to

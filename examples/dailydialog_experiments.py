@@ -197,7 +197,7 @@ def main():
     p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train with train.py --torch_compile (default: on where CUDA is available; it needs "
                         "transformers >= 5.23). On one H200 the recipe's model made 3.0x the updates/s of eager "
-                        "(68.9 vs 23.1, docs/performance.md); the compile (about a minute) counts in --train_minutes")
+                        "(68.3 vs 23.2, docs/performance.md); the compile (about a minute) counts in --train_minutes")
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
     p.add_argument("--sweeps", default="solver,temperature",
                    help="extra --phase eval generations, comma-separated: solver (diffusion: solver x steps), "
