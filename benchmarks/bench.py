@@ -16,17 +16,21 @@ contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
 * generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
   (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
   (for Dior that includes encoding and the 50-step prior sample).
-* prior = `model.sample_latents(context_vectors)` at batch 1: the default sampler and steps (DPM-Solver++, 20
-  steps), and a sweep of steps (5, 10, 20, 50) for each sampler (dpmsolver++, ddim, ddpm); `prior_share` = prior
-  ms / batch-1 `generate()` ms, for the eager path (`prior_share_eager`) and the static-cache path
-  (`prior_share_static`).
+  Dior's default `generate()` on CUDA replays one CUDA graph per token (dior_cvae/generation_dior.py); the same
+  calls through transformers' own loop (`disable_compile=True`: the dynamic cache, eager) are
+  `gen_tokens_per_s_dior_hfloop_bs*`, and `same_tokens_bs{1,64}` is the fraction of rows whose default tokens
+  equal those of transformers' loop under the same seed and given latents.
+* prior = `model.sample_latents(context_vectors)` at batch 1 (on CUDA one CUDA graph for the noise-free solvers):
+  the default sampler and steps (DPM-Solver++, 20 steps), and a sweep of steps (5, 10, 20) for each sampler
+  (dpmsolver++, ddim, ddpm); `prior_share` = prior ms / batch-1 `generate()` ms, for the default path
+  (`prior_share_default`) and the static-cache path (`prior_share_static`).
 * `--fast` adds transformers' own fast path for both models: `generate(cache_implementation="static")`, for which
   transformers torch.compiles the decoding step on CUDA (`GenerationConfig.compile_config`; `--no-compile` passes
   `disable_compile=True`), at batch 1, 64, 256, with ratios to eager BART and to static BART, plus a same-tokens
   check: under the same seed and given latents, the fraction of rows whose static-cache tokens equal the eager
   tokens (batch 1 and 64). Compiling is slow: a static run that does not fit in what is left of `--budget-s` is
   skipped and recorded as "skipped: time budget" in `errors`. `bs1_tokens_per_s` is the best Dior batch-1 figure
-  through `generate()`; `bs1_path` says which path ("eager" or "static").
+  through `generate()`; `bs1_path` says which path ("default" or "static").
 
 Each figure is the median of several timed calls after warm-up calls, with the device synchronised around each.
 Peak memory is `torch.cuda.max_memory_allocated` per phase (reset before each). Everything lands in `--output`
@@ -62,7 +66,7 @@ GOALS = {  # the speed issue's goals (ratios to BART of the same shape, same run
     "bs1_tokens_per_s": (">=", 1000.0),
     "prior_share": ("<=", 0.05),
 }
-PRIOR_STEPS = (5, 10, 20, 50)
+PRIOR_STEPS = (5, 10, 20)  # each noise-free solver and step count compiles its own graph on CUDA
 SKIPPED = "skipped: time budget"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -269,9 +273,9 @@ def bench_prior(dior, spec, timer, device, seed, sampler=None, steps=None):
     return seconds * 1e3
 
 
-def same_tokens(dior, batch, spec, device, seed, **static):
-    """Fraction of rows where `cache_implementation="static"` gives the eager path's tokens (same latents, same
-    sampling seed)."""
+def same_tokens(dior, batch, spec, device, seed, **reference):
+    """Fraction of rows where the default `generate()` gives the tokens of `generate(**reference)` (same latents,
+    same sampling seed)."""
     dior.eval()
     context, mask, _ = token_batch(batch, spec, device, seed)
     latents = torch.randn(batch, dior.config.encoder_layers, dior.config.latent_size, device=device,
@@ -279,9 +283,9 @@ def same_tokens(dior, batch, spec, device, seed, **static):
     kwargs = dict(generation_kwargs(spec), latents=latents)
     with torch.no_grad():
         torch.manual_seed(seed)
-        eager = dior.generate(context, attention_mask=mask, **kwargs)
+        eager = dior.generate(context, attention_mask=mask, **reference, **kwargs)
         torch.manual_seed(seed)
-        fast = dior.generate(context, attention_mask=mask, **static, **kwargs)
+        fast = dior.generate(context, attention_mask=mask, **kwargs)
     if eager.shape != fast.shape:
         return 0.0
     return (eager == fast).all(dim=1).float().mean().item()
@@ -390,6 +394,19 @@ def run(args):
             results[f"peak_mem_gen_{name}_bs{batch}_mib"] = peak
             log(f"[bench] generate {name} bs{batch}: {rate and round(rate, 1)} tok/s, {ms and round(ms, 1)} ms")
         results[f"gen_ratio_bs{batch}"] = _ratio(results, f"gen_tokens_per_s_{{}}_bs{batch}")
+    # Dior through transformers' own loop (what the default was before the captured step), and the same-tokens check
+    for batch in spec["gen_batches"]:
+        out = attempt(f"gen_dior_hfloop_bs{batch}", lambda: bench_generate(
+            dior, batch, spec, timer, device, args.seed, disable_compile=True))
+        rate, ms, _ = out or (None, None, None)
+        results[f"gen_tokens_per_s_dior_hfloop_bs{batch}"], results[f"gen_ms_dior_hfloop_bs{batch}"] = rate, ms
+        log(f"[bench] generate dior, transformers' loop, bs{batch}: {rate and round(rate, 1)} tok/s")
+        if rate and results.get(f"gen_tokens_per_s_bart_bs{batch}"):
+            results[f"gen_ratio_hfloop_bs{batch}"] = rate / results[f"gen_tokens_per_s_bart_bs{batch}"]
+    for batch in (1, min(64, max(spec["gen_batches"]))):
+        key = f"same_tokens_bs{batch}"
+        results[key] = attempt(key, lambda: same_tokens(dior, batch, spec, device, args.seed, disable_compile=True))
+        log(f"[bench] default vs transformers' loop, same tokens bs{batch}: {results[key]}")
 
     # the prior at batch 1: the default sampler and steps, then every sampler over a sweep of steps
     prior_config = getattr(dior.diffusion_prior, "config", dior.config)
@@ -403,9 +420,9 @@ def run(args):
             sweep[sampler][str(steps)] = attempt(f"prior_{sampler}_steps{steps}", lambda: bench_prior(
                 dior, spec, timer, device, args.seed, sampler=sampler, steps=steps))
         log(f"[bench] prior bs1 {sampler}: " + ", ".join(f"{k} steps {v and round(v, 2)} ms" for k, v in sweep[sampler].items()))
-    results["generate_ms_bs1_eager"] = results.get("gen_ms_dior_bs1")
-    candidates = {"eager": (results.get("gen_tokens_per_s_dior_bs1"), results["prior_ms_bs1"],
-                            results["generate_ms_bs1_eager"])}
+    results["generate_ms_bs1_default"] = results.get("gen_ms_dior_bs1")
+    candidates = {"default": (results.get("gen_tokens_per_s_dior_bs1"), results["prior_ms_bs1"],
+                              results["generate_ms_bs1_default"])}
 
     if args.fast:
         # transformers' fast path for both models: a static cache, and on CUDA the decoding step torch.compile'd
@@ -438,15 +455,6 @@ def run(args):
                               ("bart", f"gen_ratio_static_vs_eager_bart_bs{batch}")):
                 base_rate = results.get(f"gen_tokens_per_s_{base}_bs{batch}")
                 results[key] = dior_rate / base_rate if dior_rate and base_rate else None
-        # same tokens, static vs eager: reuses the shapes just compiled (none is compiled anew if they were skipped)
-        for batch in (1, min(64, max(spec["gen_batches"]))):
-            key = f"static_same_tokens_bs{batch}"
-            if results["errors"].get(f"gen_dior_static_bs{batch}") == SKIPPED:
-                results[key] = None
-                results["errors"][key] = SKIPPED
-                continue
-            results[key] = attempt(key, lambda: same_tokens(dior, batch, spec, device, args.seed, **static))
-            log(f"[bench] static vs eager same tokens bs{batch}: {results[key]}")
         results["generate_ms_bs1_static"] = results.get("gen_ms_dior_static_bs1")
         candidates["static"] = (results.get("gen_tokens_per_s_dior_static_bs1"), results["prior_ms_bs1"],
                                 results["generate_ms_bs1_static"])
@@ -551,6 +559,10 @@ def table(results) -> str:
                 add(f"  compiled GPU busy bs{batch}", f"train_gpu_busy_{{}}_compiled_bs{batch}", digits=2)
     for batch in results["shapes"]["gen_batches"]:
         add(f"gen tok/s bs{batch}", f"gen_tokens_per_s_{{}}_bs{batch}", {64: ">= 0.95", 256: ">= 1.0"}.get(batch, ""))
+        if f"gen_tokens_per_s_dior_hfloop_bs{batch}" in results:
+            rows.append((f"  Dior through transformers' loop bs{batch}", "",
+                         _fmt(results[f"gen_tokens_per_s_dior_hfloop_bs{batch}"]),
+                         _fmt(results.get(f"gen_ratio_hfloop_bs{batch}"), 3), ""))
     for batch in results["shapes"]["gen_batches"]:
         if f"gen_tokens_per_s_dior_static_bs{batch}" in results:
             add(f"gen tok/s bs{batch} static", f"gen_tokens_per_s_{{}}_static_bs{batch}")
@@ -574,12 +586,12 @@ def table(results) -> str:
     lines.append("Dior batch-1 paths through generate(): " + "; ".join(
         f"{name} {_fmt(c['tokens_per_s'])} tok/s (prior {_fmt(c['prior_ms'], 2)} ms of {_fmt(c['generate_ms'], 2)} ms)"
         for name, c in results.get("bs1_candidates", {}).items()))
-    if "static_same_tokens_bs1" in results:
-        same = {k: results.get(k) for k in results if k.startswith("static_same_tokens_bs")}
-        lines.append(f"static-cache tokens == eager tokens (fraction of rows): {same}; "
-                     f"compiled: {results.get('static_compiled')}")
+    same = {k: results.get(k) for k in results if k.startswith("same_tokens_bs")}
+    lines.append(f"default tokens == transformers' loop tokens (fraction of rows): {same}")
+    if "static_compiled" in results:
+        lines.append(f"static path compiled by transformers: {results.get('static_compiled')}")
     lines.append("prior_share: " + ", ".join(
-        f"{k.removeprefix('prior_share_')} {_fmt(results.get(k), 4)}" for k in ("prior_share_eager", "prior_share_static")
+        f"{k.removeprefix('prior_share_')} {_fmt(results.get(k), 4)}" for k in ("prior_share_default", "prior_share_static")
         if k in results))
     lines += [
         "",

@@ -30,6 +30,7 @@ starts, not at a penalty of hundreds of nats. v also keeps x̂0 bounded at high 
 ε-predictor's x̂0 = (z − σ ε̂)/α amplifies its error by 1/α (≈ 150 at λ = −10) and drives samples off the data.
 """
 
+import functools
 import math
 
 import torch
@@ -191,10 +192,25 @@ class DiffusionPrior(nn.Module):
             if latents is None:
                 shape = (condition.shape[0], config.total_latent_size)
                 latents = temperature * torch.randn(shape, generator=generator, device=condition.device)
-            predict = self.denoiser.sampling_predictor(scheduler.log_snrs, condition, guidance)
-            x0 = None
-            for step_index in range(steps):
-                prediction = predict(step_index, latents)
-                latents, x0 = scheduler.step(prediction, step_index, latents, previous_x0=x0, generator=generator,
-                                             noise_scale=temperature)
-            return scheduler.final_sample(latents)
+            if scheduler.eta == 0 and latents.is_cuda and not torch.compiler.is_compiling():
+                # .clone(): a CUDA graph's output is overwritten by its next replay
+                return compiled_solve()(self.denoiser, scheduler, latents, condition, guidance).clone()
+            return solve(self.denoiser, scheduler, latents, condition, guidance, generator, temperature)
+
+
+def solve(denoiser, scheduler, latents, condition, guidance: float, generator=None, temperature: float = 1.0):
+    """The sampling loop: from `latents` at the noisiest grid point of `scheduler` to the data-scale sample (B, E)."""
+    predict = denoiser.sampling_predictor(scheduler.log_snrs, condition, guidance)
+    x0 = None
+    for step_index in range(scheduler.num_inference_steps):
+        latents, x0 = scheduler.step(predict(step_index, latents), step_index, latents, previous_x0=x0,
+                                     generator=generator, noise_scale=temperature)
+    return scheduler.final_sample(latents)
+
+
+@functools.cache
+def compiled_solve():
+    """`solve` for the noise-free solvers (DPM-Solver++, DDIM with η = 0) as one CUDA graph: its 20 default steps
+    are ≈ 500 small kernels, 11 ms of host time at batch 1 eager; replayed, a fraction of a millisecond. Compiled
+    once per process; torch.compile keeps one graph per batch size, step count and solver."""
+    return torch.compile(solve, mode="reduce-overhead", fullgraph=True, dynamic=False)

@@ -30,12 +30,16 @@ from .configuration_dior import DiorCVAEConfig, check_nonnegative_number
 from .dior_compat import CACHE_NAME, check_transformers_version
 from .dior_latent import DiagonalGaussian, HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
 from .dior_prior import DiffusionPrior, ZeroInitLinear
+from .generation_dior import decode, pad_memory_to_bucket, processor_specs, stopping_plan
 
 check_transformers_version()
 
 # cuDNN's fused attention failed on an H100 (torch 2.11) for our masked, eval-mode shapes
 # ("mha_graph.execute(...).is_good()"); the other SDPA kernels handle them.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# the model keyword arguments `generate()` hands its decoding loop that the captured step (generation_dior.py) knows
+GRAPH_DECODING_KWARGS = {"encoder_outputs", "attention_mask", "latent_slots", CACHE_NAME, "use_cache"}
 
 # generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
 UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
@@ -615,6 +619,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
         else:
             latent_slots = None
+        if self._default_to_graph_decoding(generation_config, kwargs):
+            kwargs["cache_implementation"] = "static"  # the fast path: `_sample` replays one CUDA graph per token
+            memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
             encoder_outputs=memory,
             attention_mask=memory_mask,
@@ -622,6 +629,38 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             **kwargs,
         )
+
+    def _default_to_graph_decoding(self, generation_config, kwargs) -> bool:
+        """Greedy or sampled decoding on CUDA, with nothing chosen that the captured step cannot serve (a cache or
+        cache implementation, beams, a streamer, per-step outputs, `disable_compile`)."""
+        settings = generation_config or self.generation_config
+        def setting(name):
+            return kwargs.get(name, getattr(settings, name, None))
+        return (self.device.type == "cuda" and setting("cache_implementation") is None
+                and kwargs.get(CACHE_NAME) is None and kwargs.get("past_key_values") is None
+                and setting("num_beams") in (None, 1) and kwargs.get("streamer") is None
+                and not setting("return_dict_in_generate") and not setting("disable_compile"))
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """Greedy search and sampling. On CUDA with a static cache (the default there: see `generate`) each step runs
+        as one captured CUDA graph (generation_dior.py), for the processors and criteria it knows and without
+        streamers or per-step outputs; everything else is transformers' loop. `disable_compile=True` opts out."""
+        specs = processor_specs(logits_processor)
+        stopping = stopping_plan(stopping_criteria)
+        settings = generation_config
+        graphable = (
+            specs is not None and stopping is not None and not synced_gpus and streamer is None
+            and not settings.return_dict_in_generate and input_ids.shape[1] == 1
+            and set(model_kwargs) <= GRAPH_DECODING_KWARGS and model_kwargs.get("use_cache", True)
+            and self._valid_auto_compile_criteria(model_kwargs, settings)
+        )
+        if not graphable:
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        pad = settings._pad_token_tensor
+        return decode(self, input_ids, model_kwargs, specs, stopping, bool(settings.do_sample),
+                      0 if pad is None else int(pad))
 
     def _validate_generate_inputs(self, input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                   prior_guidance_scale, prior_temperature, kwargs) -> None:

@@ -1,5 +1,6 @@
-"""GPU checks of the one decoding path: `generate()` eager (dynamic cache) against `cache_implementation="static"`,
-which transformers torch.compiles on CUDA, and the prior sampler in a bf16 model. Skipped without CUDA."""
+"""GPU checks of the default decoding path — the captured decoding step and the compiled prior solver — against
+transformers' own loop and the eager solver, the prior sampler in a bf16 model, and the compiled training step.
+Skipped without CUDA."""
 
 import pytest
 import torch
@@ -51,21 +52,69 @@ def sample(model, ids, mask, latents, seed=0, **extra):
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_static_compiled_generate_matches_eager(batch, dtype):
+def test_default_generate_replays_captured_steps_and_gives_transformers_tokens(batch, dtype, monkeypatch):
+    """The default `generate()` on CUDA decodes through the captured step (generation_dior.py), with no CUDA-graph
+    skip, and gives the tokens of transformers' own loop (`disable_compile=True`: dynamic cache, eager)."""
+    import dior_cvae.modeling_dior as modeling_dior
+    from torch._dynamo.utils import counters
+
+    calls = []
+    real_decode = modeling_dior.decode
+    monkeypatch.setattr(modeling_dior, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    counters.clear()
     device = torch.device("cuda")
     model = build(device, DTYPES[dtype])
     ids, mask = contexts(model, batch, device)
     latents = given_latents(model, batch, device)
 
-    eager = sample(model, ids, mask, latents)
-    assert getattr(model, "_compiled_call", None) is None, "the eager (dynamic cache) path must not compile"
-    static = sample(model, ids, mask, latents, cache_implementation="static")
-    assert getattr(model, "_compiled_call", None) is not None, "transformers did not auto-compile the static path"
-    again = sample(model, ids, mask, latents, cache_implementation="static")  # the compiled graph, reused
+    loop = sample(model, ids, mask, latents, disable_compile=True)
+    assert calls == [], "disable_compile=True must take transformers' loop"
+    default = sample(model, ids, mask, latents)
+    again = sample(model, ids, mask, latents)  # the recorded graphs, replayed
+    other_seed = sample(model, ids, mask, latents, seed=1)
+    assert len(calls) == 3
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert getattr(model, "_compiled_call", None) is None, "transformers' compiled forward must not run as well"
 
-    assert eager.shape == (batch, NEW_TOKENS + 1)
-    assert torch.equal(static, eager), (static, eager)
-    assert torch.equal(again, eager), (again, eager)
+    assert loop.shape == (batch, NEW_TOKENS + 1)
+    assert torch.equal(default, loop), (default, loop)
+    assert torch.equal(again, loop), (again, loop)
+    assert not torch.equal(other_seed, loop), "another seed must sample other tokens"
+
+    # with the prior's own latents too (its compiled solver inside generate)
+    torch.manual_seed(0)
+    assert sample(model, ids, mask, None).shape == (batch, NEW_TOKENS + 1)
+
+
+def test_compiled_prior_solver_matches_the_eager_loop():
+    """On CUDA the noise-free solvers run as one CUDA graph (`dior_prior.compiled_solve`): the same latents as the
+    eager loop from the same noise, for DPM-Solver++ and DDIM, with guidance, and no CUDA-graph skip."""
+    from torch._dynamo.utils import counters
+
+    from dior_cvae.dior_prior import solve
+    from dior_cvae.scheduling_dior import DiorScheduler
+
+    counters.clear()
+    device = torch.device("cuda")
+    model = build(device, torch.float32)
+    ids, mask = contexts(model, 3, device)
+    with torch.no_grad():
+        _, context_vectors = model.encode(ids, mask)
+        condition = context_vectors.flatten(1).float()
+        for sampler, guidance in (("dpmsolver++", 0.0), ("ddim", 0.5)):
+            model.config.sampler = model.diffusion_prior.config.sampler = sampler
+            noise = torch.randn(3, model.config.total_latent_size, device=device,
+                                generator=torch.Generator(device).manual_seed(0))
+            compiled = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=noise)
+            again = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=2 * noise)
+            scheduler = DiorScheduler(model.config)
+            scheduler.set_timesteps(7, device)
+            eager = solve(model.diffusion_prior.denoiser, scheduler, noise, condition, guidance)
+            eager_again = solve(model.diffusion_prior.denoiser, scheduler, 2 * noise, condition, guidance)
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(again, eager_again, rtol=1e-4, atol=1e-4)  # not the first replay's output
+            assert not torch.allclose(compiled, again)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 @pytest.mark.parametrize("sampler", ["dpmsolver++", "ddim", "ddpm"])

@@ -1,0 +1,203 @@
+"""The fast decoding path of `generate()` on CUDA: one captured CUDA graph per decoding step.
+
+transformers' sampling loop (`GenerationMixin._sample`) costs the host ≈ 3 ms per token even when the decoder is
+compiled on a static cache: preparing the inputs, updating the keyword arguments, running each logits processor and
+the stopping criteria as separate eager kernels. At batch 1 the GPU work of a bart-base step is a fraction of that.
+Here the whole step — the decoder on transformers' static cache, the logits processors, the token choice and the
+end-of-sequence bookkeeping — is one function compiled with `mode="reduce-overhead"` (one CUDA-graph replay per
+token), and the host reads the result back only every `SYNC_EVERY` steps, to stop once every row has ended.
+
+It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
+top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
+top-k / top-p sampling) and the max-length / EOS stopping criteria. Anything else — streamers, `output_scores`,
+repetition penalties, `synced_gpus`, custom criteria — goes through transformers' own loop, unchanged. The tokens
+are those of transformers' loop under the same seed: the processors below are transformers' arithmetic, and the
+token choice is the same `torch.multinomial` / `argmax` on the same probabilities.
+"""
+
+import functools
+import math
+
+import torch
+from transformers.generation.logits_process import (
+    ForcedEOSTokenLogitsProcessor,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+from .dior_compat import CACHE_NAME
+
+SYNC_EVERY = 8  # decoding steps between two looks of the host at "has every row ended?"
+
+
+def _token_ids(ids) -> tuple:
+    return tuple(int(i) for i in torch.as_tensor(ids).flatten().tolist())
+
+
+def processor_specs(logits_processor) -> tuple | None:
+    """transformers' logits processors as hashable specs the captured step applies in the same order, or None if one
+    of them is not supported here (then transformers' loop decodes)."""
+    specs = []
+    for p in logits_processor:
+        kind = type(p)
+        if kind is TemperatureLogitsWarper:
+            specs.append(("temperature", float(p.temperature)))
+        elif kind is TopKLogitsWarper:
+            specs.append(("top_k", int(p.top_k), float(p.filter_value)))
+        elif kind is TopPLogitsWarper:
+            specs.append(("top_p", float(p.top_p), float(p.filter_value), int(p.min_tokens_to_keep)))
+        elif kind is MinPLogitsWarper:
+            specs.append(("min_p", float(p.min_p), float(p.filter_value), int(p.min_tokens_to_keep)))
+        elif kind is ForcedEOSTokenLogitsProcessor:
+            specs.append(("forced_eos", int(p.max_length), _token_ids(p.eos_token_id)))
+        elif kind is MinLengthLogitsProcessor:  # "no EOS while the sequence is shorter than min_length"
+            specs.append(("no_eos_below", int(p.min_length), _token_ids(p.eos_token_id)))
+        elif kind is MinNewTokensLengthLogitsProcessor:
+            specs.append(("no_eos_below", int(p.prompt_length_to_skip + p.min_new_tokens), _token_ids(p.eos_token_id)))
+        else:
+            return None
+    return tuple(specs)
+
+
+def stopping_plan(stopping_criteria) -> tuple[int, tuple] | None:
+    """(max_length, eos token ids) from transformers' criteria, or None if any other criterion is present."""
+    max_length, eos = None, ()
+    for criterion in stopping_criteria:
+        if type(criterion) is MaxLengthCriteria:
+            max_length = int(criterion.max_length)
+        elif type(criterion) is EosTokenCriteria:
+            eos = _token_ids(criterion.eos_token_id)
+        else:
+            return None
+    return None if max_length is None else (max_length, eos)
+
+
+def _is_any(ids: torch.Tensor, token_ids: tuple) -> torch.Tensor:
+    """`ids` ∈ `token_ids`, elementwise, by comparisons with Python ints: no tensor is built from host data, which
+    a CUDA graph could not replay."""
+    hit = torch.zeros_like(ids, dtype=torch.bool)
+    for token_id in token_ids:
+        hit = hit | (ids == token_id)
+    return hit
+
+
+def _vocab_mask(scores: torch.Tensor, token_ids: tuple) -> torch.Tensor:
+    return _is_any(torch.arange(scores.shape[-1], device=scores.device), token_ids)
+
+
+def apply_processors(specs: tuple, scores: torch.Tensor, cur_len: torch.Tensor) -> torch.Tensor:
+    """transformers' processors on (B, V) float32 scores; `cur_len` is the 0-d length of the decoder ids so far (the
+    `input_ids.shape[-1]` the length-dependent processors read), a tensor so that one graph serves every step."""
+    for spec in specs:
+        kind = spec[0]
+        if kind == "temperature":
+            scores = scores / spec[1]
+        elif kind == "top_k":
+            top_k = min(spec[1], scores.size(-1))
+            scores = scores.masked_fill(scores < torch.topk(scores, top_k)[0][..., -1, None], spec[2])
+        elif kind == "top_p":
+            _, top_p, filter_value, keep = spec
+            sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+            cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            sorted_to_remove = cumulative_probs <= (1 - top_p)
+            sorted_to_remove[..., -keep:] = 0
+            scores = scores.masked_fill(sorted_to_remove.scatter(1, sorted_indices, sorted_to_remove), filter_value)
+        elif kind == "min_p":
+            _, min_p, filter_value, keep = spec
+            probs = torch.softmax(scores, dim=-1)
+            to_remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+            to_remove.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices, False)
+            scores = scores.masked_fill(to_remove, filter_value)
+        elif kind == "forced_eos":  # at length max_length - 1 only EOS may follow
+            forced = torch.where(_vocab_mask(scores, spec[2]), 0.0, -math.inf).to(scores.dtype).expand_as(scores)
+            scores = torch.where(cur_len == spec[1] - 1, forced, scores)
+        elif kind == "no_eos_below":
+            scores = torch.where(_vocab_mask(scores, spec[2]) & (cur_len < spec[1]), -math.inf, scores)
+        else:  # pragma: no cover - processor_specs only makes the kinds above
+            raise ValueError(f"unknown processor spec {spec!r}")
+    return scores
+
+
+def decoding_step(model, tokens, memory, memory_mask, latent_slots, cache, unfinished, specs: tuple,
+                  do_sample: bool, pad_token_id: int, eos: tuple):
+    """One step for every row: the decoder reads `tokens` (B,) at the static cache's current position, writes its
+    keys / values there, and the next tokens (B,) and the rows still unfinished (B,) come back."""
+    self_cache = cache.self_attention_cache.layers[0]
+    position = self_cache.cumulative_length.to(tokens.device, copy=True)  # tokens cached so far (0-d; the forward adds 1)
+    max_cache_len = self_cache.max_cache_len
+    visible = torch.arange(max_cache_len, device=tokens.device) <= position  # causal mask over the static cache
+    outputs = model(
+        decoder_input_ids=tokens[:, None],
+        encoder_outputs=(memory,),
+        attention_mask=memory_mask,
+        latent_slots=latent_slots,
+        decoder_attention_mask=visible.expand(tokens.shape[0], 1, 1, max_cache_len),
+        use_cache=True,
+        **{CACHE_NAME: cache},
+    )
+    scores = apply_processors(specs, outputs.logits[:, -1].float(), position + 1)
+    if do_sample:
+        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        next_tokens = torch.argmax(scores, dim=-1)
+    next_tokens = torch.where(unfinished, next_tokens, pad_token_id)
+    if eos:
+        unfinished = unfinished & ~_is_any(next_tokens, eos)
+    return next_tokens, unfinished
+
+
+def pad_memory_to_bucket(memory, memory_mask, max_length: int):
+    """Pad the encoder memory (a `BaseModelOutput`) and its mask (B, S) with masked positions to the next power of two
+    ≥ 32 (at most `max_length`): the captured step is compiled per memory length, and contexts of every length would
+    otherwise each compile their own graph. Masked positions get zero attention weight."""
+    states = memory.last_hidden_state
+    length = states.shape[1]
+    bucket = min(max(32, 1 << (length - 1).bit_length()), max(length, max_length))
+    if bucket == length:
+        return memory, memory_mask
+    padding = bucket - length
+    memory = type(memory)(**{**memory, "last_hidden_state": torch.nn.functional.pad(states, (0, 0, 0, padding))})
+    return memory, torch.nn.functional.pad(memory_mask, (0, padding))
+
+
+@functools.cache
+def compiled_decoding_step():
+    """`decoding_step` compiled once per process (torch.compile keeps one graph per model, shape and setting)."""
+    return torch.compile(decoding_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+
+
+def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, do_sample: bool, pad_token_id: int,
+           step=None) -> torch.LongTensor:
+    """Decode from `input_ids` (B, 1: the decoder start) to at most `max_length` tokens with the static cache in
+    `model_kwargs`; returns (B, T) like transformers' loop: rows that ended are padded, and the sequences stop after
+    the first step at which every row has ended. `step`: the step function for steps after the first (default: the
+    compiled one); the first step, which fills the cross-attention cache, runs eagerly."""
+    max_length, eos = stopping
+    step = compiled_decoding_step() if step is None else step
+    cache = model_kwargs[CACHE_NAME]
+    memory = model_kwargs["encoder_outputs"][0]
+    memory_mask, latent_slots = model_kwargs.get("attention_mask"), model_kwargs.get("latent_slots")
+    tokens = input_ids[:, -1]
+    unfinished = torch.ones_like(tokens, dtype=torch.bool)
+    generated, alive = [], []
+    for index in range(max_length - input_ids.shape[1]):
+        run = decoding_step if index == 0 else step
+        tokens, unfinished = run(model, tokens, memory, memory_mask, latent_slots, cache, unfinished, specs,
+                                 do_sample, pad_token_id, eos)
+        tokens, unfinished = tokens.clone(), unfinished.clone()  # a graph's outputs are overwritten by its next replay
+        generated.append(tokens)
+        alive.append(unfinished)
+        if (index + 1) % SYNC_EVERY == 0 and not bool(unfinished.any()):
+            break
+    ended = (~torch.stack(alive)).all(dim=1).nonzero()  # steps after which every row had ended
+    steps = int(ended[0]) + 1 if ended.numel() else len(generated)
+    return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
+
+
+__all__ = ["SYNC_EVERY", "apply_processors", "compiled_decoding_step", "decode", "decoding_step",
+           "pad_memory_to_bucket", "processor_specs", "stopping_plan"]

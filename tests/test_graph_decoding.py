@@ -1,0 +1,163 @@
+"""The captured decoding step (dior_cvae/generation_dior.py), checked on the CPU: the loop and the processors give
+transformers' tokens under the same seed, through the eager step and through a torch.compile'd one (aot_eager: the
+same tracing as on CUDA, without the CUDA graph), with one graph per setting; what it cannot serve goes to
+transformers' loop; the memory padding changes no token. On CUDA, where it is the default, tests/test_cuda.py."""
+
+import pytest
+import torch
+
+import dior_cvae.generation_dior as generation_dior
+import dior_cvae.modeling_dior as modeling_dior
+from conftest import tiny_config_kwargs
+from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DiorCVAEForConditionalGeneration(DiorCVAEConfig(**tiny_config_kwargs())).eval()
+
+
+@pytest.fixture
+def contexts(model):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(4, model.config.vocab_size, (5, 9), generator=g)
+    ids[:, -1] = model.config.eos_token_id
+    return ids
+
+
+@pytest.fixture
+def graph_path(monkeypatch):
+    """Take the captured-step path on the CPU (it is gated on CUDA), with `step` for the steps after the first;
+    returns the list of `decode` calls."""
+    calls = []
+
+    def use(step):
+        real_decode = generation_dior.decode
+
+        def spy(*args, **kwargs):
+            calls.append(args[3])  # the processor specs
+            return real_decode(*args, step=step, **kwargs)
+
+        monkeypatch.setattr(modeling_dior, "decode", spy)
+        monkeypatch.setattr(DiorCVAEForConditionalGeneration, "_valid_auto_compile_criteria", lambda *a: True)
+        return calls
+
+    return use
+
+
+def generate(model, ids, seed=3, **kwargs):
+    torch.manual_seed(seed)
+    settings = dict(do_sample=True, top_k=20, top_p=0.9, max_new_tokens=NEW_TOKENS, cache_implementation="static")
+    return model.generate(ids, latent_generator=torch.Generator().manual_seed(1), **{**settings, **kwargs})
+
+
+SETTINGS = {
+    "top-k / top-p": {},
+    "temperature + min_new_tokens": dict(temperature=0.7, min_new_tokens=6),
+    "min_p + min_length": dict(top_k=None, top_p=None, min_p=0.1, min_length=5),
+    "greedy + min_new_tokens": dict(do_sample=False, min_new_tokens=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_captured_step_gives_transformers_tokens(model, contexts, graph_path, name):
+    reference = generate(model, contexts, **SETTINGS[name])  # transformers' loop (CPU, static cache)
+    calls = graph_path(generation_dior.decoding_step)
+    eager = generate(model, contexts, **SETTINGS[name])
+    compiled_step = torch.compile(generation_dior.decoding_step, backend="aot_eager", dynamic=False)
+    graph_path(compiled_step)
+    compiled = generate(model, contexts, **SETTINGS[name])
+    assert len(calls) >= 1
+    assert reference.shape[1] > 2, "the setting must decode more than one token"
+    assert torch.equal(eager, reference), (eager, reference)
+    assert torch.equal(compiled, reference), (compiled, reference)
+
+
+def test_rows_that_end_are_padded_and_decoding_stops_when_all_have_ended(model, contexts, graph_path):
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        model.final_logits_bias[0, eos] += 4.0  # EOS likely: rows end at different steps, all before the limit
+        try:
+            reference = generate(model, contexts, top_k=None, top_p=None)
+            graph_path(generation_dior.decoding_step)
+            ours = generate(model, contexts, top_k=None, top_p=None)
+        finally:
+            model.final_logits_bias[0, eos] -= 4.0
+    assert reference.shape[1] < NEW_TOKENS + 1, "every row should end before the length limit"
+    assert torch.equal(ours, reference), (ours, reference)
+    ended_at = (reference[:, 1:] == eos).int().argmax(1)
+    assert len(set(ended_at.tolist())) > 1, "rows should end at different steps"
+    for row, end in zip(ours, ended_at):
+        assert (row[end + 2:] == model.config.pad_token_id).all()
+
+
+def test_one_graph_per_setting_not_per_step(model, contexts, graph_path):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graph_path(torch.compile(generation_dior.decoding_step, backend="aot_eager", dynamic=False))
+    generate(model, contexts)
+    generate(model, contexts, seed=4)  # a second call: the same graph
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    generate(model, contexts, do_sample=False)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("unsupported", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+                                         dict(return_dict_in_generate=True, output_scores=True)])
+def test_what_the_step_cannot_serve_goes_to_transformers_loop(model, contexts, graph_path, unsupported):
+    calls = graph_path(generation_dior.decoding_step)
+    out = generate(model, contexts, **unsupported)
+    assert calls == []
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    assert sequences.shape[0] == contexts.shape[0]
+
+
+def test_processor_specs_refuse_unknown_processors():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
+
+    assert generation_dior.processor_specs([TopKLogitsWarper(5)]) == (("top_k", 5, float("-inf")),)
+    assert generation_dior.processor_specs([TopKLogitsWarper(5), RepetitionPenaltyLogitsProcessor(1.2)]) is None
+
+
+def test_padding_the_memory_to_a_bucket_changes_no_token(model, contexts):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    ids = contexts
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        encoder_outputs, context_vectors = model.encode(ids, mask)
+        latents = model.sample_latents(context_vectors, generator=torch.Generator().manual_seed(0))
+        memory, padded_mask = generation_dior.pad_memory_to_bucket(
+            BaseModelOutput(last_hidden_state=encoder_outputs.last_hidden_state), mask, 1024)
+    assert memory.last_hidden_state.shape[1] == padded_mask.shape[1] == 32
+    assert padded_mask[:, ids.shape[1]:].sum() == 0
+
+    def run(states, memory_mask):
+        torch.manual_seed(3)
+        return model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), attention_mask=memory_mask,
+                              latents=latents, do_sample=True, max_new_tokens=NEW_TOKENS)
+
+    assert torch.equal(run(memory.last_hidden_state, padded_mask), run(encoder_outputs.last_hidden_state, mask))
+
+
+def test_buckets():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    for length, bucket in [(5, 32), (32, 32), (33, 64), (96, 128), (200, 256), (700, 1000), (1000, 1000)]:
+        memory = BaseModelOutput(last_hidden_state=torch.zeros(1, length, 2))
+        padded, mask = generation_dior.pad_memory_to_bucket(memory, torch.ones(1, length), 1000)
+        assert padded.last_hidden_state.shape[1] == mask.shape[1] == bucket
+
+
+def test_the_cpu_default_is_transformers_loop(model, contexts, monkeypatch):
+    calls = []
+    monkeypatch.setattr(modeling_dior, "decode", lambda *a, **k: calls.append(1))
+    torch.manual_seed(0)
+    model.generate(contexts, do_sample=True, max_new_tokens=4)
+    assert calls == [] and not model._default_to_graph_decoding(None, {})
