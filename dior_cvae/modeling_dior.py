@@ -621,6 +621,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             latent_slots = None
         if self._default_to_graph_decoding(generation_config, kwargs):
             kwargs["cache_implementation"] = "static"  # the fast path: `_sample` replays one CUDA graph per token
+        if self.device.type == "cuda" and kwargs.get(
+                "cache_implementation", (generation_config or self.generation_config).cache_implementation) == "static":
+            # compiled per memory length: a few buckets instead of one graph per context length
             memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
             encoder_outputs=memory,
