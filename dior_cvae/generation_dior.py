@@ -179,8 +179,13 @@ def pad_memory_to_bucket(memory, memory_mask, max_length: int):
 
 @functools.cache
 def compiled_decoding_step():
-    """`decoding_step` compiled once per process (torch.compile keeps one graph per model, shape and setting)."""
-    return torch.compile(decoding_step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    """`decoding_step` compiled once per process (torch.compile keeps one graph per model, shape and setting), as
+    `mode="reduce-overhead"` (CUDA graphs) with inductor emulating every low-precision cast: fused kernels otherwise
+    keep float32 intermediates where eager rounds to bf16 (the logits above all), and in a bf16 model sampled tokens
+    then part from transformers' loop (measured on the H200: 69 % of rows equal at batch 64; on the CPU 52 %, and
+    98 % with the emulation, as the eager step on the static cache)."""
+    return torch.compile(decoding_step, fullgraph=False, dynamic=False,
+                         options={"triton.cudagraphs": True, "emulate_precision_casts": True})
 
 
 def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, do_sample: bool, pad_token_id: int,
