@@ -554,6 +554,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
+
+        On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
+        (one CUDA graph per token, generation_dior.py; the memory padded to a length bucket); the first call per
+        batch size, bucket and setting compiles. `disable_compile=True` gives transformers' own loop.
         """
         self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                        prior_guidance_scale, prior_temperature, kwargs)
