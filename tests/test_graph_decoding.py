@@ -161,3 +161,16 @@ def test_the_cpu_default_is_transformers_loop(model, contexts, monkeypatch):
     torch.manual_seed(0)
     model.generate(contexts, do_sample=True, max_new_tokens=4)
     assert calls == [] and not model._default_to_graph_decoding(None, {})
+
+
+def test_the_cuda_default_is_chosen_only_where_the_captured_step_can_serve(model, monkeypatch):
+    monkeypatch.setattr(DiorCVAEForConditionalGeneration, "device", property(lambda self: torch.device("cuda")))
+    default = model._default_to_graph_decoding
+    assert default(None, {}) and default(None, {"do_sample": True, "top_k": 50})
+    from transformers import GenerationConfig, TextStreamer
+
+    for opt_out in ({"num_beams": 5}, {"disable_compile": True}, {"cache_implementation": "dynamic"},
+                    {"return_dict_in_generate": True}, {"streamer": TextStreamer(tokenizer=None)}):
+        assert not default(None, opt_out), opt_out
+    assert not default(GenerationConfig(num_beams=4), {})
+    assert default(GenerationConfig(num_beams=4), {"num_beams": 1})
