@@ -15,7 +15,7 @@ contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
   (`train_kernel_ms_*`; `train_gpu_busy_*` = kernel time / step time: ≈ 1 device-bound, ≪ 1 host-bound).
 * generation = the public `generate()` with sampling (do_sample, top_k=50, top_p=0.9) of exactly 40 new tokens
   (`min_new_tokens = max_new_tokens = 40`), batch 1, 64, 256; tokens/s = batch·40 / wall time of the whole call
-  (for Dior that includes encoding and the 50-step prior sample).
+  (for Dior that includes encoding and the 20-step prior sample).
   Dior's default `generate()` on CUDA replays one CUDA graph per token (dior_cvae/generation_dior.py); the same
   calls through transformers' own loop (`disable_compile=True`: the dynamic cache, eager) are
   `gen_tokens_per_s_dior_hfloop_bs*`, and `same_tokens_bs{1,64}` is the fraction of rows whose default tokens
@@ -24,11 +24,10 @@ contexts of 96 tokens (no padding), responses `<s> r </s>` of 20 tokens.
   the default sampler and steps (DPM-Solver++, 20 steps), and a sweep of steps (5, 10, 20) for each sampler
   (dpmsolver++, ddim, ddpm); `prior_share` = prior ms / batch-1 `generate()` ms, for the default path
   (`prior_share_default`) and the static-cache path (`prior_share_static`).
-* `--fast` adds transformers' own fast path for both models: `generate(cache_implementation="static")`, for which
-  transformers torch.compiles the decoding step on CUDA (`GenerationConfig.compile_config`; `--no-compile` passes
-  `disable_compile=True`), at batch 1, 64, 256, with ratios to eager BART and to static BART, plus a same-tokens
-  check: under the same seed and given latents, the fraction of rows whose static-cache tokens equal the eager
-  tokens (batch 1 and 64). Compiling is slow: a static run that does not fit in what is left of `--budget-s` is
+* `--fast` adds `generate(cache_implementation="static")` for both models (`--no-compile` passes
+  `disable_compile=True`): for BART transformers torch.compiles the decoding step on CUDA
+  (`GenerationConfig.compile_config`), for Dior it is the default path's captured step; at batch 1, 64, 256, with
+  ratios to eager BART and to static BART. Compiling is slow: a static run that does not fit in what is left of `--budget-s` is
   skipped and recorded as "skipped: time budget" in `errors`. `bs1_tokens_per_s` is the best Dior batch-1 figure
   through `generate()`; `bs1_path` says which path ("default" or "static").
 
@@ -425,7 +424,7 @@ def run(args):
                               results["generate_ms_bs1_default"])}
 
     if args.fast:
-        # transformers' fast path for both models: a static cache, and on CUDA the decoding step torch.compile'd
+        # a static cache for both models: BART's decoding step compiled by transformers, Dior's captured step
         static = dict(cache_implementation="static") | (dict(disable_compile=True) if args.no_compile else {})
         will_compile = device.type == "cuda" and not args.no_compile
         results["static_compile_expected"] = will_compile

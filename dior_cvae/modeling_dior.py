@@ -567,9 +567,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                     f"`{name}` is not supported by Dior-CVAE: assisted and lookup decoding verify drafted tokens "
                     "with a second forward that would need the draft's latent"
                 )
+        settings = generation_config or self.generation_config
         num_sequences = kwargs.get("num_return_sequences")
         if num_sequences is None:
-            num_sequences = (generation_config or self.generation_config).num_return_sequences or 1
+            num_sequences = settings.num_return_sequences or 1
         kwargs["num_return_sequences"] = 1  # k sequences per input = k prior draws, expanded here
 
         encoder_outputs = kwargs.pop("encoder_outputs", None)
@@ -625,8 +626,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             latent_slots = None
         if self._default_to_graph_decoding(generation_config, kwargs):
             kwargs["cache_implementation"] = "static"  # the fast path: `_sample` replays one CUDA graph per token
-        if self.device.type == "cuda" and kwargs.get(
-                "cache_implementation", (generation_config or self.generation_config).cache_implementation) == "static":
+        if self.device.type == "cuda" and kwargs.get("cache_implementation", settings.cache_implementation) == "static":
             # compiled per memory length: a few buckets instead of one graph per context length
             memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
@@ -655,18 +655,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         streamers or per-step outputs; everything else is transformers' loop. `disable_compile=True` opts out."""
         specs = processor_specs(logits_processor)
         stopping = stopping_plan(stopping_criteria)
-        settings = generation_config
         graphable = (
             specs is not None and stopping is not None and not synced_gpus and streamer is None
-            and not settings.return_dict_in_generate and input_ids.shape[1] == 1
+            and not generation_config.return_dict_in_generate and input_ids.shape[1] == 1
             and set(model_kwargs) <= GRAPH_DECODING_KWARGS and model_kwargs.get("use_cache", True)
-            and self._valid_auto_compile_criteria(model_kwargs, settings)
+            and self._valid_auto_compile_criteria(model_kwargs, generation_config)
         )
         if not graphable:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-        pad = settings._pad_token_tensor
-        return decode(self, input_ids, model_kwargs, specs, stopping, bool(settings.do_sample),
+        pad = generation_config._pad_token_tensor
+        return decode(self, input_ids, model_kwargs, specs, stopping, bool(generation_config.do_sample),
                       0 if pad is None else int(pad))
 
     def _validate_generate_inputs(self, input_ids, attention_mask, latents, generation_config, num_inference_steps,
