@@ -177,9 +177,10 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, condition: torch.Tensor, num_inference_steps=None, prior_guidance_scale=None, generator=None,
-               initial_noise=None, temperature=None) -> torch.Tensor:
+               initial_noise=None, temperature=None, compile: bool = True) -> torch.Tensor:
         """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min` scaled by `temperature` (τ, see
-        `prior_temperature`; `initial_noise` is used as given): (B, E) float32."""
+        `prior_temperature`; `initial_noise` is used as given): (B, E) float32. On CUDA the noise-free solvers run
+        as one CUDA graph (`compiled_solve`) unless `compile=False`."""
         config = self.config
         steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
@@ -192,7 +193,7 @@ class DiffusionPrior(nn.Module):
             if latents is None:
                 shape = (condition.shape[0], config.total_latent_size)
                 latents = temperature * torch.randn(shape, generator=generator, device=condition.device)
-            if scheduler.eta == 0 and latents.is_cuda and not torch.compiler.is_compiling():
+            if compile and scheduler.eta == 0 and latents.is_cuda and not torch.compiler.is_compiling():
                 # .clone(): a CUDA graph's output is overwritten by its next replay
                 return compiled_solve()(self.denoiser, scheduler, latents, condition, guidance).clone()
             return solve(self.denoiser, scheduler, latents, condition, guidance, generator, temperature)

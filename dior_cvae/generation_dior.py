@@ -163,13 +163,19 @@ def decoding_step(model, tokens, memory, memory_mask, latent_slots, cache, unfin
     return next_tokens, unfinished
 
 
+def length_bucket(length: int, max_length: int, minimum: int = 32) -> int:
+    """The padded length of a compiled shape: the next power of two ≥ `length` (at least `minimum`, at most
+    `max_length`), so that sequences of every length share a few graphs."""
+    return min(max(minimum, 1 << (length - 1).bit_length()), max_length)
+
+
 def pad_memory_to_bucket(memory, memory_mask, max_length: int):
     """Pad the encoder memory (a `BaseModelOutput`) and its mask (B, S) with masked positions to the next power of two
     ≥ 32 (at most `max_length`): the captured step is compiled per memory length, and contexts of every length would
     otherwise each compile their own graph. Masked positions get zero attention weight."""
     states = memory.last_hidden_state
     length = states.shape[1]
-    bucket = min(max(32, 1 << (length - 1).bit_length()), max(length, max_length))
+    bucket = length_bucket(length, max(length, max_length))
     if bucket == length:
         return memory, memory_mask
     padding = bucket - length

@@ -261,15 +261,16 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def sample_latents(self, context_vectors, num_inference_steps=None, prior_guidance_scale=None, generator=None,
-                       prior_temperature=None):
+                       prior_temperature=None, compile: bool = True):
         """Draw latents (B, L, ls) from the prior p(z | c) given pooled context vectors (B, L, d), its noise scaled by
-        `prior_temperature`; `None`s take the config's values."""
+        `prior_temperature`; `None`s take the config's values. `compile=False`: the diffusion prior's eager loop
+        (see `DiffusionPrior.sample`)."""
         if self.diffusion_prior is None:
             temperature = self.config.prior_temperature if prior_temperature is None else prior_temperature
             return self.hierarchy.prior_sample(context_vectors, generator, temperature)
         flat = self.diffusion_prior.sample(
             context_vectors.flatten(1), num_inference_steps, prior_guidance_scale, generator=generator,
-            temperature=prior_temperature,
+            temperature=prior_temperature, compile=compile,
         )
         return flat.view(context_vectors.shape[0], self.config.encoder_layers, self.config.latent_size)
 
@@ -557,7 +558,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
         (one CUDA graph per token, generation_dior.py; the memory padded to a length bucket); the first call per
-        batch size, bucket and setting compiles. `disable_compile=True` gives transformers' own loop.
+        batch size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch
+        size. `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a
+        one-off run over many shapes, where compiling costs more than it saves).
         """
         self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                        prior_guidance_scale, prior_temperature, kwargs)
@@ -612,7 +615,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                     context_vectors = self.pool_layers(encoder_outputs, attention_mask)
                 latents = self.sample_latents(
                     expand(context_vectors), num_inference_steps, prior_guidance_scale, latent_generator,
-                    prior_temperature,
+                    prior_temperature, compile=not kwargs.get("disable_compile", settings.disable_compile),
                 )
             elif latents.shape[0] == batch_size and num_sequences > 1:
                 latents = expand(latents)

@@ -15,6 +15,7 @@ import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 
 from .dior_compat import compiled_training_problem
+from .generation_dior import length_bucket
 
 # ---------------------------------------------------------------------------------------------------------------
 # KL annealing
@@ -258,19 +259,26 @@ def uses_cuda_graphs(mode: str | None, backend: str = "inductor") -> bool:
 
 
 class StaticShapeCollator:
-    """A seq2seq collator whose batches all have one shape: `input_ids` / `attention_mask` padded to `source_length`
-    (with `pad_token_id` / 0) and `labels` to `target_length` (with -100), for a compiled training step that then
-    compiles once and replays one CUDA graph. Padding is masked, so it changes no loss; a longer batch is an error."""
+    """A seq2seq collator whose batches have a few shapes, for a compiled training step that compiles once per shape
+    and replays its CUDA graphs: `labels` padded to `target_length` (with -100) and `input_ids` / `attention_mask`
+    (with `pad_token_id` / 0) to `source_length`, or, with `min_source_bucket`, to the batch's length bucket: the next
+    power of two ≥ its longest context, at least `min_source_bucket`, at most `source_length` (with length-grouped
+    batches the encoder then runs on about the real lengths, log2(source_length / min_source_bucket) + 1 shapes).
+    Padding is masked, so it changes no loss; a batch longer than its static length is an error."""
 
-    def __init__(self, collator, source_length: int, target_length: int, pad_token_id: int):
+    def __init__(self, collator, source_length: int, target_length: int, pad_token_id: int,
+                 min_source_bucket: int | None = None):
         self.collator, self.source_length, self.target_length = collator, source_length, target_length
-        self.pad_token_id = pad_token_id
+        self.pad_token_id, self.min_source_bucket = pad_token_id, min_source_bucket
 
     def __call__(self, features):
         batch = self.collator(features)
+        source_length = self.source_length
+        if self.min_source_bucket is not None:
+            source_length = length_bucket(batch["input_ids"].shape[1], self.source_length, self.min_source_bucket)
         fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
         for key, value in fill.items():
-            length = self.target_length if key == "labels" else self.source_length
+            length = self.target_length if key == "labels" else source_length
             tensor = batch[key]
             if tensor.shape[1] > length:
                 raise ValueError(f"a batch's {key} has {tensor.shape[1]} tokens, more than the static length {length}")

@@ -97,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float)
     p.add_argument("--temperature", type=float)
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--disable_compile", action="store_true",
+                   help="compile nothing (generation config disable_compile): on CUDA, transformers' decoding loop "
+                        "and the prior's eager loop instead of the captured step, which compiles once per batch size "
+                        "and memory bucket (about a minute each): faster for a one-off run over many shapes")
     p.add_argument("--repetition_penalty", type=float)
     p.add_argument("--no_repeat_ngram_size", type=int)
     p.add_argument("--num_inference_steps", type=int, help="prior denoising steps (default: the config's)")
@@ -242,6 +246,8 @@ def build_generation_config(args: argparse.Namespace, model):
         logger.warning("--max_new_tokens %d capped at %d (max_position_embeddings)", params["max_new_tokens"], limit - 2)
         params["max_new_tokens"] = limit - 2
     params["num_return_sequences"] = args.num_samples
+    if args.disable_compile:
+        params["disable_compile"] = True
     unused = config.update(**params)
     if unused:  # pragma: no cover - a transformers rename
         raise RuntimeError(f"not generation settings: {sorted(unused)}")

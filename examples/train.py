@@ -21,7 +21,7 @@ Model: `--model_name_or_path` (a BART checkpoint → `from_bart`, or a Dior-CVAE
 
 Outputs in `--output_dir`: the final model + tokenizer (loadable with `trust_remote_code=True`), README.md (model
 card), eval_results.json, log_history.jsonl, training_args.json, training_curves.png, run.json (this run's id),
-`best/` (lowest finite validation loss), `step_N/` or `epoch_N/` checkpoints (accelerate state for exact resume + a
+`best/` (lowest finite validation loss, or the best `--metric_for_best_model`), `step_N/` or `epoch_N/` checkpoints (accelerate state for exact resume + a
 `pretrained/` model folder), `runs/` (TensorBoard).
 
 Safety: a non-empty `--output_dir` is refused unless `--resume_from_checkpoint` or `--overwrite_output_dir` is given
@@ -103,6 +103,11 @@ logger = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_DIR = REPO_ROOT / "data" / "dailydialog_sample"
 LOSS_KEYS = ("loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss")
+# --torch_compile: the shortest context bucket; 64, 128, 256 for the DailyDialog recipe: three compiles per run
+COMPILED_MIN_SOURCE_BUCKET = 64
+# --metric_for_best_model: +1 where higher is better (the sampled responses' metrics), -1 for the loss
+BEST_MODEL_METRICS = {"loss": -1, **dict.fromkeys(("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2",
+                                                   "entropy3"), 1)}
 
 # `python examples/train.py` with no arguments: a small from-scratch model (3.8M parameters, diffusion prior) on the
 # shipped DailyDialog sample, about 4 minutes on 2 CPU cores, then 3 validation contexts with 4 sampled responses each
@@ -232,9 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "CUDA, with pinned memory and non-blocking copies; 0, in the loop, on CPU).")
     train.add_argument("--torch_compile", action="store_true",
                        help="torch.compile the training forward and backward (evaluation, generation and saving stay "
-                            "eager). Every training batch is padded to --max_source_length / --max_target_length "
-                            "and the last partial batch of each epoch is dropped, so the step compiles once (a "
-                            "minute or two) for one static shape; see docs/performance.md for when it pays.")
+                            "eager). Every training batch's contexts are padded to a power-of-two length bucket "
+                            "(64 tokens up to --max_source_length), its responses to --max_target_length, and the "
+                            "last partial batch of each epoch is dropped, so the step compiles once per bucket (a "
+                            "minute or two each) for static shapes; see docs/performance.md for when it pays.")
     train.add_argument("--torch_compile_mode", default="reduce-overhead",
                        help='torch.compile mode: "reduce-overhead" (CUDA graphs: no per-kernel launch cost on the '
                             'host; needs --gradient_accumulation_steps 1), "default", "max-autotune", ...')
@@ -257,6 +263,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num_eval_generation_samples", type=int, default=100,
                      help="Validation contexts to sample responses for (BLEU / distinct / entropy); 0 disables.")
     run.add_argument("--eval_samples_per_context", type=int, default=1, help="Sampled responses per context.")
+    run.add_argument("--metric_for_best_model", default="loss", choices=sorted(BEST_MODEL_METRICS),
+                     help="The validation metric that picks best/: the loss (lowest) or a metric of the sampled "
+                          "responses of --num_eval_generation_samples contexts (highest). As the metric of "
+                          "transformers' TrainingArguments.")
     run.add_argument("--num_sample_contexts", type=int, default=3, help="Contexts printed with samples at the end.")
     run.add_argument("--num_samples_per_context", type=int, default=4, help="Samples (prior draws) per printed context.")
     run.add_argument("--logging_steps", type=int, default=50)
@@ -310,6 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             p.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.metric_for_best_model != "loss" and not args.num_eval_generation_samples:
+        p.error(f"--metric_for_best_model {args.metric_for_best_model} is a metric of sampled responses: it needs "
+                "--num_eval_generation_samples > 0")
     if args.lr_scheduler_kwargs is not None and not isinstance(args.lr_scheduler_kwargs, dict):
         p.error("--lr_scheduler_kwargs must be a JSON object")
     problem = compiled_training_problem() if args.torch_compile else None
@@ -503,6 +516,9 @@ def sample_responses(model, tokenizer, examples, encoded, args, num_return_seque
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
             do_sample=True, top_k=50, top_p=0.9, num_return_sequences=num_return_sequences,
             max_new_tokens=args.max_target_length, latent_generator=generator,
+            # a few hundred contexts per evaluation: compiling the captured step and the prior's graph (about a
+            # minute per shape, on the CPU the training step needs) would cost more than it saves
+            disable_compile=True,
         )
         texts = [t.strip() for t in tokenizer.batch_decode(outputs, skip_special_tokens=True)]
         for i, example in enumerate(examples[start : start + args.per_device_eval_batch_size]):
@@ -998,9 +1014,14 @@ def main(argv: list[str] | None = None) -> None:
     # indices, which the main process draws, so exact resume does not depend on the workers.
     workers = args.dataloader_num_workers
     train_collator = collator
-    if args.torch_compile:  # one batch shape: the step compiles once, for static sizes, and replays one CUDA graph
+    if args.torch_compile:
+        # a few batch shapes: the step compiles once per shape, for static sizes, and replays their CUDA graphs. The
+        # contexts are padded to power-of-two buckets from COMPILED_MIN_SOURCE_BUCKET up (DailyDialog's contexts,
+        # 83 tokens on average, padded to 256 made the encoder do 3x the work); the responses to
+        # --max_target_length, since batches grouped by context length mix response lengths
         train_collator = StaticShapeCollator(collator, min(args.max_source_length, model.config.max_position_embeddings),
-                                             args.max_target_length, tokenizer.pad_token_id)
+                                             args.max_target_length, tokenizer.pad_token_id,
+                                             min_source_bucket=COMPILED_MIN_SOURCE_BUCKET)
     train_dataloader = DataLoader(encoded["train"], shuffle=sampler is None, sampler=sampler, collate_fn=train_collator,
                                   batch_size=args.per_device_train_batch_size, drop_last=args.torch_compile,
                                   generator=torch.Generator().manual_seed(args.seed), num_workers=workers,
@@ -1047,7 +1068,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- resume ---------------------------------------------------------------------------------------------------
     completed_steps, starting_epoch, resume_batches = 0, 0, 0
-    state = {"best_eval_loss": None, "best_step": None, "training_time_s": 0.0}
+    # best_metric: the --metric_for_best_model value of best/ (best_eval_loss: its validation loss)
+    state = {"best_eval_loss": None, "best_metric": None, "best_step": None, "training_time_s": 0.0}
     if resume_dir is not None:
         logger.info(f"Resuming from {resume_dir}")
         saved = json.loads((resume_dir / "trainer_state.json").read_text())
@@ -1109,16 +1131,23 @@ def main(argv: list[str] | None = None) -> None:
                            raw[eval_split], encoded[eval_split])
         logger.info(f"step {step}: validation " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         log({f"eval_{k}": v for k, v in results.items()}, step)
-        if not math.isfinite(results["loss"]):
-            logger.warning(f"step {step}: validation loss {results['loss']} is not finite: not a candidate for best/")
-        elif state["best_eval_loss"] is None or results["loss"] < state["best_eval_loss"]:
-            state["best_eval_loss"], state["best_step"] = results["loss"], step
+        metric = args.metric_for_best_model
+        sign = BEST_MODEL_METRICS[metric]  # +1: higher is better
+        best = state["best_metric"] if state["best_metric"] is not None else (
+            state["best_eval_loss"] if metric == "loss" else None)  # a checkpoint from before best_metric existed
+        if not math.isfinite(results["loss"]) or not math.isfinite(results[metric]):
+            logger.warning(f"step {step}: validation loss {results['loss']} / {metric} {results[metric]} is not "
+                           "finite: not a candidate for best/")
+        elif best is None or sign * results[metric] > sign * best:
+            state["best_eval_loss"], state["best_metric"], state["best_step"] = results["loss"], results[metric], step
             save_model_folder(accelerator, model, tokenizer, output_dir / "best")
         if metric_scheduler and math.isfinite(results["loss"]):
             lr_scheduler.step(results["loss"])
         if accelerator.is_main_process:
             write_text_atomic(output_dir / "eval_results.json", json.dumps(
-                {"step": step, "epoch": step / steps_per_epoch, **{f"eval_{k}": v for k, v in results.items()}}, indent=2))
+                {"step": step, "epoch": step / steps_per_epoch, **{f"eval_{k}": v for k, v in results.items()},
+                 "metric_for_best_model": metric, "best_step": state["best_step"], "best_metric": state["best_metric"]},
+                indent=2))
         last_eval.clear()
         last_eval[step] = results
         return results

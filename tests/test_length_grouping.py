@@ -107,3 +107,21 @@ def test_static_shape_collator_pads_every_batch_to_one_shape():
         assert batch["labels"][row, :m].tolist() == feature["labels"] and (batch["labels"][row, m:] == -100).all()
     with pytest.raises(ValueError, match="labels has 17 tokens, more than the static length 16"):
         collator([{"input_ids": [5, 6], "labels": list(range(7, 24))}])
+
+
+def test_static_shape_collator_pads_contexts_to_power_of_two_buckets():
+    """With min_source_bucket (train.py --torch_compile): contexts go to the next power of two >= the batch's longest,
+    at least the minimum and at most source_length; responses stay at target_length."""
+    from dior_cvae.training_utils import StaticShapeCollator
+
+    collator = StaticShapeCollator(DataCollatorForSeq2Seq(TOKENIZER), 40, 16, TOKENIZER.pad_token_id,
+                                   min_source_bucket=8)
+    for longest, bucket in ((3, 8), (8, 8), (9, 16), (17, 32), (33, 40), (40, 40)):
+        features = [{"input_ids": list(range(5, 5 + longest)), "labels": [7, 8]}, {"input_ids": [5], "labels": [7]}]
+        batch = collator(features)
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, bucket), longest
+        assert batch["labels"].shape == (2, 16)
+        assert batch["input_ids"][0, :longest].tolist() == features[0]["input_ids"]
+        assert batch["attention_mask"].sum().item() == longest + 1
+    with pytest.raises(ValueError, match="input_ids has 41 tokens, more than the static length 40"):
+        collator([{"input_ids": list(range(5, 46)), "labels": [7]}])

@@ -181,6 +181,31 @@ def test_resume_continues_the_same_run(tmp_path):
     assert evals_b == {4: evals_a[4], 6: evals_a[6]}
 
 
+def test_metric_for_best_model_picks_best_by_the_sampled_responses(tmp_path):
+    """`--metric_for_best_model bleu1`: best/ is the model of the evaluation with the highest validation BLEU-1 (the
+    first on ties), byte for byte that step's checkpoint; eval_results.json names the step and the value. Without
+    sampled responses to score, the flag is refused."""
+    out = tmp_path / "out"
+    run_train(tmp_path, SAMPLE + TINY + [
+        "--max_train_samples", "32", "--max_train_steps", "4", "--eval_steps", "1", "--checkpointing_steps", "1",
+        "--learning_rate", "3e-3", "--num_eval_generation_samples", "8", "--num_sample_contexts", "0",
+        "--metric_for_best_model", "bleu1", "--output_dir", str(out)])
+    evals = [r for r in read_log(out) if "eval_bleu1" in r and r["step"] <= 4]
+    by_step = {r["step"]: r["eval_bleu1"] for r in evals}
+    assert sorted(by_step) == [1, 2, 3, 4]
+    best_step = max(sorted(by_step), key=lambda step: (by_step[step], -step))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert (results["metric_for_best_model"], results["best_step"]) == ("bleu1", best_step)
+    assert results["best_metric"] == by_step[best_step]
+    best = (out / "best" / "model.safetensors").read_bytes()
+    assert best == (out / f"step_{best_step}" / "pretrained" / "model.safetensors").read_bytes()
+
+    refused = run_train(tmp_path, SAMPLE + TINY + ["--metric_for_best_model", "bleu2", "--num_eval_generation_samples",
+                                                   "0", "--output_dir", str(tmp_path / "refused")], check=False)
+    assert refused.returncode == 2
+    assert "--metric_for_best_model bleu2 is a metric of sampled responses" in refused.stderr
+
+
 def test_compiled_training_needs_a_transformers_without_the_layerdrop_branch():
     from dior_cvae.dior_compat import compiled_training_problem
 
