@@ -106,8 +106,8 @@ LOSS_KEYS = ("loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss")
 # --torch_compile: the shortest context bucket; 64, 128, 256 for the DailyDialog recipe: three compiles per run
 COMPILED_MIN_SOURCE_BUCKET = 64
 # --metric_for_best_model: +1 where higher is better (the sampled responses' metrics), -1 for the loss
-BEST_MODEL_METRICS = {"loss": -1, **dict.fromkeys(("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2",
-                                                   "entropy3"), 1)}
+GENERATION_METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3")  # of evaluate()
+BEST_MODEL_METRICS = {"loss": -1, **dict.fromkeys(GENERATION_METRICS, 1)}
 
 # `python examples/train.py` with no arguments: a small from-scratch model (3.8M parameters, diffusion prior) on the
 # shipped DailyDialog sample, about 4 minutes on 2 CPU cores, then 3 validation contexts with 4 sampled responses each
@@ -576,8 +576,7 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
                                     [encoded[i] for i in range(n)], args,
                                         args.eval_samples_per_context, args.seed)
             scores = score_generations(rows, semantic=False)
-            results.update({k: scores[k] for k in ("bleu1", "bleu2", "distinct1", "distinct2",
-                                                   "entropy1", "entropy2", "entropy3")})
+            results.update({k: scores[k] for k in GENERATION_METRICS})
     accelerator.wait_for_everyone()
     model.train()
     return results
