@@ -61,7 +61,7 @@ TRAIN_ARGS = [
     # best/ is the evaluation with the highest BLEU-2 of 1,000 sampled validation responses: the goal's metric (the
     # loss-best model is an earlier one, and a fifth of the validation pairs also occur in the training split)
     "--num_train_epochs", "100", "--num_eval_generation_samples", "1000", "--metric_for_best_model", "bleu2",
-    "--eval_steps", "1500",
+    "--eval_steps", "2000",
     "--logging_steps", "100", "--seed", "1234", "--num_sample_contexts", "3", "--max_eval_samples", "2000",
 ]
 SAMPLING = ["--decoding", "sampling", "--top_k", "50", "--top_p", "0.9"]

@@ -124,3 +124,31 @@ def test_a_folder_saved_under_one_transformers_generates_the_same_under_the_othe
         loaded = json.loads(out.read_text())
         assert loaded["tokens"] == tokens, (versions[saver], versions[loader])
         torch.testing.assert_close(torch.tensor(loaded["latents"]), latents)
+
+
+NEWER_TRANSFORMERS = textwrap.dedent(
+    """
+    import sys, warnings
+    import transformers
+    import transformers.models.bart.modeling_bart  # (importing a submodule resets the lazy module's attributes)
+    transformers.__version__ = "9.0.0"  # a release above the tested range
+    warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:
+        exec(open(sys.argv[3]).read())
+    messages = [str(w.message) for w in caught if "Dior-CVAE is tested with" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert "transformers 9.0.0. Continuing" in messages[0], messages
+    """
+)
+
+
+def test_a_saved_folder_loads_above_the_tested_range_with_one_warning(tiny_model, tmp_path):
+    model = tiny_model(num_inference_steps=7).eval()
+    folder = tmp_path / "dior"
+    model.save_pretrained(folder)
+    load = tmp_path / "load_and_generate.py"
+    load.write_text(LOAD_AND_GENERATE.replace("folder, out = sys.argv[1], sys.argv[2]",
+                                              "folder, out = sys.argv[1], sys.argv[2]  # noqa"))
+    run_isolated(sys.executable, NEWER_TRANSFORMERS, [folder, tmp_path / "out.json", load], tmp_path)
+    loaded = json.loads((tmp_path / "out.json").read_text())
+    assert loaded["tokens"] == expected_outputs(model)[0]
