@@ -277,9 +277,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def posterior(self, context_vectors, labels, generator=None):
         """The posterior q(z | c, r) given the pooled context (B, L, d) and the responses `labels` (as in `forward`,
         padding = -100): (latents (B, L, ls), its DiagonalGaussian over (B, L, ls), layer summaries)."""
+        return self.hierarchy.posterior_sample(context_vectors, self.encode_response(labels), generator)
+
+    def encode_response(self, labels):
+        """The pooled response vectors (B, L, d) of `labels` (padding = -100): the posterior's other condition."""
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-        return self.hierarchy.posterior_sample(context_vectors, response_vectors, generator)
+        return self.encode(response_ids, labels.ne(-100).long())[1]
 
     def kl_divergence(self, latents, posterior, summaries, context_vectors, generator=None):
         """Per-example KL(q(z | c, r) ‖ p(z | c)) of posterior samples `latents` (B, L, ls): `(kl, neg_entropy,
