@@ -88,11 +88,23 @@ def test_bleu_matches_nltk_protocol_and_mean():
     assert bleu(["THE CAT"], [["the cat"]], 1) == 0.0
 
 
+def nltk_bleu(hypothesis: str, references: list[str], n: int) -> float:
+    """nltk's sentence BLEU-n ×100 called directly with the paper's protocol; an empty hypothesis scores 0."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not hypothesis.split():
+        return 0.0
+    weights = (1, 0, 0, 0) if n == 1 else (0.5, 0.5, 0, 0)
+    return 100 * sentence_bleu([r.split() for r in references], hypothesis.split(), weights=weights,
+                               smoothing_function=SmoothingFunction().method7)
+
+
 def test_bleu_multiref_at_least_single_ref():
     hyp = ["the cat sat on the mat"]
     single = bleu(hyp, [["a dog ran away"]], 2)
     multi = bleu(hyp, [["a dog ran away", "the cat sat on a mat"]], 2)
     assert single == 0.0
+    assert multi == pytest.approx(nltk_bleu(hyp[0], ["a dog ran away", "the cat sat on a mat"], 2))
     assert multi > single
 
 
@@ -118,13 +130,14 @@ def test_score_generations_keys_and_counts():
     }  # fmt: skip
     assert (scores["num_contexts"], scores["num_samples"], scores["num_empty"]) == (2, 4, 1)
     samples = ["how are you", "fine", "", "see you later"]
-    assert scores["bleu1"] == pytest.approx(
-        bleu(samples, [["how are you"]] * 3 + [["see you"]], 1)
-    )
-    assert scores["bleu1_multiref"] == pytest.approx(
-        bleu(samples, [["how are you"]] * 3 + [["see you", "bye now"]], 1)
-    )
-    assert scores["distinct1"] == pytest.approx(distinct(samples, 1))
+    # each sample against its own row's reference(s), through nltk directly; the multi-reference score uses both of
+    # the second row's references, the single-reference one its first
+    single = [nltk_bleu(s, ["how are you"], 1) for s in samples[:3]] + [nltk_bleu(samples[3], ["see you"], 1)]
+    multi = single[:3] + [nltk_bleu(samples[3], ["see you", "bye now"], 1)]
+    assert scores["bleu1"] == pytest.approx(sum(single) / 4)
+    assert scores["bleu1_multiref"] == pytest.approx(sum(multi) / 4)
+    # unigrams of the 4 samples: how are you | fine | - | see you later -> 7 in all, 6 distinct ("you" twice)
+    assert scores["distinct1"] == pytest.approx(100 * 6 / 7)
     # single references only -> no multiref keys
     assert "bleu1_multiref" not in score_generations(ROWS[:1], semantic=False)
 
@@ -248,8 +261,9 @@ def test_multiref_index_normalisation():
 def test_self_bleu_hand_checked():
     same = self_bleu([["a b c d"] * 3])
     assert same == pytest.approx(100 * math.sqrt(40 / 27))  # identical samples: the exact-match BLEU-2
-    groups = [["a b c", "d e f", "a b x"], ["only one"]]
-    expected = sum(bleu([g[i]], [g[:i] + g[i + 1:]], 2) for g in groups[:1] for i in range(3)) / 3
+    groups = [["a b c", "d e f", "a b x"], ["only one"]]  # the one-sample context is skipped
+    first = groups[0]
+    expected = sum(nltk_bleu(first[i], first[:i] + first[i + 1:], 2) for i in range(3)) / 3
     assert self_bleu(groups) == pytest.approx(expected)
     assert self_bleu([["a b c", "x y z"]]) < self_bleu([["a b c", "a b d"]])
     with pytest.raises(ValueError):
