@@ -55,7 +55,7 @@ from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
 from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
-from dior_cvae.training_utils import CompiledTrainingForward  # noqa: E402
+from dior_cvae.training.compiled import CompiledTrainingForward  # noqa: E402
 
 GOALS = {  # the speed issue's goals (ratios to BART of the same shape, same run)
     "train_ratio_bs64": (">=", 0.85),
