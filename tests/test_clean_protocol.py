@@ -1,4 +1,4 @@
-"""Tests for dior_cvae.training.clean_split / tfidf / eval_sets: the clean DailyDialog split and its provenance.
+"""Tests for dior_cvae.training (clean_split, tfidf, eval_sets, responders) and score.py --responder: the clean protocol.
 
 Hand-made fixtures check each rule; the real-data tests (DailyDialog and DailyDialog++ in ``$DIOR_SHARED_DATA`` or
 ``<repo>/../shared/data``, skipped with a reason otherwise) check the counts of the shipped files.
@@ -234,3 +234,65 @@ def test_real_eval_sets(real_split):
     assert len(valid) == 7069 and sum(r["overlap"] for r in valid) == 1858
     with pytest.raises(ValueError, match="unknown evaluation set"):
         load_eval_set("dailydialog_train", IJCNLP, DPP, clean_split=real_split)
+
+
+def _dpp_test_rows(dd, dpp, split):
+    return load_eval_set("dailydialog_pp_test", dd, dpp, clean_split=split)
+
+
+def test_responders(tiny_data, tmp_path):
+    from dior_cvae.training.responders import Responder
+
+    dd, dpp = tiny_data
+    split = build_clean_split(dd, dpp, cache_dir=tmp_path / "cache")
+    rows = _dpp_test_rows(dd, dpp, split)  # context: "Is there something wrong?", ..., "I'm glad to hear it."
+    # the full pool holds the context's source dialogue: its last two turns retrieve the original continuation
+    assert Responder("tfidf_full", dd).respond(rows, 1) == [["She is a good student ."]]
+    clean = Responder("tfidf_clean", clean_split=split).respond(rows, 3)[0]
+    kept_responses = {t for _, turns in split.train_dialogues for t in turns[1:]}
+    assert len(clean) == 3 and set(clean) <= kept_responses and "She is a good student ." not in clean
+    assert Responder("dd_continuation").respond(rows, 2) == [["She is a good student ."] * 2]
+    assert Responder("copy_last").respond(rows, 2) == [["I'm glad to hear it."] * 2]
+    rand = Responder("random_train", dd, seed=3).respond(rows * 50, 2)
+    assert rand == Responder("random_train", dd, seed=3).respond(rows * 50, 2)  # seeded
+    all_responses = {t for turns in UNRELATED for t in turns[1:]}
+    assert len({s for r in rand for s in r}) > 5 and {s for r in rand for s in r} - all_responses  # drawn from all
+    valid = load_eval_set("dailydialog_validation", dd, dpp, clean_split=split)
+    with pytest.raises(ValueError, match="needs each row's 'continuation'"):
+        Responder("dd_continuation").respond(valid, 1)
+    with pytest.raises(ValueError, match="needs the DailyDialog folder"):
+        Responder("tfidf_full")
+    with pytest.raises(ValueError, match="unknown responder"):
+        Responder("oracle")
+
+
+def test_score_py_responders(tiny_data, tmp_path, monkeypatch):
+    import sys
+
+    dd, dpp = tiny_data
+    monkeypatch.setenv("DIOR_CVAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    sys.modules.pop("score", None)
+    import score
+
+    out = tmp_path / "scores.json"
+    argv = ["--responder", "all", "--eval_set", "all", "--dataset_dir", str(dd), "--dailydialog_pp_dir", str(dpp),
+            "--num_samples", "2", "--no_semantic", "--output", str(out)]
+    score.main(argv)
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python examples/score.py --responder all --eval_set all")
+    assert result["clean_split"]["removed_dialogues"] == 5
+    pp = result["results"]["dailydialog_pp_test"]
+    assert set(pp) == {"tfidf_full", "tfidf_clean", "dd_continuation", "copy_last", "random_train"}
+    assert pp["dd_continuation"]["num_samples"] == 2 and pp["dd_continuation"]["bleu1_precision"] > 0
+    valid = result["results"]["dailydialog_validation"]
+    assert set(valid) == {"tfidf_full", "tfidf_clean", "copy_last", "random_train"}  # no continuation there
+    assert valid["tfidf_full"]["all"]["num_contexts"] == 2 and valid["tfidf_full"]["overlapping"]["num_contexts"] == 2
+    # the full pool holds a copy of the validation dialogue ("that ’ s" for "that's"): retrieval returns its responses
+    assert valid["tfidf_full"]["all"]["bleu1"] > 100 > valid["tfidf_clean"]["all"]["bleu1"]
+    assert valid["tfidf_full"]["clean"] == {"num_contexts": 0}
+    with pytest.raises(SystemExit):
+        score.main(["--responder", "dd_continuation", "--eval_set", "dailydialog_test", "--dataset_dir", str(dd),
+                    "--dailydialog_pp_dir", str(dpp)])
+    with pytest.raises(SystemExit):
+        score.main(["--responder", "copy_last", "--eval_set", "dailydialog_pp_test", "--dataset_dir", str(dd)])
