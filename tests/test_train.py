@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import SUBPROCESS_HANG_S
 from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.training_utils import (
     DeferredReadback,
@@ -72,10 +73,10 @@ def _env(tmp_path: Path, **extra) -> dict:
     return env
 
 
-def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True, timeout=300):
+def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True):
     command = (launcher or [sys.executable]) + [str(TRAIN), *args]
     result = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=timeout, stdin=subprocess.DEVNULL)
+                            timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -87,7 +88,7 @@ def load_in_fresh_process(tmp_path: Path, folder: Path) -> str:
     workdir.mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_GENERATE, str(folder)], cwd=workdir,
                             env=_env(tmp_path, HF_HOME=str(tmp_path / "hf_home_fresh")), capture_output=True, text=True,
-                            timeout=180, stdin=subprocess.DEVNULL)
+                            timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "LOADED DiorCVAEForConditionalGeneration" in result.stdout
     return result.stdout
@@ -221,6 +222,7 @@ def test_torch_compile_is_refused_on_an_older_transformers(tmp_path):
 
 
 @pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
+@pytest.mark.compile
 def test_torch_compile_trains_the_same_model(tmp_path):
     """`--torch_compile` runs the training forward and backward through `CompiledTrainingForward` (backend aot_eager
     here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers) on batches of
