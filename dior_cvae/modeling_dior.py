@@ -570,11 +570,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         one latent per context, no randomness).
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
 
-        On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
-        (one CUDA graph per token, generation_dior.py; the memory padded to a length bucket); the first call per
-        batch size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch
-        size. `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a
-        one-off run over many shapes, where compiling costs more than it saves).
+        On CUDA, greedy search and sampling decode through `_sample`'s captured step (one CUDA graph per token,
+        generation_dior.py, on a static cache with the memory padded to a length bucket) wherever it serves the call
+        (see `_sample`); otherwise transformers' own loop runs as transformers sets it up. The first call per batch
+        size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch size.
+        `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a one-off
+        run over many shapes, where compiling costs more than it saves).
         """
         num_inference_steps, prior_guidance_scale, prior_temperature = self._prior_settings(
             generation_config, num_inference_steps=num_inference_steps, prior_guidance_scale=prior_guidance_scale,
@@ -645,13 +646,6 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
         else:
             latent_slots = None
-        if self._default_to_graph_decoding(generation_config, kwargs):
-            # the fast path: `_sample` replays one CUDA graph per token
-            generation_config = self._override_generation(generation_config, kwargs, cache_implementation="static")
-        settings = generation_config or self.generation_config
-        if self.device.type == "cuda" and kwargs.get("cache_implementation", settings.cache_implementation) == "static":
-            # compiled per memory length: a few buckets instead of one graph per context length
-            memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
             encoder_outputs=memory,
             attention_mask=memory_mask,
@@ -686,33 +680,38 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 setattr(generation_config, name, value)
         return generation_config
 
-    def _default_to_graph_decoding(self, generation_config, kwargs) -> bool:
-        """Greedy or sampled decoding on CUDA, with nothing chosen that the captured step cannot serve (a cache or
-        cache implementation, beams, a streamer, per-step outputs, `disable_compile`)."""
-        settings = generation_config or self.generation_config
-        def setting(name):
-            return kwargs.get(name, getattr(settings, name, None))
-        return (self.device.type == "cuda" and setting("cache_implementation") is None
-                and kwargs.get(CACHE_NAME) is None and kwargs.get("past_key_values") is None
-                and setting("num_beams") in (None, 1) and kwargs.get("streamer") is None
-                and not setting("return_dict_in_generate") and not setting("disable_compile"))
+    def _captures_decoding(self, generation_config) -> bool:
+        """The captured step (one CUDA graph per token) is for CUDA, unless `disable_compile`."""
+        return self.device.type == "cuda" and not generation_config.disable_compile
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        """Greedy search and sampling. On CUDA with a static cache (the default there: see `generate`) each step runs
-        as one captured CUDA graph (generation_dior.py), for the processors and criteria it knows and without
-        streamers or per-step outputs; everything else is transformers' loop. `disable_compile=True` opts out."""
+        """Greedy search and sampling. On CUDA each step runs as one captured CUDA graph (generation_dior.py) on a
+        static cache of its own, the memory padded to a length bucket, where the captured step serves the call: the
+        processors and criteria it knows, no streamer or per-step outputs, no cache passed in and no cache
+        implementation but "static". Everything else is transformers' loop, with the cache transformers made for it
+        and the memory as encoded. `disable_compile=True` opts out."""
         specs = processor_specs(logits_processor)
         stopping = stopping_plan(stopping_criteria)
+        cache = model_kwargs.get(CACHE_NAME)
         graphable = (
-            specs is not None and stopping is not None and not synced_gpus and streamer is None
+            self._captures_decoding(generation_config)
+            and specs is not None and stopping is not None and not synced_gpus and streamer is None
             and not generation_config.return_dict_in_generate and input_ids.shape[1] == 1
             and set(model_kwargs) <= GRAPH_DECODING_KWARGS and model_kwargs.get("use_cache", True)
-            and self._valid_auto_compile_criteria(model_kwargs, generation_config)
+            and generation_config.cache_implementation in (None, "static")
+            and not getattr(cache, "_is_user_defined", False)
         )
         if not graphable:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        # compiled per memory length: a few buckets instead of one graph per context length
+        memory, memory_mask = pad_memory_to_bucket(model_kwargs["encoder_outputs"], model_kwargs["attention_mask"],
+                                                   self.config.max_position_embeddings)
+        model_kwargs = {**model_kwargs, "encoder_outputs": memory, "attention_mask": memory_mask}
+        max_cache_len = max(generation_config.max_length - 1, getattr(generation_config, "max_cache_len", None) or 0)
+        model_kwargs[CACHE_NAME] = self._prepare_static_cache("static", input_ids.shape[0], max_cache_len, None,
+                                                              model_kwargs)
         pad = generation_config._pad_token_tensor
         return decode(self, input_ids, model_kwargs, specs, stopping, bool(generation_config.do_sample),
                       0 if pad is None else int(pad))

@@ -127,7 +127,7 @@ def test_end_to_end_output_loads_with_remote_code(tmp_path):
     assert {"loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "beta", "lr"} <= set(train_rows[0])
     results = json.loads((out / "eval_results.json").read_text())
     assert results["step"] == 3
-    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_bleu1", "eval_bleu2", "eval_distinct1",
+    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_kl_loss_stderr", "eval_bleu1", "eval_bleu2", "eval_distinct1",
                 "eval_distinct2", "eval_entropy1", "eval_entropy2", "eval_entropy3", "test_loss"):
         assert key in results, key
     # the latent diagnostics of every evaluation, logged beside the losses (and to tensorboard with tracking)
@@ -533,3 +533,18 @@ def test_trainer_route_anneals_beta(tiny_model, tmp_path):
     assert used == [1.0] and math.isfinite(metrics["eval_loss"])
     with pytest.raises(ValueError, match="unknown KL annealing schedule"):
         KLAnnealingCallback("cosine")
+
+
+def test_batch_mean_stderr_is_the_standard_error_of_the_example_mean():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train import batch_mean_stderr
+
+    means = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    equal = torch.stack([means, torch.full((4,), 8.0)], dim=1)
+    assert batch_mean_stderr(equal) == pytest.approx(means.std().item() / 2)  # s / √(number of batches)
+    # unequal batches (a last batch of 2 of 26 examples): the cluster formula term by term
+    sizes = torch.tensor([8.0, 8.0, 8.0, 2.0])
+    m = (sizes * means).sum() / sizes.sum()
+    by_hand = math.sqrt(4 / 3 * sum((n * (x - m)) ** 2 for n, x in zip(sizes.tolist(), means.tolist()))) / 26
+    assert batch_mean_stderr(torch.stack([means, sizes], dim=1)) == pytest.approx(by_hand)
+    assert math.isnan(batch_mean_stderr(equal[:1]))
