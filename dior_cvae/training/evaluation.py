@@ -59,9 +59,22 @@ def latent_diagnostics(model, batches, accelerator) -> dict:
     return values
 
 
+def batch_mean_stderr(batches: torch.Tensor) -> float:
+    """The standard error of a mean over examples from (mean, size) rows of its batches (N_b, 2): the batches as
+    independent clusters, √(N_b / (N_b − 1) · Σ n_b² (m_b − m)²) / Σ n_b (NaN for one batch)."""
+    means, sizes = batches.unbind(1)
+    total = sizes.sum()
+    mean = (sizes * means).sum() / total
+    if len(means) < 2:
+        return float("nan")
+    return float(((sizes * (means - mean)).pow(2).sum() * len(means) / (len(means) - 1)).sqrt() / total)
+
+
 def evaluate(model, dataloader, accelerator, tokenizer, examples, encoded, *, num_generation_samples: int,
              samples_per_context: int, batch_size: int, max_new_tokens: int, seed: int) -> dict:
-    """Mean loss terms (β = 1, eval mode: no dropout, no memory dropout), the latent diagnostics of the first
+    """Mean loss terms (β = 1, eval mode: no dropout, no memory dropout), the standard error of the mean KL
+    (`kl_loss_stderr`, from the spread of the batch means: the diffusion prior's KL is a Monte Carlo estimate, and a
+    mean within two standard errors of 0 says no more than "small"), the latent diagnostics of the first
     `DIAGNOSTIC_EXAMPLES` examples of this process's shard, and the metrics of responses sampled for the first
     `num_generation_samples` examples (main process).
 
@@ -72,7 +85,7 @@ def evaluate(model, dataloader, accelerator, tokenizer, examples, encoded, *, nu
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         totals, count = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=accelerator.device), 0
-        diagnostic_batches, local_count = [], 0
+        diagnostic_batches, local_count, kl_batches = [], 0, []
         for batch in dataloader:
             if local_count < DIAGNOSTIC_EXAMPLES:  # kept for the latent diagnostics: no second pass over the data
                 diagnostic_batches.append(batch)
@@ -84,7 +97,10 @@ def evaluate(model, dataloader, accelerator, tokenizer, examples, encoded, *, nu
             rows = accelerator.gather_for_metrics(values.expand(batch["input_ids"].shape[0], -1).contiguous())
             totals += rows.double().sum(0)
             count += rows.shape[0]
+            size = values.new_tensor(float(batch["input_ids"].shape[0]))
+            kl_batches.append(accelerator.gather(torch.stack([values[LOSS_KEYS.index("kl_loss")], size])[None]))
         results = {k: (totals[i] / max(count, 1)).item() for i, k in enumerate(LOSS_KEYS)}
+        results["kl_loss_stderr"] = batch_mean_stderr(torch.cat(kl_batches).double())
         unwrapped = accelerator.unwrap_model(model)
         if unwrapped.config.prior_type != "diffusion":
             results.pop("neg_entropy"), results.pop("prior_loss")

@@ -143,7 +143,7 @@ def write_model_card(args, output_dir: Path, model, accelerator, info: dict) -> 
         "loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "bleu1", "bleu2", "distinct1", "distinct2",
         "entropy1", "entropy2", "entropy3") if k in results]
     license_note = ("the DailyDialog data is CC BY-NC-SA 4.0 (non-commercial, share-alike), and so is this model"
-                    if license_ == "cc-by-nc-sa-4.0" else f"the model is released under {license_}; check your data's license")
+                    if license_ == "cc-by-nc-sa-4.0" else f"the model's license is {license_}; check your data's license")
     sections = f"""## Training data
 
 {info["data_description"]}. One example per response turn, with the earlier turns of the dialog as context.

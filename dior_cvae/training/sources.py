@@ -51,6 +51,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                       help="Hub revision for --dataset_name (e.g. refs/convert/parquet for script-based datasets, "
                            "which datasets>=4 no longer runs).")
     data.add_argument("--dataset_dir", default=None, help="Folder with DailyDialog {train,validation,test} files.")
+    data.add_argument("--clean_split", default=None, metavar="DAILYDIALOG_PP_DIR",
+                      help="With --dataset_dir: train without every training dialogue that contains or "
+                           "near-duplicates a DailyDialog validation/test dialogue or the source dialogue of a "
+                           "DailyDialog++ dev/test context (this folder's {dev,test}.json[.gz]); see "
+                           "dior_cvae/training/clean_split.py. Cached in $DIOR_CVAE_CACHE (default ~/.cache/dior_cvae).")
     data.add_argument("--personachat_dir", default=None,
                       help="Folder with ParlAI PersonaChat files {train,valid,test}_<variant>.txt[.gz].")
     data.add_argument("--personachat_variant", default="self_original", help="ParlAI file variant (self_original, ...).")
@@ -80,10 +85,12 @@ def data_argument_rules(install_hint: str) -> list:
     return [
         lambda a: [a.dataset_name, a.dataset_dir, a.train_file].count(None) != 2 and
         "give exactly one data source: --dataset_name, --dataset_dir or --train_file",
+        lambda a: a.clean_split and not a.dataset_dir and
+        "--clean_split needs --dataset_dir (the ijcnlp DailyDialog folder)",
         lambda a: a.personachat_dir and a.dataset_name != "personachat" and
         "--personachat_dir needs --dataset_name personachat",
         *(lambda a, flag=flag: (value := getattr(a, flag)) and not Path(value).expanduser().exists() and
-          f"--{flag}: no such folder: {value}" for flag in ("dataset_dir", "personachat_dir")),
+          f"--{flag}: no such folder: {value}" for flag in ("dataset_dir", "personachat_dir", "clean_split")),
         *(lambda a, flag=flag: (value := getattr(a, flag)) and not Path(value).is_file() and
           f"--{flag}: no such file: {value}" for flag in files),
         lambda a: importlib.util.find_spec("datasets") is None and (a.dataset_name or any(
@@ -103,15 +110,30 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                                              ("test", args.test_file)) if path}
     hub_kwargs = {"revision": args.dataset_revision} if args.dataset_revision else {}
     if args.dataset_dir:
+        exclude = None
+        if args.clean_split:
+            from .clean_split import build_clean_split
+
+            clean = build_clean_split(args.dataset_dir, args.clean_split)
+            exclude = {"train": clean.removed_train_dialogue_ids}
+            report = clean.report
+            logger.info(f"--clean_split: removed {report['removed_dialogues']} of {report['train_dialogues']} training "
+                        f"dialogues ({report['removed_pairs']} of {report['train_pairs']} pairs): "
+                        f"{report['removed_by_primary_reason']}", main_process_only=True)
+            meta["clean_split"] = {k: report[k] for k in ("threshold", "removed_dialogues", "removed_pairs",
+                                                          "kept_dialogues", "kept_pairs")}
         for split in ("train", "validation", "test"):
             try:
-                splits.update(load_dailydialog_dir(args.dataset_dir, [split]))
+                splits.update(load_dailydialog_dir(args.dataset_dir, [split], exclude_dialogues=exclude))
             except FileNotFoundError:
                 if split == "train":
                     raise
         sample = Path(args.dataset_dir).resolve() == SAMPLE_DIR.resolve()
         description = ("The shipped DailyDialog sample (the first 1,000 / 100 / 100 dialogues of each split)" if sample
                        else f"DailyDialog (ijcnlp files, {args.dataset_dir})")
+        if args.clean_split:
+            description += (f", training split without the {meta['clean_split']['removed_dialogues']} dialogues "
+                            "that overlap DailyDialog validation/test or DailyDialog++ dev/test (--clean_split)")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
     elif args.dataset_name == "daily_dialog":
         splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
