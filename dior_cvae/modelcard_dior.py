@@ -17,9 +17,14 @@ from collections.abc import Mapping, Sequence
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
+from .pipeline_dior import HUB_TASK
+
 TAGS = ["dior-cvae", "dialog", "cvae", "diffusion", "dialog-generation"]
-#: Hub task of the card; `pipeline("dialog-generation", ...)` is the model's own pipeline (pipeline_dior.py).
-PIPELINE_TAG = "text-generation"
+
+#: Hub task of the card: config.json names the model's own pipeline (pipeline_dior.py) under this task as well as
+#: under "dialog-generation", so the Hub's snippet `pipeline("text-generation", model=repo, trust_remote_code=True)`
+#: builds it.
+PIPELINE_TAG = HUB_TASK
 
 #: result key -> (metric type, metric name in the card's model-index).
 METRIC_NAMES = {
@@ -107,6 +112,9 @@ chat(["Hi , how are you doing today ?", "Not bad . I just got back from the gym 
 # [{{"generated_text": ...}}, ...]: 5 responses, each from its own prior draw; a list of conversations is a batch
 ```
 
+`pipeline("{HUB_TASK}", model="{repo}", trust_remote_code=True)` (the Hub's snippet for this card's task) builds the
+same pipeline; it also takes chat messages (`[{{"role": "user", "content": "Hi !"}}]`).
+
 Or with `generate()`, joining the turns with {separator} yourself:
 
 ```python
@@ -151,19 +159,21 @@ def write_model_card_if_missing(config, folder) -> None:
 
 
 def upload_model_folder(folder, repo_id: str | None = None, *, keep_hub_card: bool = False, token=None, private=None,
-                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False):
+                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False,
+                        ignore_patterns=None):
     """Create the Hub repo if needed (default name: the folder's) and upload `folder` with its README.md; with
-    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded."""
+    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded.
+    `ignore_patterns`: files of `folder` not to upload (e.g. a training run's checkpoints)."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
                               exist_ok=True).repo_id
-    ignore = None
+    ignore = list(ignore_patterns or [])
     if keep_hub_card:
         try:
-            ignore = ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else None
+            ignore += ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else []
         except EntryNotFoundError:
             pass
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore, revision=revision,
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore or None, revision=revision,
                              commit_message=commit_message or "Upload Dior-CVAE model", create_pr=create_pr,
                              commit_description=commit_description)
 

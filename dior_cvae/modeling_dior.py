@@ -13,6 +13,7 @@ Generation: encode the context, draw one latent per returned sequence from the p
 layer's slot key/value (`latent_slots`), decode with any HF strategy.
 """
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ GRAPH_DECODING_KWARGS = {"encoder_outputs", "attention_mask", "latent_slots", CA
 
 # generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
 UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+# The prior's sampling settings, read by `generate()` from its keywords, else from the `GenerationConfig` (passed, or
+# the model's: generation_config.json), else from the model's config.
+PRIOR_GENERATION_SETTINGS = ("num_inference_steps", "prior_guidance_scale", "prior_temperature")
 
 
 @dataclass
@@ -553,10 +557,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         latents (`torch.FloatTensor`, *optional*): decode with these instead of prior samples, shaped
             `(B, L, latent_size)` (reused by the k sequences of an input) or `(B·k, L, latent_size)`.
-        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): override the configuration for
-            this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`).
+        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): the prior's sampling settings
+            for this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`). Each is taken from
+            this keyword, else from `generation_config` (as an attribute: `GenerationConfig(prior_temperature=0.5)`),
+            else from `model.generation_config` (saved in generation_config.json), else from `model.config`.
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
+
+        Every call draws new latents, so `do_sample=False` (greedy or beam search) answers two identical calls
+        differently. Repeatable answers: a seeded `latent_generator=torch.Generator().manual_seed(s)` (the same
+        latents for the same seed), `latents=` (decode given latents), or `prior_temperature=0` (the prior's mode:
+        one latent per context, no randomness).
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
 
         On CUDA, greedy search and sampling decode through `_sample`'s captured step (one CUDA graph per token,
@@ -566,6 +577,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a one-off
         run over many shapes, where compiling costs more than it saves).
         """
+        num_inference_steps, prior_guidance_scale, prior_temperature = self._prior_settings(
+            generation_config, num_inference_steps=num_inference_steps, prior_guidance_scale=prior_guidance_scale,
+            prior_temperature=prior_temperature)
         self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                        prior_guidance_scale, prior_temperature, kwargs)
         for name in UNSUPPORTED_GENERATE_ARGS:
@@ -578,7 +592,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         num_sequences = kwargs.get("num_return_sequences")
         if num_sequences is None:
             num_sequences = settings.num_return_sequences or 1
-        kwargs["num_return_sequences"] = 1  # k sequences per input = k prior draws, expanded here
+        # k sequences per input = k prior draws, expanded here; transformers decodes one sequence per row
+        generation_config = self._override_generation(generation_config, kwargs, num_return_sequences=1)
 
         encoder_outputs = kwargs.pop("encoder_outputs", None)
         if encoder_outputs is None and input_ids is None:
@@ -638,6 +653,32 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             generation_config=generation_config,
             **kwargs,
         )
+
+    def _prior_settings(self, generation_config, **values) -> tuple:
+        """`PRIOR_GENERATION_SETTINGS` in that order: each keyword's value, else the attribute of `generation_config`,
+        else of `self.generation_config`, else None (the prior then reads `self.config`)."""
+        resolved = []
+        for name in PRIOR_GENERATION_SETTINGS:
+            value = values[name]
+            for source in (generation_config, self.generation_config):
+                if value is None and source is not None:
+                    value = getattr(source, name, None)
+            resolved.append(value)
+        return tuple(resolved)
+
+    @staticmethod
+    def _override_generation(generation_config, kwargs, **overrides):
+        """Settings `generate()` imposes on transformers' loop: in `kwargs` when no `generation_config` was passed (or
+        the caller passed that keyword too), otherwise on a copy of `generation_config`, since transformers
+        deprecates a `generation_config` together with generation keywords. Returns the config to pass on."""
+        if generation_config is not None and any(name not in kwargs for name in overrides):
+            generation_config = copy.deepcopy(generation_config)
+        for name, value in overrides.items():
+            if generation_config is None or name in kwargs:
+                kwargs[name] = value
+            else:
+                setattr(generation_config, name, value)
+        return generation_config
 
     def _captures_decoding(self, generation_config) -> bool:
         """The captured step (one CUDA graph per token) is for CUDA, unless `disable_compile`."""
@@ -728,6 +769,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         (pipeline_dior.py is copied with the code) and README.md gets the Dior model card unless the folder already
         has one. With `push_to_hub=True` the folder, card included, is then uploaded (`repo_id`, `token`, ...)."""
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        if any(getattr(self.generation_config, name, None) is not None for name in PRIOR_GENERATION_SETTINGS):
+            # a generation config marked as derived from the model config drops its custom entries on loading
+            self.generation_config._from_model_config = False
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
                       if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)

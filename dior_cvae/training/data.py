@@ -201,12 +201,13 @@ def _find_split_file(folder: Path, split: str) -> Path:
 
 
 def load_dailydialog_dir(
-    path: PathLike, splits: Sequence[str] = DEFAULT_SPLITS
+    path: PathLike, splits: Sequence[str] = DEFAULT_SPLITS,
+    exclude_dialogues: Mapping[str, Iterable[int]] | None = None,
 ) -> dict[str, list[Example]]:
     """Load DailyDialog (context, response) pairs from a folder.
 
     For each split the folder must hold one of ``dialogues_{split}.txt``,
-    ``dialogues_{split}.txt.gz`` (the ijcnlp release names) or ``{split}.txt``,
+    ``dialogues_{split}.txt.gz`` (the names in the ijcnlp archive) or ``{split}.txt``,
     ``{split}.txt.gz`` (tried in that order); one dialogue per line, utterances
     separated by ``__eou__``.
 
@@ -215,6 +216,10 @@ def load_dailydialog_dir(
     76,053 / 7,069 / 6,740 pairs and the validation/test pairs, rendered as
     ``" __eou__ ".join(context) + "\\t" + response``, equal PLATO's
     ``dial.valid`` / ``dial.test`` line for line. ``persona`` is always ``[]``.
+
+    ``exclude_dialogues[split]`` names dialogues of that split to leave out by their 1-based line number (the
+    dialogue ids of :func:`dior_cvae.training.clean_split.build_clean_split`, whose
+    ``removed_train_dialogue_ids`` give the clean training split).
 
     Raises:
         FileNotFoundError: a split file is missing (the message names the paths tried).
@@ -227,7 +232,10 @@ def load_dailydialog_dir(
         file = _find_split_file(folder, split)
         examples: list[Example] = []
         dropped = 0
+        excluded = set((exclude_dialogues or {}).get(split, ()))
         for lineno, raw in _read_lines(file):
+            if lineno in excluded:
+                continue
             try:
                 line = _decode(raw, lineno).rstrip("\n")
             except ValueError as exc:
