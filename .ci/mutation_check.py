@@ -88,7 +88,7 @@ MUTANTS = {
         ["tests/test_prior.py::test_condition_dropout_only_in_training"],
     ),
     "diagnostics: mutual information's mixture over the wrong axis": (
-        "dior_cvae/diagnostics.py",
+        "dior_cvae/training/diagnostics.py",
         "torch.logsumexp(log_q, dim=1)",
         "torch.logsumexp(log_q, dim=0)",
         ["tests/test_diagnostics.py"],
