@@ -1,9 +1,10 @@
-"""The fast decoding path of `generate()` on CUDA: one captured CUDA graph per decoding step.
+"""`generate()`'s inputs and decoding path: validation of its arguments, the choice between transformers' loop and
+the captured step, and the captured step itself (one CUDA graph per decoding step).
 
-transformers' sampling loop (`GenerationMixin._sample`) costs the host ≈ 3 ms per token even when the decoder is
-compiled on a static cache: preparing the inputs, updating the keyword arguments, running each logits processor and
-the stopping criteria as separate eager kernels. At batch 1 the GPU work of a bart-base step is a fraction of that.
-Here the whole step — the decoder on transformers' static cache, the logits processors, the token choice and the
+transformers' sampling loop (`GenerationMixin._sample`) costs the host several milliseconds per token even when the
+decoder is compiled on a static cache: preparing the inputs, updating the keyword arguments, running each logits
+processor and the stopping criteria as separate eager kernels, where the GPU work of a small model's step is a
+fraction of that (docs/performance.md). Here the whole step — the decoder on transformers' static cache, the logits processors, the token choice and the
 end-of-sequence bookkeeping — is one function compiled with `mode="reduce-overhead"` (one CUDA-graph replay per
 token), and the host reads the result back only every `SYNC_EVERY` steps, to stop once every row has ended.
 
@@ -30,9 +31,116 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from .dior_compat import CACHE_NAME
+from .utils_dior import CACHE_NAME, check_nonnegative_number, is_int
 
 SYNC_EVERY = 8  # decoding steps between two looks of the host at "has every row ended?"
+
+# generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
+UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+# the model keyword arguments `generate()` hands its decoding loop that the captured step knows
+CAPTURED_STEP_KWARGS = {"encoder_outputs", "attention_mask", "latent_slots", CACHE_NAME, "use_cache"}
+
+
+def validate_generate_inputs(model, input_ids, attention_mask, latents, generation_config, num_inference_steps,
+                             prior_guidance_scale, prior_temperature, kwargs) -> None:
+    """`generate()`'s own arguments: a `ValueError` that names the argument and the value, not a silent default or a
+    bare `IndexError` deep in the model."""
+    config = model.config
+    for name in UNSUPPORTED_GENERATE_ARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"`{name}` is not supported by Dior-CVAE: assisted and lookup decoding verify drafted "
+                             "tokens with a second forward that would need the draft's latent")
+    if input_ids is None and kwargs.get("encoder_outputs") is None:
+        raise ValueError("`generate` needs `input_ids` (the context) or `encoder_outputs`")
+    if input_ids is None and attention_mask is None:
+        raise ValueError("pass `attention_mask` together with `encoder_outputs`")
+    if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
+        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    if prior_guidance_scale is not None:
+        check_nonnegative_number("prior_guidance_scale", prior_guidance_scale)
+    if prior_temperature is not None:
+        check_nonnegative_number("prior_temperature", prior_temperature)
+        if not config.has_latent:
+            raise ValueError('`prior_temperature` was given, but this model has no latent (`prior_type="none"`)')
+    if latents is not None and not config.has_latent:
+        raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
+    settings = generation_config or model.generation_config
+    for name in ("num_return_sequences", "max_new_tokens", "max_length"):
+        value = kwargs.get(name, getattr(settings, name, None))
+        if value is not None and not (is_int(value) and value >= 1):
+            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+    max_new_tokens = kwargs.get("max_new_tokens", getattr(settings, "max_new_tokens", None))
+    if max_new_tokens is not None and max_new_tokens + 1 > config.max_position_embeddings:
+        raise ValueError(f"`max_new_tokens` ({max_new_tokens}) + the decoder start token exceeds "
+                         f"`max_position_embeddings` ({config.max_position_embeddings})")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long, torch.int, torch.int16):
+            raise ValueError(f"`input_ids` must be an integer tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, length), got {tuple(input_ids.shape)}")
+        vocab = model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(f"`input_ids` must lie in [0, {vocab}) (the vocabulary), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        check_length("context", "input_ids", input_ids, config.max_position_embeddings)
+    if attention_mask is not None and input_ids is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"`attention_mask` shape {tuple(attention_mask.shape)} differs from `input_ids` shape "
+                         f"{tuple(input_ids.shape)}")
+    mask = attention_mask if attention_mask is not None else input_ids.ne(config.pad_token_id)
+    if mask.numel():
+        empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"empty context (no unmasked token) in batch row(s) {empty}")
+    if latents is not None:
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise ValueError(f"`latents` must be a floating-point tensor, got {getattr(latents, 'dtype', type(latents))}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("`latents` contain NaN or infinite values")
+
+
+def check_length(what: str, name: str, ids, max_length: int) -> None:
+    """A `ValueError` if the (B, T) `ids` are longer than the model's position table."""
+    if ids is not None and ids.shape[-1] > max_length:
+        raise ValueError(f"{what} of {ids.shape[-1]} tokens (`{name}`) is longer than `max_position_embeddings` "
+                         f"({max_length}); truncate it" + (" (keep the most recent turns)" if what == "context" else ""))
+
+
+def check_latents(latents: torch.Tensor, batch_size: int, config) -> None:
+    expected = (batch_size, config.encoder_layers, config.latent_size)
+    if tuple(latents.shape) != expected:
+        raise ValueError(f"`latents` must have shape {expected} (batch, layers, latent_size), got {tuple(latents.shape)}")
+
+
+def default_to_captured_step(model, generation_config, kwargs) -> bool:
+    """Whether `generate()` should give transformers a static cache, the one the captured step decodes on: greedy or
+    sampled decoding on CUDA, with nothing chosen that the step cannot serve (a cache or cache implementation, beams,
+    a streamer, per-step outputs, `disable_compile`). Whether the step then runs is `captured_step_plan`'s call."""
+    settings = generation_config or model.generation_config
+
+    def setting(name):
+        return kwargs.get(name, getattr(settings, name, None))
+
+    return (model.device.type == "cuda" and setting("cache_implementation") is None
+            and kwargs.get(CACHE_NAME) is None and kwargs.get("past_key_values") is None
+            and setting("num_beams") in (None, 1) and kwargs.get("streamer") is None
+            and not setting("return_dict_in_generate") and not setting("disable_compile"))
+
+
+def captured_step_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                       streamer, model_kwargs) -> tuple | None:
+    """The decision of the decoding path, in `_sample`: (processor specs, stopping plan) when the captured step can
+    decode this call (processors and criteria it knows, no streamer or per-step outputs, a static cache as
+    transformers' own compiled loop would use: `_valid_auto_compile_criteria`), else None for transformers' loop."""
+    specs = processor_specs(logits_processor)
+    stopping = stopping_plan(stopping_criteria)
+    graphable = (
+        specs is not None and stopping is not None and not synced_gpus and streamer is None
+        and not generation_config.return_dict_in_generate and input_ids.shape[1] == 1
+        and set(model_kwargs) <= CAPTURED_STEP_KWARGS and model_kwargs.get("use_cache", True)
+        and model._valid_auto_compile_criteria(model_kwargs, generation_config)
+    )
+    return (specs, stopping) if graphable else None
 
 
 def _token_ids(ids) -> tuple:
@@ -91,9 +199,9 @@ def _vocab_mask(scores: torch.Tensor, token_ids: tuple) -> torch.Tensor:
 
 
 def _cumsum(values: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """`values.cumsum(-1)` for (B, V) as a scan within chunks of `chunk` plus a scan of the chunk totals: inductor's
-    one-pass split scan over a 50 k vocabulary failed to generate code at batch 64 (torch 2.11, H200). Equal to
-    the direct scan up to float rounding (the order of the additions)."""
+    """`values.cumsum(-1)` for (B, V) as a scan within chunks of `chunk` plus a scan of the chunk totals: inductor
+    cannot generate code for its one-pass split scan over a 50 k vocabulary at large batch sizes. Equal to the direct
+    scan up to float rounding (the order of the additions)."""
     batch, vocab = values.shape
     chunks = -(-vocab // chunk)
     within = torch.nn.functional.pad(values, (0, chunks * chunk - vocab)).view(batch, chunks, chunk).cumsum(-1)
@@ -188,8 +296,7 @@ def compiled_decoding_step():
     """`decoding_step` compiled once per process (torch.compile keeps one graph per model, shape and setting), as
     `mode="reduce-overhead"` (CUDA graphs) with inductor emulating every low-precision cast: fused kernels otherwise
     keep float32 intermediates where eager rounds to bf16 (the logits above all), and in a bf16 model sampled tokens
-    then part from transformers' loop (measured on the H200: 69 % of rows equal at batch 64; on the CPU 52 %, and
-    98 % with the emulation, as the eager step on the static cache)."""
+    then part from transformers' loop (docs/performance.md)."""
     return torch.compile(decoding_step, fullgraph=False, dynamic=False,
                          options={"triton.cudagraphs": True, "emulate_precision_casts": True})
 
@@ -222,5 +329,6 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
     return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
 
 
-__all__ = ["SYNC_EVERY", "apply_processors", "compiled_decoding_step", "decode", "decoding_step",
-           "pad_memory_to_bucket", "processor_specs", "stopping_plan"]
+__all__ = ["SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents", "check_length",
+           "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step", "pad_memory_to_bucket",
+           "processor_specs", "stopping_plan", "validate_generate_inputs"]

@@ -5,7 +5,7 @@ log signal-to-noise ratio λ = log(α²/σ²), with α² = sigmoid(λ), σ² = s
 
     z_λ = α_λ x + σ_λ ε,   λ ∈ [log_snr_min, log_snr_max]   (log_snr_min: almost pure noise; log_snr_max: almost x)
 
-Training needs no time grid: the prior's bound depends on the end points only (see `dior_prior`). Sampling walks a
+Training needs no time grid: the prior's bound depends on the end points only (see `prior_dior`). Sampling walks a
 grid of `num_inference_steps` steps uniform in λ from `log_snr_min` to `log_snr_max` (`log_snr_grid`): every step
 count starts from pure noise ("trailing" spacing in diffusers' terms; a 1-step sampler is a one-shot denoiser, not
 N(0, I)).

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import Seq2SeqTrainer, TrainerCallback
 
-from .dior_compat import compiled_training_problem
+from .utils_dior import compiled_training_problem
 from .generation_dior import length_bucket
 
 # ---------------------------------------------------------------------------------------------------------------

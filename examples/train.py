@@ -78,9 +78,9 @@ from dior_cvae.data import (
     train_tokenizer,
 )
 from dior_cvae.diagnostics import latent_statistics
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 from dior_cvae.metrics import score_generations
-from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
+from dior_cvae.hub_dior import METRIC_NAMES, eval_results, model_card
 from dior_cvae.training_utils import (
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
@@ -756,7 +756,7 @@ def prune_checkpoints(output_dir: Path, run_id: str, limit: int | None) -> None:
 
 
 def write_model_card(args, output_dir: Path, info: dict) -> None:
-    """README.md: the Dior model card (`dior_cvae.modelcard_dior.model_card`) with this run's data, training
+    """README.md: the Dior model card (`dior_cvae.hub_dior.model_card`) with this run's data, training
     procedure, results and samples."""
     results, split, config = info["results"], info["results_split"], info["config"]
     repo_id = args.hub_model_id or output_dir.name

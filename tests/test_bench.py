@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 

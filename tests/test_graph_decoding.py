@@ -160,12 +160,14 @@ def test_the_cpu_default_is_transformers_loop(model, contexts, monkeypatch):
     monkeypatch.setattr(modeling_dior, "decode", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     model.generate(contexts, do_sample=True, max_new_tokens=4)
-    assert calls == [] and not model._default_to_graph_decoding(None, {})
+    assert calls == [] and not generation_dior.default_to_captured_step(model, None, {})
 
 
 def test_the_cuda_default_is_chosen_only_where_the_captured_step_can_serve(model, monkeypatch):
     monkeypatch.setattr(DiorCVAEForConditionalGeneration, "device", property(lambda self: torch.device("cuda")))
-    default = model._default_to_graph_decoding
+    def default(generation_config, kwargs):
+        return generation_dior.default_to_captured_step(model, generation_config, kwargs)
+
     assert default(None, {}) and default(None, {"do_sample": True, "top_k": 50})
     from transformers import GenerationConfig, TextStreamer
 
