@@ -16,6 +16,7 @@ are those of transformers' loop under the same seed: the processors below are tr
 token choice is the same `torch.multinomial` / `argmax` on the same probabilities.
 """
 
+import copy
 import functools
 import math
 
@@ -38,8 +39,39 @@ SYNC_EVERY = 8  # decoding steps between two looks of the host at "has every row
 # generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
 UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
+# The prior's sampling settings, read by `generate()` from its keywords, else from the `GenerationConfig` (passed, or
+# the model's: generation_config.json), else from the model's config.
+PRIOR_GENERATION_SETTINGS = ("num_inference_steps", "prior_guidance_scale", "prior_temperature")
+
 # the model keyword arguments `generate()` hands its decoding loop that the captured step knows
 CAPTURED_STEP_KWARGS = {"encoder_outputs", "attention_mask", "latent_slots", CACHE_NAME, "use_cache"}
+
+
+def prior_settings(model, generation_config, **values) -> tuple:
+    """`PRIOR_GENERATION_SETTINGS` in that order: each keyword's value, else the attribute of `generation_config`,
+    else of `model.generation_config`, else None (the prior then reads `model.config`)."""
+    resolved = []
+    for name in PRIOR_GENERATION_SETTINGS:
+        value = values[name]
+        for source in (generation_config, model.generation_config):
+            if value is None and source is not None:
+                value = getattr(source, name, None)
+        resolved.append(value)
+    return tuple(resolved)
+
+
+def override_generation(generation_config, kwargs, **overrides):
+    """Settings `generate()` imposes on transformers' loop: in `kwargs` when no `generation_config` was passed (or the
+    caller passed that keyword too), otherwise on a copy of `generation_config`, since transformers deprecates a
+    `generation_config` together with generation keywords. Returns the config to pass on."""
+    if generation_config is not None and any(name not in kwargs for name in overrides):
+        generation_config = copy.deepcopy(generation_config)
+    for name, value in overrides.items():
+        if generation_config is None or name in kwargs:
+            kwargs[name] = value
+        else:
+            setattr(generation_config, name, value)
+    return generation_config
 
 
 def validate_generate_inputs(model, input_ids, attention_mask, latents, generation_config, num_inference_steps,
@@ -329,6 +361,6 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
     return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
 
 
-__all__ = ["SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents", "check_length",
-           "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step", "pad_memory_to_bucket",
-           "processor_specs", "stopping_plan", "validate_generate_inputs"]
+__all__ = ["PRIOR_GENERATION_SETTINGS", "SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents", "check_length",
+           "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step", "override_generation",
+           "pad_memory_to_bucket", "prior_settings", "processor_specs", "stopping_plan", "validate_generate_inputs"]

@@ -37,12 +37,15 @@ from .attention_dior import (
 )
 from .configuration_dior import DiorCVAEConfig
 from .generation_dior import (
+    PRIOR_GENERATION_SETTINGS,
     captured_step_plan,
     check_latents,
     check_length,
     decode,
     default_to_captured_step,
+    override_generation,
     pad_memory_to_bucket,
+    prior_settings,
     validate_generate_inputs,
 )
 from .hub_dior import push_model, save_with_card
@@ -302,8 +305,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def posterior(self, context_vectors, labels, generator=None) -> PosteriorSample:
         """A draw of the posterior q(z | c, r) given the pooled context (B, L, d) and the responses `labels` (as in
         `forward`, padding = -100): (latents (B, L, ls), its DiagonalGaussian over (B, L, ls), layer summaries)."""
-        _, response_vectors = self.encode(self._response_ids(labels), labels.ne(-100).long())
-        return self.hierarchy.posterior_sample(context_vectors, response_vectors, generator)
+        return self.hierarchy.posterior_sample(context_vectors, self.encode_response(labels), generator)
+
+    def encode_response(self, labels):
+        """The pooled response vectors (B, L, d) of `labels` (padding = -100): the posterior's other condition."""
+        return self.encode(self._response_ids(labels), labels.ne(-100).long())[1]
 
     def _latents_and_kl(self, encoded: Encoded, labels, latents, kl_weight) -> tuple[torch.Tensor, KLLoss | None]:
         """`forward`'s latents: given, or a posterior draw with its KL term (with `labels`), or a prior draw."""
@@ -470,10 +476,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         latents (`torch.FloatTensor`, *optional*): decode with these instead of prior samples, shaped
             `(B, L, latent_size)` (reused by the k sequences of an input) or `(B·k, L, latent_size)`.
-        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): override the configuration for
-            this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`).
+        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): the prior's sampling settings
+            for this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`). Each is taken from
+            this keyword, else from `generation_config` (as an attribute: `GenerationConfig(prior_temperature=0.5)`),
+            else from `model.generation_config` (saved in generation_config.json), else from `model.config`.
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
+
+        Every call draws new latents, so `do_sample=False` (greedy or beam search) answers two identical calls
+        differently. Repeatable answers: a seeded `latent_generator=torch.Generator().manual_seed(s)` (the same
+        latents for the same seed), `latents=` (decode given latents), or `prior_temperature=0` (the prior's mode:
+        one latent per context, no randomness).
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
 
         On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
@@ -482,13 +495,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         size. `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a
         one-off run over many shapes, where compiling costs more than it saves).
         """
+        num_inference_steps, prior_guidance_scale, prior_temperature = prior_settings(
+            self, generation_config, num_inference_steps=num_inference_steps,
+            prior_guidance_scale=prior_guidance_scale, prior_temperature=prior_temperature)
         validate_generate_inputs(self, input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                  prior_guidance_scale, prior_temperature, kwargs)
         settings = generation_config or self.generation_config
         num_sequences = kwargs.get("num_return_sequences")
         if num_sequences is None:
             num_sequences = settings.num_return_sequences or 1
-        kwargs["num_return_sequences"] = 1  # k sequences per input = k prior draws, expanded here
+        # k sequences per input = k prior draws, expanded here; transformers decodes one sequence per row
+        generation_config = override_generation(generation_config, kwargs, num_return_sequences=1)
 
         encoder_outputs = kwargs.pop("encoder_outputs", None)
         if attention_mask is None:
@@ -530,7 +547,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:
                 memory_mask = self.memory_dropout_mask(memory_mask, latent_generator)
         if default_to_captured_step(self, generation_config, kwargs):
-            kwargs["cache_implementation"] = "static"  # the fast path: `_sample` replays one CUDA graph per token
+            # the fast path: `_sample` replays one CUDA graph per token
+            generation_config = override_generation(generation_config, kwargs, cache_implementation="static")
+        settings = generation_config or self.generation_config
         if self.device.type == "cuda" and kwargs.get("cache_implementation", settings.cache_implementation) == "static":
             # compiled per memory length: a few buckets instead of one graph per context length
             memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
@@ -569,6 +588,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         """transformers' `save_pretrained`, plus: config.json names the `dialog-generation` pipeline
         (pipeline_dior.py is copied with the code) and README.md gets the Dior model card unless the folder already
         has one. With `push_to_hub=True` the folder, card included, is then uploaded (`repo_id`, `token`, ...)."""
+        if any(getattr(self.generation_config, name, None) is not None for name in PRIOR_GENERATION_SETTINGS):
+            # a generation config marked as derived from the model config drops its custom entries on loading
+            self.generation_config._from_model_config = False
         return save_with_card(super().save_pretrained, self.config, save_directory, *args, push_to_hub=push_to_hub,
                               **kwargs)
 

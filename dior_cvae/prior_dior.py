@@ -11,9 +11,9 @@ p(z | c). Three priors (`config.prior_type`):
 The denoiser f_φ(z_λ, λ, e_c) sees the noisy concatenated latent z_λ (B, E), the noise level through sinusoidal
 features of λ and a small MLP, and the condition e_c = all layers' pooled context vectors (B, L·d) through a condition
 MLP; time and condition are summed before meeting z_λ (as in the authors' code), then `denoiser_layers` residual MLP
-blocks. Classifier-free guidance: in training each example's condition is replaced by zeros with probability
-`cfg_dropout`; in sampling every step uses (1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch
-(`DiorDenoiser.sampling_predictor`).
+blocks. Classifier-free guidance: in training (`self.training`) each example's condition is replaced by zeros with
+probability `cfg_dropout` (an evaluated bound keeps every condition); in sampling every step uses
+(1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch (`DiorDenoiser.sampling_predictor`).
 
 The KL term (paper Eq. 16) is E_q[log q(z | c, r)] + the bound below on −log p(z | c), which makes it an honest,
 tight KL estimate. We use VDM's continuous-time bound (Kingma et al. 2021) rather than the authors' T = 50 discrete
@@ -248,7 +248,7 @@ class DiffusionPrior(LatentPrior, nn.Module):
             alpha, sigma = (a.unsqueeze(-1) for a in alpha_sigma(log_snr))
             noise = torch.randn(x.shape, device=x.device, **generator_kwargs(generator))
             noisy = alpha * x + sigma * noise
-            if config.cfg_dropout > 0:
+            if self.training and config.cfg_dropout > 0:  # guidance's unconditional branch is learned in training
                 keep = torch.rand(batch, 1, device=x.device, **generator_kwargs(generator)) >= config.cfg_dropout
                 condition = condition * keep
             prediction = self.denoiser(noisy, log_snr, condition)

@@ -41,6 +41,33 @@ def test_bound_is_tight_for_gaussian_data_with_the_optimal_denoiser(mean, std):
     assert -3 * standard_error - 0.01 < gap_per_dim < 0.1, (gap_per_dim, standard_error)
 
 
+class condition_recorder(ForwardDenoiser):
+    """A denoiser that keeps the conditions it was given and predicts v = 0."""
+
+    def forward(self, noisy, log_snr, condition):
+        self.seen = condition
+        return torch.zeros_like(noisy)
+
+
+def test_condition_dropout_only_in_training():
+    """Classifier-free guidance drops the condition of a `cfg_dropout` share of the rows while training; an evaluated
+    bound (validation loss, eval KL, diagnostics) is −log p(z | c) with every row's condition."""
+    config = DiorCVAEConfig(**tiny_config_kwargs(cfg_dropout=0.5))
+    prior = DiffusionPrior(config)
+    prior.denoiser = condition_recorder()
+    x, condition = torch.randn(4000, config.total_latent_size), torch.rand(4000, 64) + 1.0
+    generator = torch.Generator().manual_seed(0)
+    prior.eval()
+    prior.nll_bound(x, condition, generator=generator)
+    assert torch.equal(prior.denoiser.seen, condition)
+    prior.train()
+    prior.nll_bound(x, condition, generator=generator)
+    dropped = (prior.denoiser.seen == 0).all(-1).float().mean().item()
+    assert abs(dropped - 0.5) < 0.04, dropped  # binomial std ≈ 0.008
+    kept = prior.denoiser.seen.ne(0).all(-1)
+    assert torch.equal(prior.denoiser.seen[kept], condition[kept])
+
+
 def test_an_untrained_prior_is_the_standard_normal():
     """Zero-initialised v-prediction: at the start the KL estimate is the standard Gaussian KL (LSGM's mixed score)."""
     from dior_cvae import DiorCVAEForConditionalGeneration
