@@ -695,7 +695,7 @@ def main(argv=None):
     parser.add_argument("--epoch-data", default="/work/shared/data/dailydialog/plato/dial.train.reconstructed.gz")
     parser.add_argument("--epoch-tokenizer", default="/work/shared/data/tokenizer/bart-base")
     args = parser.parse_args(argv)
-    # Dior runs SDPA without cuDNN (modeling_dior.SDPA_BACKENDS); give plain BART the same kernels
+    # Dior runs SDPA without cuDNN (attention_dior.SDPA_BACKENDS); give plain BART the same kernels
     torch.backends.cuda.enable_cudnn_sdp(False)
 
     results = run(args)

@@ -4,9 +4,10 @@ the captured step, and the captured step itself (one CUDA graph per decoding ste
 transformers' sampling loop (`GenerationMixin._sample`) costs the host several milliseconds per token even when the
 decoder is compiled on a static cache: preparing the inputs, updating the keyword arguments, running each logits
 processor and the stopping criteria as separate eager kernels, where the GPU work of a small model's step is a
-fraction of that (docs/performance.md). Here the whole step — the decoder on transformers' static cache, the logits processors, the token choice and the
-end-of-sequence bookkeeping — is one function compiled with `mode="reduce-overhead"` (one CUDA-graph replay per
-token), and the host reads the result back only every `SYNC_EVERY` steps, to stop once every row has ended.
+fraction of that (docs/performance.md). Here the whole step — the decoder on transformers' static cache, the logits
+processors, the token choice and the end-of-sequence bookkeeping — is one function compiled with
+`mode="reduce-overhead"` (one CUDA-graph replay per token), and the host reads the result back only every
+`SYNC_EVERY` steps, to stop once every row has ended.
 
 It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
 top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
@@ -72,6 +73,15 @@ def override_generation(generation_config, kwargs, **overrides):
         else:
             setattr(generation_config, name, value)
     return generation_config
+
+
+def repeat_rows(tensors, repeats: int):
+    """Each row `repeats` times in a row (`repeat_interleave`), for a tensor or a tuple of tensors (None stays)."""
+    if tensors is None:
+        return None
+    if isinstance(tensors, torch.Tensor):
+        return tensors.repeat_interleave(repeats, dim=0)
+    return tuple(repeat_rows(t, repeats) for t in tensors)
 
 
 def validate_generate_inputs(model, input_ids, attention_mask, latents, generation_config, num_inference_steps,
@@ -361,6 +371,7 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
     return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
 
 
-__all__ = ["PRIOR_GENERATION_SETTINGS", "SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents", "check_length",
-           "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step", "override_generation",
-           "pad_memory_to_bucket", "prior_settings", "processor_specs", "stopping_plan", "validate_generate_inputs"]
+__all__ = ["PRIOR_GENERATION_SETTINGS", "SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents",
+           "check_length", "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step",
+           "override_generation", "pad_memory_to_bucket", "prior_settings", "processor_specs", "repeat_rows",
+           "stopping_plan", "validate_generate_inputs"]

@@ -46,6 +46,7 @@ from .generation_dior import (
     override_generation,
     pad_memory_to_bucket,
     prior_settings,
+    repeat_rows,
     validate_generate_inputs,
 )
 from .hub_dior import push_model, save_with_card
@@ -516,20 +517,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 input_ids, attention_mask, output_attentions=kwargs.get("output_attentions")
             )
         batch_size = attention_mask.shape[0]
-
-        def expand(tensors):
-            if tensors is None:
-                return None
-            if isinstance(tensors, torch.Tensor):
-                return tensors.repeat_interleave(num_sequences, dim=0)
-            return tuple(expand(t) for t in tensors)
-
         memory = BaseModelOutput(
-            last_hidden_state=expand(encoder_outputs.last_hidden_state),
-            hidden_states=expand(encoder_outputs.hidden_states) if kwargs.get("output_hidden_states") else None,
-            attentions=expand(encoder_outputs.attentions),
+            last_hidden_state=repeat_rows(encoder_outputs.last_hidden_state, num_sequences),
+            hidden_states=repeat_rows(encoder_outputs.hidden_states, num_sequences)
+            if kwargs.get("output_hidden_states") else None,
+            attentions=repeat_rows(encoder_outputs.attentions, num_sequences),
         )
-        memory_mask = expand(attention_mask)
+        memory_mask = repeat_rows(attention_mask, num_sequences)
 
         latent_slots = None
         if self.config.has_latent:
@@ -537,11 +531,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 if context_vectors is None:
                     context_vectors = self.pool_layers(encoder_outputs, attention_mask)
                 latents = self.sample_latents(
-                    expand(context_vectors), num_inference_steps, prior_guidance_scale, latent_generator,
-                    prior_temperature, compile=not kwargs.get("disable_compile", settings.disable_compile),
+                    repeat_rows(context_vectors, num_sequences), num_inference_steps, prior_guidance_scale,
+                    latent_generator, prior_temperature,
+                    compile=not kwargs.get("disable_compile", settings.disable_compile),
                 )
             elif latents.shape[0] == batch_size and num_sequences > 1:
-                latents = expand(latents)
+                latents = repeat_rows(latents, num_sequences)
             check_latents(latents, batch_size * num_sequences, self.config)
             latent_slots = self.project_latent_slots(latents.to(memory.last_hidden_state.dtype))  # once, for every step
             if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:

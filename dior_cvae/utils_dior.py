@@ -48,7 +48,8 @@ def check_transformers_version(version: str | None = None) -> None:
         _warned_untested = True
         warnings.warn(
             f"Dior-CVAE is tested with transformers >= {low}, < {high}; this environment has transformers {version}. "
-            "Continuing: newer versions are expected to work; please report a failure with the version.",
+            "Continuing: newer versions are expected to work; report a failure with the version to the model's "
+            "authors.",
             UserWarning, stacklevel=2,
         )
 
@@ -71,8 +72,7 @@ def accepts_past_key_values(method):
         return deprecate_kwarg("past_key_values", version="5.24.0", new_name="cache",
                                warn_if_greater_or_equal_version=True)(method)
     # "deprecated since the installed version", without a warning: a silent rename
-    return deprecate_kwarg("past_key_values", version=Version(transformers.__version__).base_version,
-                           new_name="cache")(method)
+    return deprecate_kwarg("past_key_values", version=transformers.__version__, new_name="cache")(method)
 
 
 def pop_cache(kwargs: dict):
