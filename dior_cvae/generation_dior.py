@@ -7,7 +7,8 @@ processor and the stopping criteria as separate eager kernels, where the GPU wor
 fraction of that (docs/performance.md). Here the whole step — the decoder on transformers' static cache, the logits
 processors, the token choice and the end-of-sequence bookkeeping — is one function compiled with
 `mode="reduce-overhead"` (one CUDA-graph replay per token), and the host reads the result back only every
-`SYNC_EVERY` steps, to stop once every row has ended.
+`SYNC_EVERY` steps, to stop once every row has ended (the steps run past the end are cut from the output and their
+random draws undone: see `decode`).
 
 It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
 top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
@@ -154,35 +155,41 @@ def check_latents(latents: torch.Tensor, batch_size: int, config) -> None:
         raise ValueError(f"`latents` must have shape {expected} (batch, layers, latent_size), got {tuple(latents.shape)}")
 
 
-def default_to_captured_step(model, generation_config, kwargs) -> bool:
-    """Whether `generate()` should give transformers a static cache, the one the captured step decodes on: greedy or
-    sampled decoding on CUDA, with nothing chosen that the step cannot serve (a cache or cache implementation, beams,
-    a streamer, per-step outputs, `disable_compile`). Whether the step then runs is `captured_step_plan`'s call."""
-    settings = generation_config or model.generation_config
-
-    def setting(name):
-        return kwargs.get(name, getattr(settings, name, None))
-
-    return (model.device.type == "cuda" and setting("cache_implementation") is None
-            and kwargs.get(CACHE_NAME) is None and kwargs.get("past_key_values") is None
-            and setting("num_beams") in (None, 1) and kwargs.get("streamer") is None
-            and not setting("return_dict_in_generate") and not setting("disable_compile"))
+def captures_decoding(model, generation_config) -> bool:
+    """The captured step (one CUDA graph per token) is for CUDA, unless `disable_compile`."""
+    return model.device.type == "cuda" and not generation_config.disable_compile
 
 
 def captured_step_plan(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
                        streamer, model_kwargs) -> tuple | None:
-    """The decision of the decoding path, in `_sample`: (processor specs, stopping plan) when the captured step can
-    decode this call (processors and criteria it knows, no streamer or per-step outputs, a static cache as
-    transformers' own compiled loop would use: `_valid_auto_compile_criteria`), else None for transformers' loop."""
+    """The one decision of the decoding path, taken in `_sample`: (processor specs, stopping plan) where the captured
+    step serves the call (on CUDA: `captures_decoding`; the processors and criteria it knows, no streamer or per-step
+    outputs, no cache passed in and no cache implementation but "static"), else None: transformers' loop, with the
+    cache transformers made for it and the memory as encoded."""
     specs = processor_specs(logits_processor)
     stopping = stopping_plan(stopping_criteria)
+    cache = model_kwargs.get(CACHE_NAME)
     graphable = (
-        specs is not None and stopping is not None and not synced_gpus and streamer is None
+        captures_decoding(model, generation_config)
+        and specs is not None and stopping is not None and not synced_gpus and streamer is None
         and not generation_config.return_dict_in_generate and input_ids.shape[1] == 1
         and set(model_kwargs) <= CAPTURED_STEP_KWARGS and model_kwargs.get("use_cache", True)
-        and model._valid_auto_compile_criteria(model_kwargs, generation_config)
+        and generation_config.cache_implementation in (None, "static")
+        and not getattr(cache, "_is_user_defined", False)
     )
     return (specs, stopping) if graphable else None
+
+
+def captured_step_inputs(model, input_ids, generation_config, model_kwargs: dict) -> dict:
+    """`model_kwargs` for the captured step: the memory padded to a length bucket (the step is compiled per memory
+    length: a few buckets instead of one graph per context length) and a static cache of its own."""
+    memory, memory_mask = pad_memory_to_bucket(model_kwargs["encoder_outputs"], model_kwargs["attention_mask"],
+                                               model.config.max_position_embeddings)
+    model_kwargs = {**model_kwargs, "encoder_outputs": memory, "attention_mask": memory_mask}
+    max_cache_len = max(generation_config.max_length - 1, getattr(generation_config, "max_cache_len", None) or 0)
+    model_kwargs[CACHE_NAME] = model._prepare_static_cache("static", input_ids.shape[0], max_cache_len, None,
+                                                           model_kwargs)
+    return model_kwargs
 
 
 def _token_ids(ids) -> tuple:
@@ -343,12 +350,29 @@ def compiled_decoding_step():
                          options={"triton.cudagraphs": True, "emulate_precision_casts": True})
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The global RNG state of `device` (host-side: no synchronisation on CUDA)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, do_sample: bool, pad_token_id: int,
            step=None) -> torch.LongTensor:
     """Decode from `input_ids` (B, 1: the decoder start) to at most `max_length` tokens with the static cache in
     `model_kwargs`; returns (B, T) like transformers' loop: rows that ended are padded, and the sequences stop after
     the first step at which every row has ended. `step`: the step function for steps after the first (default: the
-    compiled one); the first step, which fills the cross-attention cache, runs eagerly."""
+    compiled one); the first step, which fills the cross-attention cache, runs eagerly.
+
+    The host looks at "has every row ended?" only every `SYNC_EVERY` steps, so up to `SYNC_EVERY - 1` steps run
+    after the last row ended; when sampling, the global RNG is then set back to its state after the step that ended
+    the last row, so that it has drawn exactly what transformers' loop draws (the next call, and any later draw,
+    sees the same random numbers under either loop)."""
     max_length, eos = stopping
     step = compiled_decoding_step() if step is None else step
     cache = model_kwargs[CACHE_NAME]
@@ -356,7 +380,7 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
     memory_mask, latent_slots = model_kwargs.get("attention_mask"), model_kwargs.get("latent_slots")
     tokens = input_ids[:, -1]
     unfinished = torch.ones_like(tokens, dtype=torch.bool)
-    generated, alive = [], []
+    generated, alive, rng_states = [], [], []
     for index in range(max_length - input_ids.shape[1]):
         run = decoding_step if index == 0 else step
         tokens, unfinished = run(model, tokens, memory, memory_mask, latent_slots, cache, unfinished, specs,
@@ -364,14 +388,19 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
         tokens, unfinished = tokens.clone(), unfinished.clone()  # a graph's outputs are overwritten by its next replay
         generated.append(tokens)
         alive.append(unfinished)
+        if do_sample:
+            rng_states.append(_rng_state(tokens.device))
         if (index + 1) % SYNC_EVERY == 0 and not bool(unfinished.any()):
             break
     ended = (~torch.stack(alive)).all(dim=1).nonzero()  # steps after which every row had ended
     steps = int(ended[0]) + 1 if ended.numel() else len(generated)
+    if do_sample and steps < len(generated):
+        _set_rng_state(rng_states[steps - 1], tokens.device)
     return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
 
 
-__all__ = ["PRIOR_GENERATION_SETTINGS", "SYNC_EVERY", "apply_processors", "captured_step_plan", "check_latents",
-           "check_length", "compiled_decoding_step", "decode", "decoding_step", "default_to_captured_step",
+__all__ = ["PRIOR_GENERATION_SETTINGS", "SYNC_EVERY", "apply_processors", "captured_step_inputs", "captured_step_plan", "captures_decoding",
+           "check_latents",
+           "check_length", "compiled_decoding_step", "decode", "decoding_step",
            "override_generation", "pad_memory_to_bucket", "prior_settings", "processor_specs", "repeat_rows",
            "stopping_plan", "validate_generate_inputs"]

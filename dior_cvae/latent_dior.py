@@ -115,7 +115,8 @@ class DiagonalGaussian:
         return self.mean + self.log_std.exp() * noise
 
     def entropy(self) -> torch.Tensor:
-        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+        """Summed in float32: a bf16 sum of 64 log σ ≈ −40 would round it to ±0.125 nats."""
+        return (self.log_std.float() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         standardized = (value - self.mean) * torch.exp(-self.log_std)

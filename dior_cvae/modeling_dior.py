@@ -38,13 +38,12 @@ from .attention_dior import (
 from .configuration_dior import DiorCVAEConfig
 from .generation_dior import (
     PRIOR_GENERATION_SETTINGS,
+    captured_step_inputs,
     captured_step_plan,
     check_latents,
     check_length,
     decode,
-    default_to_captured_step,
     override_generation,
-    pad_memory_to_bucket,
     prior_settings,
     repeat_rows,
     validate_generate_inputs,
@@ -490,11 +489,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         one latent per context, no randomness).
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
 
-        On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
-        (one CUDA graph per token, generation_dior.py; the memory padded to a length bucket); the first call per
-        batch size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch
-        size. `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a
-        one-off run over many shapes, where compiling costs more than it saves).
+        On CUDA, greedy search and sampling decode through `_sample`'s captured step (one CUDA graph per token,
+        generation_dior.py, on a static cache with the memory padded to a length bucket) wherever it serves the call
+        (see `_sample`); otherwise transformers' own loop runs as transformers sets it up. The first call per batch
+        size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch size.
+        `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a one-off
+        run over many shapes, where compiling costs more than it saves).
         """
         num_inference_steps, prior_guidance_scale, prior_temperature = prior_settings(
             self, generation_config, num_inference_steps=num_inference_steps,
@@ -541,13 +541,6 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             latent_slots = self.project_latent_slots(latents.to(memory.last_hidden_state.dtype))  # once, for every step
             if self.config.memory_dropout_at_inference and self.config.memory_dropout > 0:
                 memory_mask = self.memory_dropout_mask(memory_mask, latent_generator)
-        if default_to_captured_step(self, generation_config, kwargs):
-            # the fast path: `_sample` replays one CUDA graph per token
-            generation_config = override_generation(generation_config, kwargs, cache_implementation="static")
-        settings = generation_config or self.generation_config
-        if self.device.type == "cuda" and kwargs.get("cache_implementation", settings.cache_implementation) == "static":
-            # compiled per memory length: a few buckets instead of one graph per context length
-            memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
             encoder_outputs=memory,
             attention_mask=memory_mask,
@@ -558,13 +551,15 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        """Greedy search and sampling: the captured step (generation_dior.py) where `captured_step_plan` says it can
-        serve this call, else transformers' loop."""
+        """Greedy search and sampling: on CUDA the captured step (generation_dior.py), one CUDA graph per token on a
+        static cache of its own, where `captured_step_plan` says it serves this call; else transformers' loop, as
+        transformers set it up. `disable_compile=True` opts out."""
         plan = captured_step_plan(self, input_ids, logits_processor, stopping_criteria, generation_config,
                                   synced_gpus, streamer, model_kwargs)
         if plan is None:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        model_kwargs = captured_step_inputs(self, input_ids, generation_config, model_kwargs)
         pad = generation_config._pad_token_tensor
         return decode(self, input_ids, model_kwargs, *plan, bool(generation_config.do_sample),
                       0 if pad is None else int(pad))

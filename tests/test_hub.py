@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config_kwargs
+from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
 from dior_cvae.data import train_tokenizer
@@ -70,7 +70,7 @@ def test_pipeline_from_a_saved_folder_in_a_fresh_process(saved, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     result = subprocess.run([sys.executable, "-I", "-c", PIPELINE_IN_FRESH_PROCESS, str(folder), str(tmp_path / "o")],
-                            cwd="/", env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                            cwd="/", env=env, capture_output=True, text=True, timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "o").read_text())
     hub = out["hub"]
