@@ -175,19 +175,21 @@ def save_with_card(save_pretrained, config, save_directory, *args, push_to_hub: 
 
 
 def upload_model_folder(folder, repo_id: str | None = None, *, keep_hub_card: bool = False, token=None, private=None,
-                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False):
+                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False,
+                        ignore_patterns=None):
     """Create the Hub repo if needed (default name: the folder's) and upload `folder` with its README.md; with
-    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded."""
+    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded.
+    `ignore_patterns`: files of `folder` not to upload (e.g. a training run's checkpoints)."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
                               exist_ok=True).repo_id
-    ignore = None
+    ignore = list(ignore_patterns or [])
     if keep_hub_card:
         try:
-            ignore = ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else None
+            ignore += ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else []
         except EntryNotFoundError:
             pass
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore, revision=revision,
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore or None, revision=revision,
                              commit_message=commit_message or "Upload Dior-CVAE model", create_pr=create_pr,
                              commit_description=commit_description)
 

@@ -2,7 +2,7 @@
 
 Each input line is ``{"context": str | list[str], "reference": str | list[str],
 "samples": list[str]}`` (as written by ``examples/generate.py``). Prints one JSON
-object of metrics (see ``dior_cvae.metrics.score_generations``): bleu1, bleu2,
+object of metrics (see ``dior_cvae.training.metrics.score_generations``): bleu1, bleu2,
 distinct1, distinct2, entropy1, entropy2, entropy3, relevance, self_bleu5 and
 sample_cosine5 (rows with >= 2 samples), and with ``--multiref_file``
 multiref_bleu1, multiref_bleu2, multiref_matched, multiref_fraction.
@@ -16,7 +16,7 @@ Usage:
         [--latent_model MODEL_DIR --dataset_dir DIR [--latent_split validation] [--latent_plot latents.png]]
 
 ``--multiref_file`` attaches the 5 DailyDialog++ references to every row whose
-context matches a DailyDialog++ context (``dior_cvae.metrics.MultirefIndex``:
+context matches a DailyDialog++ context (``dior_cvae.training.metrics.MultirefIndex``:
 case, whitespace and ’/' ignored; the DailyDialog++ context must equal the row's
 whole context or its last turns). The row's own reference is kept for bleu1/2;
 multiref_bleu1/2 score the matched rows only, against the 5 references. On the
@@ -56,7 +56,7 @@ import random
 import shlex
 import sys
 
-from dior_cvae.metrics import (
+from dior_cvae.training.metrics import (
     MultirefIndex,
     load_embedding_model,
     load_multiref_references,
@@ -91,7 +91,7 @@ def check_multiref_fraction(matched: int, total: int, path: str, min_fraction: f
 
 def load_train_responses(dataset_dir: str) -> list[str]:
     """The responses of DailyDialog's train split in ``dataset_dir``."""
-    from dior_cvae.data import load_dailydialog_dir
+    from dior_cvae.training.data import load_dailydialog_dir
 
     return [ex["response"] for ex in load_dailydialog_dir(dataset_dir, splits=["train"])["train"]]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dior_cvae.data import load_dailydialog_dir
+from dior_cvae.training.data import load_dailydialog_dir
 from dior_cvae.training import clean_split as cs
 from dior_cvae.training.clean_split import build_clean_split, load_dailydialog_pp, normalize_text
 from dior_cvae.training.eval_sets import load_eval_set

@@ -138,7 +138,7 @@ def test_sample_latents_in_a_bf16_model(sampler):
 
 
 def test_deferred_readback_returns_the_previous_update_without_waiting():
-    from dior_cvae.training_utils import DeferredReadback
+    from dior_cvae.training.compiled import DeferredReadback
 
     readback = DeferredReadback(torch.device("cuda"))
     assert readback.push(torch.tensor([0.0, 2.5], device="cuda"), 1) is None  # nothing earlier yet
@@ -170,7 +170,7 @@ def test_compiled_training_step_replays_cuda_graphs_and_matches_eager():
       updates train (the loss of a fixed batch falls)."""
     from torch._dynamo.utils import counters
 
-    from dior_cvae.training_utils import CompiledTrainingForward
+    from dior_cvae.training.compiled import CompiledTrainingForward
 
     device = torch.device("cuda")
     model = build(device, torch.float32, memory_dropout=0.0).train()

@@ -5,7 +5,7 @@ import math
 import torch
 
 from dior_cvae import DiorCVAEConfig
-from dior_cvae.diagnostics import mutual_information
+from dior_cvae.training.diagnostics import mutual_information
 from dior_cvae.latent_dior import HierarchicalLatents
 
 from conftest import tiny_config_kwargs

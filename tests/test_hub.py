@@ -14,7 +14,7 @@ import yaml
 from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.data import train_tokenizer
+from dior_cvae.training.data import train_tokenizer
 
 TURNS = ["Hi , how are you ?", "Fine , thanks . And you ?", "I am good ."]
 

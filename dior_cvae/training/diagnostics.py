@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .latent_dior import DiagonalGaussian
+from ..latent_dior import DiagonalGaussian
 
 
 @torch.no_grad()
