@@ -3,7 +3,7 @@
 The denoiser f_φ(z_λ, λ, e_c) sees the noisy concatenated latent z_λ (B, E), the noise level through sinusoidal
 features of λ and a small MLP, and the condition e_c = all layers' pooled context vectors (B, L·d) through a condition
 MLP; time and condition are summed before meeting z_λ (as in the authors' code), then `denoiser_layers` residual MLP
-blocks. Classifier-free guidance: in training each example's condition is replaced by zeros with probability
+blocks. Classifier-free guidance: in training (only) each example's condition is replaced by zeros with probability
 `cfg_dropout`; in sampling every step uses (1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch
 (`DiorDenoiser.sampling_predictor`).
 
@@ -164,7 +164,7 @@ class DiffusionPrior(nn.Module):
             alpha, sigma = (a.unsqueeze(-1) for a in alpha_sigma(log_snr))
             noise = torch.randn(x.shape, device=x.device, **rng(generator))
             noisy = alpha * x + sigma * noise
-            if config.cfg_dropout > 0:
+            if config.cfg_dropout > 0 and self.training:  # guidance's unconditional branch: a training device
                 keep = torch.rand(batch, 1, device=x.device, **rng(generator)) >= config.cfg_dropout
                 condition = condition * keep
             prediction = self.denoiser(noisy, log_snr, condition)
