@@ -146,7 +146,8 @@ class LatentPrior:
 
     `sample` takes `None` for a setting to use the configuration's (`prior_temperature`, `num_inference_steps`,
     `prior_guidance_scale`); a prior without that setting ignores it. `has_weights`: whether the prior has weights
-    to fit to the posterior samples (see `latent_dior.kl_loss`)."""
+    to fit to the posterior samples (see `latent_dior.kl_loss`). The two Gaussian priors also give their density:
+    `distribution(summaries, context_vectors)`, a `DiagonalGaussian` over (B, L, ls)."""
 
     has_weights = True
     config = None
@@ -174,6 +175,10 @@ class StandardPrior(LatentPrior, nn.Module):
         super().__init__()
         self.config = config
 
+    def distribution(self, summaries, context_vectors) -> DiagonalGaussian:
+        """N(0, I) over the shape of the layer summaries (B, L, ls)."""
+        return DiagonalGaussian.standard(summaries)
+
     def kl(self, posterior, context_vectors, generator=None) -> KLEstimate:
         distribution = posterior.distribution
         return KLEstimate(distribution.kl(DiagonalGaussian.standard(distribution.mean)).sum(-1), None, None)
@@ -198,8 +203,12 @@ class GaussianPrior(GaussianHeads, LatentPrior):
         self.config = config
         self.ancestral = ancestral
 
+    def distribution(self, summaries, context_vectors) -> DiagonalGaussian:
+        """p(z_l | z_<l, c) of every layer at once, given the summaries h_l (B, L, ls) of z_<l: over (B, L, ls)."""
+        return DiagonalGaussian.from_params(self(summaries, context_vectors))
+
     def kl(self, posterior, context_vectors, generator=None) -> KLEstimate:
-        prior = DiagonalGaussian.from_params(self(posterior.summaries, context_vectors))
+        prior = self.distribution(posterior.summaries, context_vectors)
         return KLEstimate(posterior.distribution.kl(prior).sum(-1), None, None)
 
     def sample(self, context_vectors, generator=None, temperature=None, num_inference_steps=None,

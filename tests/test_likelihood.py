@@ -53,11 +53,8 @@ def integrated_nll(model, input_ids, attention_mask, labels):
                         attention_mask=attention_mask[b: b + 1].expand(n, -1), labels=labels[b: b + 1].expand(n, -1),
                         latents=z)
             log_lik = response_log_likelihood(out.logits, labels[b: b + 1].expand(n, -1)).double()
-            if model.hierarchy.prior is None:
-                mean, log_std = torch.zeros(()), torch.zeros(())
-            else:
-                prior = model.hierarchy.prior_dist(torch.zeros(1, 1, 1), context_vectors[b: b + 1])
-                mean, log_std = prior.mean.view(()), prior.log_std.view(())
+            prior = model.prior.distribution(torch.zeros(1, 1, 1), context_vectors[b: b + 1])  # N(0, I) or learned
+            mean, log_std = prior.mean.view(()), prior.log_std.view(())
             log_prior = (-0.5 * ((grid - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).double()
             integrand = torch.exp(log_lik + log_prior)
             nll.append(-math.log(torch.trapezoid(integrand, grid.double()).item()))
