@@ -41,7 +41,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 from dior_cvae.training.checkpointing import (NonFiniteGuard, TrainingError, load_checkpoint, prepare_output_dir,
                                               prune_checkpoints, save_checkpoint, save_model_folder, trim_log_history,
                                               write_text_atomic)

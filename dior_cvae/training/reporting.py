@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..modelcard_dior import METRIC_NAMES, eval_results, model_card, upload_model_folder
+from ..hub_dior import METRIC_NAMES, eval_results, model_card, upload_model_folder
 from .checkpointing import TrainingError, write_text_atomic
 from .evaluation import LOSS_KEYS, format_samples
 
@@ -108,7 +108,7 @@ def write_eval_results(output_dir: Path, values: dict, keep: bool = False) -> No
 
 
 def write_model_card(args, output_dir: Path, model, accelerator, info: dict) -> None:
-    """README.md: the Dior model card (`modelcard_dior.model_card`) with the data, training procedure, results and
+    """README.md: the Dior model card (`hub_dior.model_card`) with the data, training procedure, results and
     samples of the run of `args` (train.py's arguments) that trained `model`; `info` holds what the run measured."""
     results, split, config = info["results"], info["results_split"], model.config
     counts = {name: len(examples) for name, examples in info["splits"].items()}
