@@ -14,6 +14,8 @@ layer's slot key/value (`latent_slots`), decode with any HF strategy.
 """
 
 import copy
+import json
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -60,7 +62,9 @@ class DiorCVAEOutput(Seq2SeqLMOutput):
             `rc_loss` when `latents` are given too: the KL is a property of the posterior, not of given latents).
         rc_loss (`torch.FloatTensor`): reconstruction cross-entropy, summed over tokens, averaged over examples.
         kl_loss (`torch.FloatTensor`): KL term per example, averaged; for the diffusion prior it is
-            `neg_entropy + prior_loss` (Eq. 16).
+            `neg_entropy + prior_loss` (Eq. 16), a one-sample Monte-Carlo estimate (one posterior sample, one noise
+            level and noise draw per example): its expectation is the KL, ≥ 0, but one example's value, and so a
+            single example's `loss`, can be negative. Average over many examples (an evaluation set) to read it.
         neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] = −entropy of the posterior (diffusion prior only).
         prior_loss (`torch.FloatTensor`): the bound on −log p(z | c) of the posterior samples (diffusion prior only).
         latents (`torch.FloatTensor` of shape `(batch_size, num_layers, latent_size)`): the latents decoded with.
@@ -773,6 +777,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
                       if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
+        _give_weights_umask_permissions(save_directory)
         write_model_card_if_missing(self.config, save_directory)
         if push_to_hub:
             return upload_model_folder(save_directory, **hub_kwargs)
@@ -783,6 +788,23 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         the one `examples/train.py` wrote). `hub_kwargs`: token, private, commit_message, commit_description,
         revision, create_pr."""
         return push_model(self, repo_id, max_shard_size=max_shard_size, tags=tags, **hub_kwargs)
+
+
+def _give_weights_umask_permissions(folder) -> None:
+    """The safetensors files `save_pretrained` just wrote get the permissions of any new file (0o666 less the umask):
+    safetensors writes them through a private temporary file, mode 0o600, which other users could not read."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = set(json.load(f)["weight_map"].values())
+    else:
+        names = {"model.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 # Shipped with the code (remote-code rule: sibling files imported as `from .module import`).
