@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.data import train_tokenizer
+from dior_cvae.training.data import train_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 sys.path.insert(0, str(DEMO))
