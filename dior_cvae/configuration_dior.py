@@ -12,6 +12,17 @@ MAX_TERMINAL_LOG_SNR = -3.0
 PRIOR_TYPES = ("diffusion", "gaussian", "standard", "none")
 
 
+#: the most solver steps the prior takes (`num_inference_steps`, in the config and in `generate()`): the solvers
+#: converge in tens of steps; a larger number is a typo that would run for hours or allocate gigabytes
+MAX_INFERENCE_STEPS = 10_000
+
+
+def check_inference_steps(name: str, value) -> None:
+    """A `ValueError` naming `name` unless `value` is an integer in [1, MAX_INFERENCE_STEPS]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INFERENCE_STEPS:
+        raise ValueError(f"`{name}` must be an integer in [1, {MAX_INFERENCE_STEPS}], got {value!r}")
+
+
 def check_nonnegative_number(name: str, value) -> None:
     """A `ValueError` naming `name` unless `value` is a finite int or float >= 0 (bools and NaN refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -157,11 +168,17 @@ class DiorCVAEConfig(BartConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
 
-        for name in ("latent_size", "num_inference_steps", "denoiser_hidden_size"):
+        for name in ("latent_size", "denoiser_hidden_size", "vocab_size", "d_model", "encoder_layers",
+                     "encoder_attention_heads", "decoder_attention_heads", "max_position_embeddings"):
             positive_int(name)
+        check_inference_steps("num_inference_steps", self.num_inference_steps)
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `{name}` ({getattr(self, name)})")
         if isinstance(self.denoiser_layers, bool) or not isinstance(self.denoiser_layers, int) or self.denoiser_layers < 0:
             raise ValueError(f"`denoiser_layers` must be an integer >= 0, got {self.denoiser_layers!r}")
-        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta"):
+        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta", "dropout", "attention_dropout",
+                     "activation_dropout"):
             probability(name)
         free_bits = self.kl_free_bits
         if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not 0 <= free_bits < math.inf:

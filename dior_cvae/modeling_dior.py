@@ -26,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.bart.modeling_bart import BartModel, BartPreTrainedModel, shift_tokens_right
 from transformers.utils import can_return_tuple
 
-from .configuration_dior import DiorCVAEConfig, check_nonnegative_number
+from .configuration_dior import DiorCVAEConfig, check_inference_steps, check_nonnegative_number
 from .dior_compat import CACHE_NAME, check_transformers_version
 from .dior_latent import DiagonalGaussian, HierarchicalLatents, LatentProjection, LatentSlotAttention, LayerPooling, StackedLinear, rng
 from .dior_prior import DiffusionPrior, ZeroInitLinear
@@ -420,6 +420,14 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         past_key_values / cache: the decoder cache (transformers < 5.24 / ≥ 5.24 name).
         """
         self._check_context(input_ids)
+        # outside training (where the check would wait for the device on every step; the collator never pads a
+        # whole row): a response with no token to reconstruct would add a silent zero to the loss
+        if labels is not None and not self.training and not bool((labels != -100).any(-1).all()):
+            raise ValueError("`labels` has a row that is all -100 (padding): no response token to reconstruct")
+        if not isinstance(kl_weight, torch.Tensor):  # a tensor (compiled training) is the loop's own, unchecked
+            check_nonnegative_number("kl_weight", kl_weight)
+        if latents is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
+            raise ValueError("`latents` contain NaN or infinite values")
         if labels is not None and labels.shape[-1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"response of {labels.shape[-1]} tokens (`labels`) is longer than `max_position_embeddings` "
@@ -680,12 +688,10 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             return isinstance(value, int) and not isinstance(value, bool)
 
         config = self.config
-        if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-        if prior_guidance_scale is not None and not (
-            isinstance(prior_guidance_scale, (int, float)) and 0 <= prior_guidance_scale < float("inf")  # NaN fails
-        ):
-            raise ValueError(f"`prior_guidance_scale` must be a finite number >= 0, got {prior_guidance_scale!r}")
+        if num_inference_steps is not None:
+            check_inference_steps("num_inference_steps", num_inference_steps)
+        if prior_guidance_scale is not None:
+            check_nonnegative_number("prior_guidance_scale", prior_guidance_scale)
         if prior_temperature is not None:
             check_nonnegative_number("prior_temperature", prior_temperature)
             if not config.has_latent:
@@ -718,6 +724,35 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 raise ValueError("`latents` contain NaN or infinite values")
 
     # ---- Hub: the dialog pipeline and the model card travel with every saved folder -----------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus checks of the config against the weights: weights of latent modules
+        that the config does not build (a `prior_type` changed in config.json) and non-finite weights raise a
+        `ValueError` naming the field or the tensor; an unreadable weights file is named."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except Exception as exc:
+            if "safetensors" in type(exc).__module__ or "deserializ" in str(exc) or "header" in str(exc).lower():
+                raise ValueError(f"{pretrained_model_name_or_path}: cannot read the weights (model.safetensors): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            raise
+        source = pretrained_model_name_or_path
+        latent_prefixes = ("diffusion_prior.", "hierarchy.", "latent_to_memory.")
+        foreign = [k for k in info.get("unexpected_keys") or () if k.startswith(latent_prefixes)]
+        if foreign:
+            raise ValueError(
+                f"{source}: the weights hold {', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                f"which the config does not build: config.json's `prior_type` ({model.config.prior_type!r}), "
+                "`latent_size` or the layer counts are not those the weights were trained with")
+        bad = [name for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise ValueError(f"{source}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}")
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """transformers' `save_pretrained`, plus: config.json names the `dialog-generation` pipeline

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -81,6 +82,7 @@ from dior_cvae.diagnostics import latent_statistics
 from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.metrics import score_generations
 from dior_cvae.modelcard_dior import METRIC_NAMES, eval_results, model_card
+from dior_cvae.training.outputs import MANIFEST, LOCK, STAGING, OutputFolder, sha256, write_atomic
 from dior_cvae.training_utils import (
     KL_ANNEALING_SCHEDULES,
     LR_SCHEDULES,
@@ -108,6 +110,14 @@ COMPILED_MIN_SOURCE_BUCKET = 64
 # --metric_for_best_model: +1 where higher is better (the sampled responses' metrics), -1 for the loss
 GENERATION_METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3")  # of evaluate()
 BEST_MODEL_METRICS = {"loss": -1, **dict.fromkeys(GENERATION_METRICS, 1)}
+MAX_SAMPLES_PER_CONTEXT = 1000  # sampled responses per validation / printed context
+PROG = "train.py"
+# what a run writes at the top of --output_dir besides the final model's files and its step_N / epoch_N folders
+RUN_OUTPUTS = ("run.json", "training_args.json", "log_history.jsonl", "eval_results.json", "README.md",
+               "training_curves.png", "best", "runs", ".dior-tokenizer.tmp", STAGING)
+# the final model's files (save_pretrained + the tokenizer); the shipped *.py modules are matched by suffix
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 # `python examples/train.py` with no arguments: a small from-scratch model (3.8M parameters, diffusion prior) on the
 # shipped DailyDialog sample, about 4 minutes on 2 CPU cores, then 3 validation contexts with 4 sampled responses each
@@ -151,6 +161,25 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub id (`namespace/name`): ./x, ../x, /x, ~/x, a/b/c."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _max_positions(args) -> int | None:
+    """The model's max_position_embeddings as far as it is known before loading anything: --config_overrides, a
+    local --config_name / --model_name_or_path config.json, or the from-scratch default (None for a Hub model)."""
+    overrides = dict(item.split("=", 1) for item in (args.config_overrides or "").split(",") if "=" in item)
+    if "max_position_embeddings" in overrides:
+        with contextlib.suppress(ValueError):
+            return int(overrides["max_position_embeddings"])
+        return None
+    for source in (args.config_name, args.model_name_or_path):
+        if source:
+            config_file = Path(source).expanduser()
+            config_file = config_file / "config.json" if config_file.is_dir() else config_file
+            try:
+                return int(json.loads(config_file.read_text())["max_position_embeddings"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return DiorCVAEConfig.max_position_embeddings if isinstance(DiorCVAEConfig.max_position_embeddings, int) else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,12 +281,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("checkpoints, evaluation, logging")
     run.add_argument("--output_dir", default="outputs/dior-cvae")
     run.add_argument("--overwrite_output_dir", action="store_true",
-                     help="Write into a non-empty --output_dir (replacing this script's outputs; nothing is deleted).")
+                     help="Write into a non-empty --output_dir, replacing only what earlier runs of this script wrote "
+                          "there (recorded in .dior-outputs.json) and left unchanged; any other file in the way is "
+                          "refused. Nothing else is overwritten or deleted.")
     run.add_argument("--checkpointing_steps", default=None, help='"N" (every N updates) or "epoch".')
     run.add_argument("--checkpoints_total_limit", type=int, default=None,
                      help="Keep only the newest N checkpoints of this run (older ones are deleted).")
     run.add_argument("--resume_from_checkpoint", default=None,
-                     help='A step_N/epoch_N folder, or "latest" (the newest intact checkpoint of the run in --output_dir).')
+                     help='A step_N/epoch_N folder, or "latest" (the newest intact checkpoint of the run in --output_dir; '
+                          "with none, a fresh run, which a non-empty folder refuses without --overwrite_output_dir).")
+    run.add_argument("--ignore_resume_mismatch", action="store_true",
+                     help="Resume even where the data, model config, batch or schedule differ from the checkpoint's "
+                          "record (refused by default, naming each difference).")
     run.add_argument("--eval_steps", type=int, default=None,
                      help="Validate every N updates (the final model is always validated).")
     run.add_argument("--num_eval_generation_samples", type=int, default=100,
@@ -310,6 +345,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < low and not (name == "num_train_epochs" and args.max_train_steps):
             p.error(f"--{name} must be >= {low}, got {value}")
+    for name, low in (("seed", 0), ("pad_to_multiple_of", 0), ("num_proc", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    for name, high in (("eval_samples_per_context", MAX_SAMPLES_PER_CONTEXT),
+                       ("num_samples_per_context", MAX_SAMPLES_PER_CONTEXT)):
+        if getattr(args, name) > high:
+            p.error(f"--{name} must be <= {high}, got {getattr(args, name)}")
+    if args.turn_separator == "":
+        p.error("--turn_separator must not be empty: the context's turns would run together (default: the "
+                "tokenizer's eos token)")
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    if output_dir == output_dir.parent:
+        p.error(f"--output_dir {args.output_dir} is a filesystem root: give a folder for this run's outputs")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        p.error(f"--resume_from_checkpoint: no such folder: {args.resume_from_checkpoint} (a step_N / epoch_N folder "
+                'or "latest")')
+    if args.with_tracking:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        known = sorted(LOGGER_TYPE_TO_CLASS) + ["all"]
+        unknown = [r for r in args.report_to.split(",") if r.strip() not in known]
+        if unknown:
+            p.error(f"--report_to {args.report_to}: unknown tracker {', '.join(unknown)} (one of {', '.join(known)})")
+    positions = _max_positions(args)
+    for name in ("max_source_length", "max_target_length"):
+        if positions is not None and getattr(args, name) > positions:
+            p.error(f"--{name} {getattr(args, name)} is longer than the model's max_position_embeddings ({positions})")
     for name in ("learning_rate", "max_train_minutes"):
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:
@@ -328,6 +391,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     problem = compiled_training_problem() if args.torch_compile else None
     if problem:
         p.error(f"--torch_compile: {problem}")
+    if args.torch_compile:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if args.torch_compile_backend not in backends:
+            p.error(f"--torch_compile_backend {args.torch_compile_backend}: not a torch.compile backend (one of "
+                    f"{', '.join(backends)})")
     if (args.torch_compile and uses_cuda_graphs(args.torch_compile_mode, args.torch_compile_backend)
             and args.gradient_accumulation_steps > 1):
         p.error(f"--torch_compile_mode {args.torch_compile_mode} replays CUDA graphs, whose outputs (the gradients "
@@ -442,7 +512,7 @@ def get_tokenizer(args, accelerator, train_examples, resume_dir: Path | None):
     if args.tokenizer_name or (args.model_name_or_path and not args.train_tokenizer_vocab_size):
         return load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.trust_remote_code)
     # Train one on the training split: the main process trains and saves it, the others load that copy.
-    tokenizer_dir = Path(args.output_dir) / "tokenizer"
+    tokenizer_dir = Path(args.output_dir) / ".dior-tokenizer.tmp"  # claimed by prepare_output_dir
     if accelerator.is_main_process:
         texts = list(dict.fromkeys(t for ex in train_examples for t in (*ex.get("persona", []), *ex["context"], ex["response"])))
         tokenizer = train_tokenizer(texts, args.train_tokenizer_vocab_size)
@@ -605,10 +675,8 @@ def format_samples(rows: list[dict], markdown: bool = False) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and `os.replace`: a kill leaves the old or the new file, not half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a file of --output_dir (claimed by prepare_output_dir) atomically: the old or the new file, not half."""
+    write_atomic(path, text)
 
 
 def assert_finite_weights(model, where: str) -> None:
@@ -619,29 +687,33 @@ def assert_finite_weights(model, where: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(accelerator, folder: Path, merge: bool = False):
+def atomic_folder(accelerator, folder: Path, merge: bool = False, debug_sigkill: str | None = None):
     """Yield a hidden temporary folder to fill (by every process); then the main process renames it to `folder`
-    (`merge=True`: moves its files into an existing `folder`, one `os.replace` each). A kill at any point leaves
-    the previous `folder` or the new one, plus temporary folders that the next save removes."""
+    (`merge=True`: a journalled move of its files into the existing `folder`, `OutputFolder.commit_staged`). A
+    kill leaves the previous `folder` or the new one (a merge killed after its COMMIT is completed by the next run
+    on the folder, and generate.py refuses the folder until then). A write error (a full disk) removes the
+    temporary folder and stops with the folder's name."""
     folder = folder.resolve()  # "." has no name
-    tmp = folder / ".model.tmp" if merge else folder.with_name(f".{folder.name}.tmp")
+    tmp = folder / STAGING if merge else folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     if accelerator.is_main_process:
+        if not merge:
+            OutputFolder(folder.parent, PROG).claim(folder.name)  # a run's checkpoint / best/, or refused
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    yield tmp
+    try:
+        yield tmp
+    except (OSError, RuntimeError) as exc:  # torch's writer says "basic_ios::clear" on a full disk
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"{PROG}: error: cannot write {folder}: {type(exc).__name__}: {exc} (is the disk full? "
+                         f"free space where --output_dir is, then resume)") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if merge:
-            folder.mkdir(parents=True, exist_ok=True)
-            for item in sorted(tmp.rglob("*"), key=lambda q: len(q.parts)):  # folders before their files
-                target = folder / item.relative_to(tmp)
-                if item.is_dir():
-                    target.mkdir(exist_ok=True)
-                else:
-                    os.replace(item, target)
-            shutil.rmtree(tmp)
+            kill_after = int(debug_sigkill.split(":")[1]) if debug_sigkill and debug_sigkill.startswith("merge:") else None
+            OutputFolder(folder, PROG).commit_staged(tmp, kill_after)
         else:
             shutil.rmtree(old, ignore_errors=True)
             if folder.exists():
@@ -651,21 +723,13 @@ def atomic_folder(accelerator, folder: Path, merge: bool = False):
     accelerator.wait_for_everyone()
 
 
-def save_model_folder(accelerator, model, tokenizer, folder: Path, merge: bool = False) -> None:
+def save_model_folder(accelerator, model, tokenizer, folder: Path, merge: bool = False, debug_sigkill=None) -> None:
     """save_pretrained (safetensors + remote code) and the tokenizer, written atomically by the main process."""
     assert_finite_weights(accelerator.unwrap_model(model), str(folder))
-    with atomic_folder(accelerator, folder, merge) as tmp:
+    with atomic_folder(accelerator, folder, merge, debug_sigkill) as tmp:
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict, debug_sigkill=None) -> None:
@@ -681,7 +745,7 @@ def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: 
             tokenizer.save_pretrained(tmp / "pretrained")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            files = {q.relative_to(tmp).as_posix(): {"size": q.stat().st_size, "sha256": _sha256(q)}
+            files = {q.relative_to(tmp).as_posix(): {"size": q.stat().st_size, "sha256": sha256(q)}
                      for q in sorted(tmp.rglob("*")) if q.is_file()}
             (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "files": files}, indent=2))
 
@@ -704,7 +768,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{path} is truncated or changed ({path.stat().st_size} bytes, {expected['size']} expected)"
-        if _sha256(path) != expected["sha256"]:
+        if sha256(path) != expected["sha256"]:
             return f"{path} does not match its sha256 in {state_file} (changed or mixed with another save)"
     return None
 
@@ -752,7 +816,7 @@ def prune_checkpoints(output_dir: Path, run_id: str, limit: int | None) -> None:
     ours = [folder for steps, folder, state in _checkpoint_states(output_dir, run_id) if steps < math.inf]
     for folder in ours[limit:]:
         logger.info(f"--checkpoints_total_limit {limit}: deleting {folder}")
-        shutil.rmtree(folder)
+        OutputFolder(output_dir, PROG).remove(folder.name)  # recorded as a run's, or refused
 
 
 def write_model_card(args, output_dir: Path, info: dict) -> None:
@@ -877,15 +941,71 @@ def write_training_curves(log_file: Path, output_dir: Path) -> None:
         if ax.lines:
             ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = output_dir / ".training_curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, output_dir / "training_curves.png")
+    write_atomic(output_dir / "training_curves.png", image.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# config fields that say nothing about what was trained
+UNCHECKED_CONFIG_FIELDS = {"transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines",
+                           "dtype", "torch_dtype", "use_cache", "output_hidden_states", "output_attentions",
+                           "return_dict"}
+
+
+def run_record(args, accelerator, train_encoded, config) -> dict:
+    """What a checkpoint must be resumed with: the training data (a fingerprint of its token ids), the model
+    config, the batches and the schedules. Kept in trainer_state.json and compared on resume."""
+    if hasattr(train_encoded, "_fingerprint"):  # a datasets.Dataset
+        fingerprint = train_encoded._fingerprint
+    else:
+        digest = hashlib.sha256()
+        for example in train_encoded:
+            digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+        fingerprint = digest.hexdigest()
+    batch = {"per_device_train_batch_size": args.per_device_train_batch_size, "num_processes": accelerator.num_processes,
+             "gradient_accumulation_steps": args.gradient_accumulation_steps, "group_by_length": args.group_by_length,
+             "pad_to_multiple_of": args.pad_to_multiple_of, "seed": args.seed, "torch_compile": args.torch_compile}
+    schedule = {name: getattr(args, name) for name in (
+        "lr_scheduler_type", "lr_scheduler_kwargs", "learning_rate", "num_warmup_steps", "max_train_steps",
+        "kl_annealing", "kl_annealing_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm")}
+    model_config = {k: v for k, v in config.to_dict().items() if k not in UNCHECKED_CONFIG_FIELDS}
+    return json.loads(json.dumps({"data": fingerprint, "config": model_config, "batch": batch, "schedule": schedule},
+                                 default=str))
+
+
+def check_resume_record(args, resume_dir: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume where the data, config, batches or schedules differ from the checkpoint's record (each
+    difference named), unless --ignore_resume_mismatch."""
+    if saved is None:
+        logger.warning(f"{resume_dir}: no record of its data, config and schedule (an older train.py): not checked")
+        return
+    differences = []
+    if saved.get("data") != current["data"]:
+        differences.append("the training data (--dataset_name / --dataset_dir / --train_file, --max_train_samples, "
+                           "--max_source_length, --max_target_length or the tokenizer) is not the checkpoint's")
+    for key in sorted(set(saved.get("config", {})) | set(current["config"])):
+        old, new = saved.get("config", {}).get(key), current["config"].get(key)
+        if old != new:
+            differences.append(f"config field {key}: {old!r} in the checkpoint, {new!r} now (--config_overrides / "
+                               "--config_name / --model_name_or_path)")
+    for group in ("batch", "schedule"):
+        for key, new in current[group].items():
+            old = saved.get(group, {}).get(key)
+            if old != new:
+                where = "processes" if key == "num_processes" else f"--{key}"
+                differences.append(f"{where}: {old!r} in the checkpoint, {new!r} now")
+    if differences and not args.ignore_resume_mismatch:
+        raise SystemExit(f"{PROG}: error: --resume_from_checkpoint {resume_dir}: this run differs from the "
+                         f"checkpoint's: " + "; ".join(differences) + ". Resume with the checkpoint's settings, or "
+                         "pass --ignore_resume_mismatch to resume anyway")
+    for difference in differences:
+        logger.warning(f"--ignore_resume_mismatch: resuming although {difference}")
 
 
 def read_run_id(output_dir: Path) -> str | None:
@@ -895,27 +1015,54 @@ def read_run_id(output_dir: Path) -> str | None:
         return None
 
 
+def _run_entries(output_dir: Path) -> list[str]:
+    """The entries of --output_dir that a run may write: RUN_OUTPUTS, the final model's files, *.py, checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    names = set(RUN_OUTPUTS) | set(MODEL_FILES)
+    return sorted(q.name for q in output_dir.iterdir() if q.name in names or q.suffix == ".py"
+                  or re.fullmatch(r"(step|epoch)_\d+", q.name))
+
+
 def prepare_output_dir(args, accelerator) -> tuple[str, Path | None]:
-    """Refuse a non-empty --output_dir unless resuming or --overwrite_output_dir (nothing is ever deleted); find the
-    checkpoint to resume from; return this run's id (a resumed run keeps its checkpoint's), kept in run.json."""
+    """The output-folder policy (dior_cvae.training.outputs): refuse a folder in use by another run (naming its
+    pid), a non-empty folder without --resume_from_checkpoint (an intact checkpoint of its run) or
+    --overwrite_output_dir, and any entry in the way that no run of this script wrote or that was changed since;
+    then lock the folder for this run's lifetime, complete a final save that a kill interrupted, and record what
+    this run writes. Returns this run's id (a resumed run keeps its checkpoint's, kept in run.json) and the
+    checkpoint to resume from."""
     output_dir = Path(args.output_dir)
+    folder = OutputFolder(output_dir, PROG)
     if output_dir.exists() and not output_dir.is_dir():
-        raise SystemExit(f"train.py: error: --output_dir {output_dir} is a file, not a folder")
-    if output_dir.is_dir() and not (args.resume_from_checkpoint or args.overwrite_output_dir):
-        entries = sorted(q.name for q in output_dir.iterdir() if q.name != "run.json")  # a run that failed early
-        if entries:
-            raise SystemExit(
-                f"train.py: error: --output_dir {output_dir} is not empty ({len(entries)} entries: "
-                f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
-                "continue a run, --overwrite_output_dir to write into it anyway (replacing this script's outputs, "
-                "deleting nothing), or choose another folder")
+        raise SystemExit(f"{PROG}: error: --output_dir {output_dir} is a file, not a folder")
+    if accelerator.is_main_process:
+        folder.refuse_if_locked()
+        if (output_dir / LOCK).exists() and (output_dir / MANIFEST).exists():  # a run's folder: lock, then look
+            folder.lock()
+            if folder.complete_interrupted_save():
+                logger.warning(f"{output_dir}: completed the final save of a run that was killed during it")
     resume_dir = find_checkpoint(args, read_run_id(output_dir)) if args.resume_from_checkpoint else None
+    if output_dir.is_dir() and resume_dir is None and not args.overwrite_output_dir:
+        entries = sorted(q.name for q in output_dir.iterdir() if q.name not in ("run.json", MANIFEST, LOCK))
+        if entries:
+            latest = (f"has no intact checkpoint of its run to resume (--resume_from_checkpoint "
+                      f"{args.resume_from_checkpoint}) and " if args.resume_from_checkpoint else "")
+            raise SystemExit(
+                f"{PROG}: error: --output_dir {output_dir} {latest}is not empty ({len(entries)} entries: "
+                f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
+                "continue a run, --overwrite_output_dir to write into it anyway (replacing only what earlier runs of "
+                "this script wrote there, deleting nothing else), or choose another folder")
+    if accelerator.is_main_process:
+        folder.check_replaceable(_run_entries(output_dir))
     if args.resume_from_checkpoint == "latest" and resume_dir is None:
         logger.warning(f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir}, starting from scratch")
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
+        folder.lock()  # held until the process ends
+        folder.check_replaceable(_run_entries(output_dir))  # again, under the lock
+        for name in RUN_OUTPUTS:
+            folder.claim(name)
         run_id = json.loads((resume_dir / "trainer_state.json").read_text()).get("run_id") if resume_dir else None
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "run.json", json.dumps({"run_id": run_id or uuid.uuid4().hex}))
     accelerator.wait_for_everyone()
     return read_run_id(output_dir), resume_dir
@@ -1055,6 +1202,7 @@ def main(argv: list[str] | None = None) -> None:
     # Stepped with each validation loss instead of once per update; its state goes into trainer_state.json (JSON,
     # not accelerate's custom_checkpoint_0.pkl, which accelerate unpickles without the weights-only restriction).
     metric_scheduler = scheduler_needs_metric(lr_scheduler)
+    resume_record = run_record(args, accelerator, encoded["train"], accelerator.unwrap_model(model).config)
     set_seed(args.seed, device_specific=True)  # per-rank noise (dropout, latents); the weights were broadcast by DDP
 
     public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # training_args.json is uploaded
@@ -1077,6 +1225,7 @@ def main(argv: list[str] | None = None) -> None:
             lr_scheduler.load_state_dict(saved.pop("lr_scheduler"))
         except Exception as exc:
             raise SystemExit(f"train.py: error: cannot resume from {resume_dir}: {type(exc).__name__}: {exc}") from None
+        check_resume_record(args, resume_dir, saved.get("record"), resume_record)
         state.update({k: v for k, v in saved.items() if k in state})
         completed_steps, starting_epoch, resume_batches = saved["completed_steps"], saved["epoch"], saved["batches_in_epoch"]
         if resume_batches >= len(train_dataloader):
@@ -1154,6 +1303,7 @@ def main(argv: list[str] | None = None) -> None:
     def trainer_state(epoch: int, batches_in_epoch: int) -> dict:
         return {**state, "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
                 "training_time_s": state["training_time_s"] + time.time() - train_start, "run_id": run_id,
+                "record": resume_record,
                 "lr_scheduler": lr_scheduler.state_dict()}
 
     def checkpoint(name: str, epoch: int, batches_in_epoch: int) -> None:
@@ -1258,7 +1408,7 @@ def main(argv: list[str] | None = None) -> None:
             previous = json.loads((output_dir / "eval_results.json").read_text()) if eval_split else {}
             write_text_atomic(output_dir / "eval_results.json", json.dumps(
                 {**previous, **{f"test_{k}": v for k, v in test_results.items()}}, indent=2))
-    save_model_folder(accelerator, model, tokenizer, output_dir, merge=True)
+    save_model_folder(accelerator, model, tokenizer, output_dir, merge=True, debug_sigkill=args.debug_sigkill)
 
     samples = []
     if accelerator.is_main_process and args.num_sample_contexts > 0:
@@ -1299,6 +1449,7 @@ def main(argv: list[str] | None = None) -> None:
             "device": f"{accelerator.num_processes} × {accelerator.device.type}",
         })
         write_training_curves(log_file, output_dir)
+        OutputFolder(output_dir, PROG).seal()  # a file changed by hand after this is the user's
         if args.push_to_hub:
             push_to_hub(args, output_dir, hub_repo_id)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")

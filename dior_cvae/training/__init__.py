@@ -1,0 +1,1 @@
+"""Training-side helpers of the example scripts (not shipped with the weights)."""
