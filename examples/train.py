@@ -464,7 +464,13 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         description = f"{args.dataset_name} from the Hub"
         meta.update(hub_dataset=args.dataset_name, dataset_name=args.dataset_name)
     elif not all(str(p).removesuffix(".gz").endswith(".jsonl") for p in files.values()):
-        splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        try:
+            splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        except ValueError as exc:  # `datasets` on an empty file: 'Instruction "validation" corresponds to no data!'
+            empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(exc))
+            if empty is None:
+                raise
+            raise ValueError(f"--{empty[1]}_file {files[empty[1]]}: no examples in the file") from None
         description = "Data files: " + ", ".join(map(str, files.values()))
         meta.update(dataset_name=Path(args.train_file).name.split(".")[0])
     else:
@@ -487,6 +493,9 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                 splits[split] = head(splits[split], args.max_eval_samples)
     if not splits.get("train"):
         raise ValueError("the training split is empty")
+    for split in ("validation", "test"):  # a split that was given (or found) but is empty is an error, not dropped
+        if split in splits and not splits[split]:
+            raise ValueError(f"the {split} split of {description} has no examples (an empty file?)")
     return {k: v for k, v in splits.items() if v and k in ("train", "validation", "test")}, description, meta
 
 
