@@ -203,7 +203,8 @@ def _find_split_file(folder: Path, split: str) -> Path:
 
 
 def load_dailydialog_dir(
-    path: PathLike, splits: Sequence[str] = DEFAULT_SPLITS
+    path: PathLike, splits: Sequence[str] = DEFAULT_SPLITS,
+    exclude_dialogues: Mapping[str, Iterable[int]] | None = None,
 ) -> dict[str, list[Example]]:
     """Load DailyDialog (context, response) pairs from a folder.
 
@@ -218,6 +219,10 @@ def load_dailydialog_dir(
     ``" __eou__ ".join(context) + "\\t" + response``, equal PLATO's
     ``dial.valid`` / ``dial.test`` line for line. ``persona`` is always ``[]``.
 
+    ``exclude_dialogues[split]`` names dialogues of that split to leave out by their 1-based line number (the
+    dialogue ids of :func:`dior_cvae.training.clean_split.build_clean_split`, whose
+    ``removed_train_dialogue_ids`` give the clean training split).
+
     Raises:
         FileNotFoundError: a split file is missing (the message names the paths tried).
     """
@@ -229,7 +234,10 @@ def load_dailydialog_dir(
         file = _find_split_file(folder, split)
         examples: list[Example] = []
         dropped = 0
+        excluded = set((exclude_dialogues or {}).get(split, ()))
         for lineno, raw in _read_lines(file):
+            if lineno in excluded:
+                continue
             try:
                 line = _decode(raw, lineno).rstrip("\n")
             except ValueError as exc:

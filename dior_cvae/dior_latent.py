@@ -131,7 +131,12 @@ class DiagonalGaussian:
         return self.mean + self.log_std.exp() * noise
 
     def entropy(self) -> torch.Tensor:
-        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+        """Summed in float32: a bf16 sum of 64 log σ ≈ −40 would round it to ±0.125 nats."""
+        return (self.log_std.float() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        standardized = (value - self.mean) * torch.exp(-self.log_std)
+        return (-0.5 * standardized**2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def kl(self, other: "DiagonalGaussian") -> torch.Tensor:
         var_ratio = torch.exp(2 * (self.log_std - other.log_std))
@@ -229,6 +234,24 @@ class HierarchicalLatents(nn.Module):
         conditions = torch.cat([context_vectors, response_vectors], dim=-1)
         latents, params, summaries = self._ancestral(self.posterior, conditions, generator)
         return latents, DiagonalGaussian.from_params(params), summaries
+
+    def posterior_log_density_matrix(self, latents, context_vectors, response_vectors) -> torch.Tensor:
+        """log q(z_i | c_j, r_j) for every pair of the batch's latents (B, L, ls) and conditions (B, L, d) each: (B, B),
+        row i = latent i. Layer l of z_i is scored under the Gaussian of (c_j, r_j) given z_i's own z_<l (its
+        summaries), which is what the density of the whole z_i under the hierarchy q(· | c_j, r_j) is; float32."""
+        heads, next_summary = self.posterior, self._transitions()
+        summary, summaries = None, []
+        for layer in range(self.num_layers):
+            summaries.append(latents.new_zeros(latents[:, layer].shape) if summary is None else summary)
+            if layer + 1 < self.num_layers:
+                summary = next_summary(layer, summary, latents[:, layer])
+        summary_part = heads.summary_proj(torch.stack(summaries))  # (L, B_i, hidden)
+        condition_part = heads.condition(torch.cat([context_vectors, response_vectors], dim=-1))  # (L, B_j, hidden)
+        num_layers, batch, hidden = summary_part.shape
+        pair_hidden = torch.tanh(summary_part[:, :, None] + condition_part[:, None]).view(num_layers, -1, hidden)
+        params = heads.out_proj(pair_hidden).view(num_layers, batch, batch, -1).float()  # (L, B_i, B_j, 2·ls)
+        per_layer = DiagonalGaussian.from_params(params).log_prob(latents.float().transpose(0, 1)[:, :, None])
+        return per_layer.sum(0)
 
     def prior_dist(self, summaries: torch.Tensor, context_vectors: torch.Tensor) -> DiagonalGaussian:
         """The learned Gaussian prior of every layer at once, given the summaries (B, L, ls): over (B, L, ls)."""

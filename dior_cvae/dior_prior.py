@@ -3,9 +3,9 @@
 The denoiser f_φ(z_λ, λ, e_c) sees the noisy concatenated latent z_λ (B, E), the noise level through sinusoidal
 features of λ and a small MLP, and the condition e_c = all layers' pooled context vectors (B, L·d) through a condition
 MLP; time and condition are summed before meeting z_λ (as in the authors' code), then `denoiser_layers` residual MLP
-blocks. Classifier-free guidance: in training each example's condition is replaced by zeros with probability
-`cfg_dropout`; in sampling every step uses (1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch
-(`DiorDenoiser.sampling_predictor`).
+blocks. Classifier-free guidance: in training (`self.training`) each example's condition is replaced by zeros with
+probability `cfg_dropout` (an evaluated bound keeps every condition); in sampling every step uses
+(1 + w)·f(z, λ, e_c) − w·f(z, λ, 0), both branches in one batch (`DiorDenoiser.sampling_predictor`).
 
 The KL term (paper Eq. 16) is E_q[log q(z | c, r)] + the bound below on −log p(z | c), which makes it an honest,
 tight KL estimate. We use VDM's continuous-time bound (Kingma et al. 2021) rather than the authors' T = 50 discrete
@@ -38,6 +38,8 @@ from torch import nn
 
 from .dior_latent import rng
 from .scheduling_dior import DiorScheduler, alpha_sigma, to_x0_eps
+
+EVAL_NOISE_LEVELS = 16  # noise levels per example in an evaluated bound (one per example in training)
 
 
 def noise_level_embedding(log_snr: torch.Tensor, dim: int, config, max_period: float = 10000.0) -> torch.Tensor:
@@ -148,28 +150,41 @@ class DiffusionPrior(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     def nll_bound(self, latents: torch.Tensor, condition: torch.Tensor, generator=None) -> torch.Tensor:
-        """The module docstring's bound on −log p(z | c) for each of the (B, E) posterior samples: (B,) float32."""
+        """The module docstring's bound on −log p(z | c) for each of the (B, E) posterior samples: (B,) float32.
+
+        Its diffusion term is a one-sample Monte Carlo estimate over the noise level in training (the gradient
+        averages it over the batch and the steps); evaluated (`not self.training`), each example's term averages
+        `EVAL_NOISE_LEVELS` noise levels, stratified, so that a validation KL over a few hundred examples is not
+        dominated by the noise of the estimator."""
         config = self.config
+        levels = 1 if self.training else EVAL_NOISE_LEVELS
         with torch.autocast(latents.device.type, enabled=False):
             x, condition = latents.float(), condition.float()
             batch, dim = x.shape
             lam_min, lam_max = config.log_snr_min, config.log_snr_max
-            # stratified λ over the batch (VDM's low-discrepancy sampler): same expectation, lower variance. Each
-            # example's λ is uniform on its own (the offset is), so no permutation is needed (and `x[randperm]`
-            # broke inductor's pattern matcher under dynamic shapes, torch 2.11). Every k-th row from any start is
-            # stratified too (`kl_terms` interleaves a detached copy of the batch: each half is stratified).
+            # stratified λ (VDM's low-discrepancy sampler): example i's k-th level at offset + i / (B·K) + k / K, so
+            # each example's K levels are stratified and all B·K levels together form one shifted grid; same
+            # expectation, lower variance. Each example's λ is uniform on its own (the offset is), so no
+            # permutation is needed (and `x[randperm]` broke inductor's pattern matcher under dynamic shapes, torch
+            # 2.11). Every k-th row from any start is stratified too (`kl_terms` interleaves a detached copy of the
+            # batch: each half is stratified).
             offset = torch.rand((), device=x.device, **rng(generator))
-            u = (offset + torch.arange(batch, device=x.device) / batch) % 1.0
-            log_snr = lam_min + (lam_max - lam_min) * u
+            grid = torch.arange(batch, device=x.device)[:, None] / (batch * levels)
+            u = (offset + grid + torch.arange(levels, device=x.device) / levels) % 1.0  # (B, K)
+            log_snr = (lam_min + (lam_max - lam_min) * u).flatten()
             alpha, sigma = (a.unsqueeze(-1) for a in alpha_sigma(log_snr))
-            noise = torch.randn(x.shape, device=x.device, **rng(generator))
-            noisy = alpha * x + sigma * noise
-            if config.cfg_dropout > 0:
+            x_levels = x if levels == 1 else x.repeat_interleave(levels, dim=0)
+            noise = torch.randn(x_levels.shape, device=x.device, **rng(generator))
+            noisy = alpha * x_levels + sigma * noise
+            if self.training and config.cfg_dropout > 0:  # guidance's unconditional branch is learned in training
                 keep = torch.rand(batch, 1, device=x.device, **rng(generator)) >= config.cfg_dropout
                 condition = condition * keep
+            if levels > 1:
+                condition = condition.repeat_interleave(levels, dim=0)
             prediction = self.denoiser(noisy, log_snr, condition)
             _, pred_noise = to_x0_eps(config.prediction_type, prediction, noisy, alpha, sigma)
-            diffusion = 0.5 * (lam_max - lam_min) * (noise - pred_noise).pow(2).sum(-1)
+            squared_error = (noise - pred_noise).pow(2).sum(-1).view(batch, levels).mean(1)
+            diffusion = 0.5 * (lam_max - lam_min) * squared_error
             alpha2_min = 1 / (1 + math.exp(-lam_min))
             terminal = 0.5 * (alpha2_min * x.pow(2) - alpha2_min - math.log1p(-alpha2_min)).sum(-1)
             decoder = dim * 0.5 * (math.log(2 * math.pi * math.e) - lam_max)

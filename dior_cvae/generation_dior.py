@@ -5,7 +5,8 @@ compiled on a static cache: preparing the inputs, updating the keyword arguments
 the stopping criteria as separate eager kernels. At batch 1 the GPU work of a bart-base step is a fraction of that.
 Here the whole step — the decoder on transformers' static cache, the logits processors, the token choice and the
 end-of-sequence bookkeeping — is one function compiled with `mode="reduce-overhead"` (one CUDA-graph replay per
-token), and the host reads the result back only every `SYNC_EVERY` steps, to stop once every row has ended.
+token), and the host reads the result back only every `SYNC_EVERY` steps, to stop once every row has ended (the
+steps run past the end are cut from the output and their random draws undone: see `decode`).
 
 It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
 top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
@@ -194,12 +195,29 @@ def compiled_decoding_step():
                          options={"triton.cudagraphs": True, "emulate_precision_casts": True})
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The global RNG state of `device` (host-side: no synchronisation on CUDA)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, do_sample: bool, pad_token_id: int,
            step=None) -> torch.LongTensor:
     """Decode from `input_ids` (B, 1: the decoder start) to at most `max_length` tokens with the static cache in
     `model_kwargs`; returns (B, T) like transformers' loop: rows that ended are padded, and the sequences stop after
     the first step at which every row has ended. `step`: the step function for steps after the first (default: the
-    compiled one); the first step, which fills the cross-attention cache, runs eagerly."""
+    compiled one); the first step, which fills the cross-attention cache, runs eagerly.
+
+    The host looks at "has every row ended?" only every `SYNC_EVERY` steps, so up to `SYNC_EVERY - 1` steps run
+    after the last row ended; when sampling, the global RNG is then set back to its state after the step that ended
+    the last row, so that it has drawn exactly what transformers' loop draws (the next call, and any later draw,
+    sees the same random numbers under either loop)."""
     max_length, eos = stopping
     step = compiled_decoding_step() if step is None else step
     cache = model_kwargs[CACHE_NAME]
@@ -207,7 +225,7 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
     memory_mask, latent_slots = model_kwargs.get("attention_mask"), model_kwargs.get("latent_slots")
     tokens = input_ids[:, -1]
     unfinished = torch.ones_like(tokens, dtype=torch.bool)
-    generated, alive = [], []
+    generated, alive, rng_states = [], [], []
     for index in range(max_length - input_ids.shape[1]):
         run = decoding_step if index == 0 else step
         tokens, unfinished = run(model, tokens, memory, memory_mask, latent_slots, cache, unfinished, specs,
@@ -215,10 +233,14 @@ def decode(model, input_ids, model_kwargs: dict, specs: tuple, stopping: tuple, 
         tokens, unfinished = tokens.clone(), unfinished.clone()  # a graph's outputs are overwritten by its next replay
         generated.append(tokens)
         alive.append(unfinished)
+        if do_sample:
+            rng_states.append(_rng_state(tokens.device))
         if (index + 1) % SYNC_EVERY == 0 and not bool(unfinished.any()):
             break
     ended = (~torch.stack(alive)).all(dim=1).nonzero()  # steps after which every row had ended
     steps = int(ended[0]) + 1 if ended.numel() else len(generated)
+    if do_sample and steps < len(generated):
+        _set_rng_state(rng_states[steps - 1], tokens.device)
     return torch.cat([input_ids, torch.stack(generated[:steps], dim=1)], dim=1)
 
 

@@ -17,9 +17,14 @@ from collections.abc import Mapping, Sequence
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
+from .pipeline_dior import HUB_TASK
+
 TAGS = ["dior-cvae", "dialog", "cvae", "diffusion", "dialog-generation"]
-#: Hub task of the card; `pipeline("dialog-generation", ...)` is the model's own pipeline (pipeline_dior.py).
-PIPELINE_TAG = "text-generation"
+
+#: Hub task of the card: config.json names the model's own pipeline (pipeline_dior.py) under this task as well as
+#: under "dialog-generation", so the Hub's snippet `pipeline("text-generation", model=repo, trust_remote_code=True)`
+#: builds it.
+PIPELINE_TAG = HUB_TASK
 
 #: result key -> (metric type, metric name in the card's model-index).
 METRIC_NAMES = {
@@ -106,6 +111,9 @@ chat(["Hi , how are you doing today ?", "Not bad . I just got back from the gym 
      do_sample=True, top_k=50, top_p=0.9, num_return_sequences=5, max_new_tokens=40)
 # [{{"generated_text": ...}}, ...]: 5 responses, each from its own prior draw; a list of conversations is a batch
 ```
+
+`pipeline("{HUB_TASK}", model="{repo}", trust_remote_code=True)` (the Hub's snippet for this card's task) builds the
+same pipeline; it also takes chat messages (`[{{"role": "user", "content": "Hi !"}}]`).
 
 Or with `generate()`, joining the turns with {separator} yourself:
 

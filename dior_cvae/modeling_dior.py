@@ -13,6 +13,7 @@ Generation: encode the context, draw one latent per returned sequence from the p
 layer's slot key/value (`latent_slots`), decode with any HF strategy.
 """
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -43,6 +44,9 @@ GRAPH_DECODING_KWARGS = {"encoder_outputs", "attention_mask", "latent_slots", CA
 
 # generation modes that run a second model or re-feed drafted tokens: their candidates would need the same latent
 UNSUPPORTED_GENERATE_ARGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+# The prior's sampling settings, read by `generate()` from its keywords, else from the `GenerationConfig` (passed, or
+# the model's: generation_config.json), else from the model's config.
+PRIOR_GENERATION_SETTINGS = ("num_inference_steps", "prior_guidance_scale", "prior_temperature")
 
 
 @dataclass
@@ -277,9 +281,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     def posterior(self, context_vectors, labels, generator=None):
         """The posterior q(z | c, r) given the pooled context (B, L, d) and the responses `labels` (as in `forward`,
         padding = -100): (latents (B, L, ls), its DiagonalGaussian over (B, L, ls), layer summaries)."""
+        return self.hierarchy.posterior_sample(context_vectors, self.encode_response(labels), generator)
+
+    def encode_response(self, labels):
+        """The pooled response vectors (B, L, d) of `labels` (padding = -100): the posterior's other condition."""
         response_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        _, response_vectors = self.encode(response_ids, labels.ne(-100).long())
-        return self.hierarchy.posterior_sample(context_vectors, response_vectors, generator)
+        return self.encode(response_ids, labels.ne(-100).long())[1]
 
     def kl_divergence(self, latents, posterior, summaries, context_vectors, generator=None):
         """Per-example KL(q(z | c, r) ‖ p(z | c)) of posterior samples `latents` (B, L, ls): `(kl, neg_entropy,
@@ -558,18 +565,29 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
         latents (`torch.FloatTensor`, *optional*): decode with these instead of prior samples, shaped
             `(B, L, latent_size)` (reused by the k sequences of an input) or `(B·k, L, latent_size)`.
-        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): override the configuration for
-            this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`).
+        num_inference_steps / prior_guidance_scale / prior_temperature (*optional*): the prior's sampling settings
+            for this call (`prior_temperature` τ scales the prior's noise: see `DiorCVAEConfig`). Each is taken from
+            this keyword, else from `generation_config` (as an attribute: `GenerationConfig(prior_temperature=0.5)`),
+            else from `model.generation_config` (saved in generation_config.json), else from `model.config`.
         latent_generator (`torch.Generator`, *optional*): the random source of the prior sample (and of memory
             dropout, if on at inference); token sampling follows the global RNG as usual in HF.
+
+        Every call draws new latents, so `do_sample=False` (greedy or beam search) answers two identical calls
+        differently. Repeatable answers: a seeded `latent_generator=torch.Generator().manual_seed(s)` (the same
+        latents for the same seed), `latents=` (decode given latents), or `prior_temperature=0` (the prior's mode:
+        one latent per context, no randomness).
         Every other argument goes to transformers' `generate` unchanged (so explicit `None`s keep their meaning).
 
-        On CUDA, greedy search and sampling default to a static cache and decode through `_sample`'s captured step
-        (one CUDA graph per token, generation_dior.py; the memory padded to a length bucket); the first call per
-        batch size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch
-        size. `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a
-        one-off run over many shapes, where compiling costs more than it saves).
+        On CUDA, greedy search and sampling decode through `_sample`'s captured step (one CUDA graph per token,
+        generation_dior.py, on a static cache with the memory padded to a length bucket) wherever it serves the call
+        (see `_sample`); otherwise transformers' own loop runs as transformers sets it up. The first call per batch
+        size, bucket and setting compiles, and the prior's noise-free solvers run as one CUDA graph per batch size.
+        `disable_compile=True` compiles nothing: transformers' own loop and the prior's eager loop (for a one-off
+        run over many shapes, where compiling costs more than it saves).
         """
+        num_inference_steps, prior_guidance_scale, prior_temperature = self._prior_settings(
+            generation_config, num_inference_steps=num_inference_steps, prior_guidance_scale=prior_guidance_scale,
+            prior_temperature=prior_temperature)
         self._validate_generate_inputs(input_ids, attention_mask, latents, generation_config, num_inference_steps,
                                        prior_guidance_scale, prior_temperature, kwargs)
         for name in UNSUPPORTED_GENERATE_ARGS:
@@ -582,7 +600,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         num_sequences = kwargs.get("num_return_sequences")
         if num_sequences is None:
             num_sequences = settings.num_return_sequences or 1
-        kwargs["num_return_sequences"] = 1  # k sequences per input = k prior draws, expanded here
+        # k sequences per input = k prior draws, expanded here; transformers decodes one sequence per row
+        generation_config = self._override_generation(generation_config, kwargs, num_return_sequences=1)
 
         encoder_outputs = kwargs.pop("encoder_outputs", None)
         if encoder_outputs is None and input_ids is None:
@@ -635,11 +654,6 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
         else:
             latent_slots = None
-        if self._default_to_graph_decoding(generation_config, kwargs):
-            kwargs["cache_implementation"] = "static"  # the fast path: `_sample` replays one CUDA graph per token
-        if self.device.type == "cuda" and kwargs.get("cache_implementation", settings.cache_implementation) == "static":
-            # compiled per memory length: a few buckets instead of one graph per context length
-            memory, memory_mask = pad_memory_to_bucket(memory, memory_mask, self.config.max_position_embeddings)
         return super().generate(
             encoder_outputs=memory,
             attention_mask=memory_mask,
@@ -648,33 +662,64 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def _default_to_graph_decoding(self, generation_config, kwargs) -> bool:
-        """Greedy or sampled decoding on CUDA, with nothing chosen that the captured step cannot serve (a cache or
-        cache implementation, beams, a streamer, per-step outputs, `disable_compile`)."""
-        settings = generation_config or self.generation_config
-        def setting(name):
-            return kwargs.get(name, getattr(settings, name, None))
-        return (self.device.type == "cuda" and setting("cache_implementation") is None
-                and kwargs.get(CACHE_NAME) is None and kwargs.get("past_key_values") is None
-                and setting("num_beams") in (None, 1) and kwargs.get("streamer") is None
-                and not setting("return_dict_in_generate") and not setting("disable_compile"))
+    def _prior_settings(self, generation_config, **values) -> tuple:
+        """`PRIOR_GENERATION_SETTINGS` in that order: each keyword's value, else the attribute of `generation_config`,
+        else of `self.generation_config`, else None (the prior then reads `self.config`)."""
+        resolved = []
+        for name in PRIOR_GENERATION_SETTINGS:
+            value = values[name]
+            for source in (generation_config, self.generation_config):
+                if value is None and source is not None:
+                    value = getattr(source, name, None)
+            resolved.append(value)
+        return tuple(resolved)
+
+    @staticmethod
+    def _override_generation(generation_config, kwargs, **overrides):
+        """Settings `generate()` imposes on transformers' loop: in `kwargs` when no `generation_config` was passed (or
+        the caller passed that keyword too), otherwise on a copy of `generation_config`, since transformers
+        deprecates a `generation_config` together with generation keywords. Returns the config to pass on."""
+        if generation_config is not None and any(name not in kwargs for name in overrides):
+            generation_config = copy.deepcopy(generation_config)
+        for name, value in overrides.items():
+            if generation_config is None or name in kwargs:
+                kwargs[name] = value
+            else:
+                setattr(generation_config, name, value)
+        return generation_config
+
+    def _captures_decoding(self, generation_config) -> bool:
+        """The captured step (one CUDA graph per token) is for CUDA, unless `disable_compile`."""
+        return self.device.type == "cuda" and not generation_config.disable_compile
 
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
-        """Greedy search and sampling. On CUDA with a static cache (the default there: see `generate`) each step runs
-        as one captured CUDA graph (generation_dior.py), for the processors and criteria it knows and without
-        streamers or per-step outputs; everything else is transformers' loop. `disable_compile=True` opts out."""
+        """Greedy search and sampling. On CUDA each step runs as one captured CUDA graph (generation_dior.py) on a
+        static cache of its own, the memory padded to a length bucket, where the captured step serves the call: the
+        processors and criteria it knows, no streamer or per-step outputs, no cache passed in and no cache
+        implementation but "static". Everything else is transformers' loop, with the cache transformers made for it
+        and the memory as encoded. `disable_compile=True` opts out."""
         specs = processor_specs(logits_processor)
         stopping = stopping_plan(stopping_criteria)
+        cache = model_kwargs.get(CACHE_NAME)
         graphable = (
-            specs is not None and stopping is not None and not synced_gpus and streamer is None
+            self._captures_decoding(generation_config)
+            and specs is not None and stopping is not None and not synced_gpus and streamer is None
             and not generation_config.return_dict_in_generate and input_ids.shape[1] == 1
             and set(model_kwargs) <= GRAPH_DECODING_KWARGS and model_kwargs.get("use_cache", True)
-            and self._valid_auto_compile_criteria(model_kwargs, generation_config)
+            and generation_config.cache_implementation in (None, "static")
+            and not getattr(cache, "_is_user_defined", False)
         )
         if not graphable:
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        # compiled per memory length: a few buckets instead of one graph per context length
+        memory, memory_mask = pad_memory_to_bucket(model_kwargs["encoder_outputs"], model_kwargs["attention_mask"],
+                                                   self.config.max_position_embeddings)
+        model_kwargs = {**model_kwargs, "encoder_outputs": memory, "attention_mask": memory_mask}
+        max_cache_len = max(generation_config.max_length - 1, getattr(generation_config, "max_cache_len", None) or 0)
+        model_kwargs[CACHE_NAME] = self._prepare_static_cache("static", input_ids.shape[0], max_cache_len, None,
+                                                              model_kwargs)
         pad = generation_config._pad_token_tensor
         return decode(self, input_ids, model_kwargs, specs, stopping, bool(generation_config.do_sample),
                       0 if pad is None else int(pad))
@@ -759,6 +804,9 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         (pipeline_dior.py is copied with the code) and README.md gets the Dior model card unless the folder already
         has one. With `push_to_hub=True` the folder, card included, is then uploaded (`repo_id`, `token`, ...)."""
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+        if any(getattr(self.generation_config, name, None) is not None for name in PRIOR_GENERATION_SETTINGS):
+            # a generation config marked as derived from the model config drops its custom entries on loading
+            self.generation_config._from_model_config = False
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
                       if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)

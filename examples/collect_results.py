@@ -76,14 +76,24 @@ def free_bits(prior: str, config: dict) -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file ([] if there is none). A last line cut short (a run killed while writing it:
+    no newline at the end) is skipped with a message; any other line that does not parse is an error naming
+    file:line."""
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.split("\n")
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
+        except ValueError as error:
+            if number == len(lines):  # the last line, without its newline
+                print(f"{path}:{number}: skipping the truncated last line ({error})", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({error}): {line[:80]!r}") from None
     return rows
 
 

@@ -30,6 +30,18 @@ instead of its samples (each row keeps its number of samples): ``copy_last``
 repeats the last context turn; ``random_train`` draws training responses at
 random (seeded) from ``--dataset_dir``'s DailyDialog train split.
 
+``--responder NAME --eval_set SET`` (no ``--input``) scores a responder that needs no model on an evaluation set of
+the clean protocol (``dior_cvae/training/responders.py``, ``eval_sets.py``; both accept ``all``): TF-IDF retrieval
+from the whole (``tfidf_full``) or the clean (``tfidf_clean``) training split, the original DailyDialog continuation
+of a DailyDialog++ context (``dd_continuation``), ``copy_last``, ``random_train``; on ``dailydialog_pp_test`` /
+``dailydialog_pp_dev`` with ``--num_samples`` responses per context and the multi-reference metrics
+(``dior_cvae/training/multiref.py``), on ``dailydialog_validation`` / ``dailydialog_test`` with the paper's protocol on
+all, clean and overlapping pairs. Needs ``--dataset_dir`` (ijcnlp DailyDialog) and ``--dailydialog_pp_dir``; the
+output JSON records the command, the clean split's report and every score::
+
+    python examples/score.py --responder all --eval_set all --dataset_dir ../shared/data/dailydialog/ijcnlp \
+        --dailydialog_pp_dir ../shared/data/dailydialog_plusplus --output results/responders_clean_protocol.json
+
 ``--latent_model`` adds the model's latent diagnostics under ``"latent"`` (``examples/diagnose.py``: active units,
 KL per layer and to N(0, I), mutual information — at most log of its batch, ``mutual_information_max`` —, the
 prior/posterior latent norm ratio) on ``--latent_split`` of ``--dataset_dir``; ``--latent_plot`` draws prior against
@@ -41,9 +53,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 
-from dior_cvae.training.outputs import check_output_file, write_atomic
 from dior_cvae.metrics import (
     MultirefIndex,
     load_embedding_model,
@@ -51,6 +63,7 @@ from dior_cvae.metrics import (
     read_generations,
     score_generations,
 )
+from dior_cvae.training.outputs import check_output_file, write_atomic
 
 TRIVIAL = ("copy_last", "random_train")
 
@@ -122,9 +135,36 @@ def score_rows(rows: list[dict], *, embedding_model=None, semantic: bool = True,
     return scores
 
 
+def score_responders(args) -> dict:
+    """``--responder`` / ``--eval_set`` (each a name or ``all``): the scores with the command and the split's report."""
+    from dior_cvae.training.clean_split import build_clean_split
+    from dior_cvae.training.eval_sets import EVAL_SETS, MULTIREF_SETS, load_eval_set
+    from dior_cvae.training.responders import RESPONDERS, Responder, score_responder
+
+    split = build_clean_split(args.dataset_dir, args.dailydialog_pp_dir)
+    names = RESPONDERS if args.responder == "all" else (args.responder,)
+    sets = EVAL_SETS if args.eval_set == "all" else (args.eval_set,)
+    model = None if args.no_semantic else load_embedding_model(args.embedding_model)
+    results: dict = {}
+    for name in names:
+        responder = Responder(name, args.dataset_dir, split, seed=args.seed)
+        for eval_set in sets:
+            if name == "dd_continuation" and eval_set not in MULTIREF_SETS:
+                continue  # on DailyDialog the continuation is the reference
+            rows = load_eval_set(eval_set, args.dataset_dir, args.dailydialog_pp_dir, clean_split=split)
+            print(f"score.py: {name} on {eval_set} ({len(rows)} rows)", file=sys.stderr)
+            results.setdefault(eval_set, {})[name] = score_responder(
+                responder, eval_set, rows, num_samples=args.num_samples, embedding_model=model,
+                semantic=not args.no_semantic, semantic_rows=args.semantic_rows)
+    return {"command": shlex.join(["python", "examples/score.py", *args.argv]),
+            "settings": {"num_samples": args.num_samples, "seed": args.seed, "semantic": not args.no_semantic,
+                         "semantic_rows": args.semantic_rows},
+            "clean_split": split.report, "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="generations JSON Lines file")
+    parser.add_argument("--input", help="generations JSON Lines file (or --responder)")
     parser.add_argument("--output", help="also write the metrics JSON here (atomically; an existing file needs --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--no_semantic", action="store_true", help="skip the embedding metrics (relevance, sample_cosine5)")
@@ -136,12 +176,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trivial", choices=TRIVIAL, help="score a trivial responder instead of the samples")
     parser.add_argument("--dataset_dir", help="DailyDialog folder (train split) for --trivial random_train")
     parser.add_argument("--seed", type=int, default=1234, help="seed of --trivial random_train")
+    parser.add_argument("--responder", help="score this responder (or all) instead of --input: "
+                        "tfidf_full, tfidf_clean, dd_continuation, copy_last, random_train")
+    parser.add_argument("--eval_set", help="with --responder: dailydialog_pp_test, dailydialog_pp_dev, "
+                        "dailydialog_validation, dailydialog_test or all")
+    parser.add_argument("--dailydialog_pp_dir", help="DailyDialog++ folder ({dev,test}.json[.gz]) for --responder")
+    parser.add_argument("--num_samples", type=int, default=10,
+                        help="responses per DailyDialog++ context for --responder (default 10)")
+    parser.add_argument("--semantic_rows", type=int, default=None,
+                        help="MiniLM metrics on the first N rows only (of each set / subset; default all)")
     parser.add_argument("--latent_model", help="also the latent diagnostics of this saved model (examples/diagnose.py: "
                         "active units, KL per layer, mutual information, prior/posterior norm ratio) on --dataset_dir")
     parser.add_argument("--latent_split", default="validation", choices=["train", "validation", "test"])
     parser.add_argument("--latent_samples", type=int, default=2000, help="pairs of --latent_split for the diagnostics")
     parser.add_argument("--latent_plot", help="PNG of prior against posterior latents of the same contexts")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if bool(args.input) == bool(args.responder):
+        parser.error("give exactly one of --input and --responder")
+    for flag, path in (("--output", args.output), ("--latent_plot", args.latent_plot)):
+        if path:
+            try:
+                check_output_file("score.py", flag, path, args.overwrite, [("--input", args.input)])
+            except SystemExit as exc:
+                parser.error(str(exc).removeprefix("score.py: error: "))
+    if args.responder:
+        from dior_cvae.training.eval_sets import EVAL_SETS
+        from dior_cvae.training.responders import RESPONDERS
+
+        if args.responder not in (*RESPONDERS, "all"):
+            parser.error(f"--responder {args.responder}: choose from {', '.join(RESPONDERS)} or all")
+        if args.eval_set not in (*EVAL_SETS, "all"):
+            parser.error(f"--eval_set {args.eval_set}: choose from {', '.join(EVAL_SETS)} or all")
+        if not (args.dataset_dir and args.dailydialog_pp_dir):
+            parser.error("--responder needs --dataset_dir (ijcnlp DailyDialog) and --dailydialog_pp_dir")
+        if args.num_samples < 1:
+            parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+        if args.responder == "dd_continuation" and args.eval_set in ("dailydialog_validation", "dailydialog_test"):
+            parser.error("--responder dd_continuation applies to the DailyDialog++ sets only")
+        text = json.dumps(score_responders(args), indent=2)
+        print(text)
+        if args.output:
+            write_atomic(args.output, text + "\n")
+        return
     if args.trivial == "random_train" and not args.dataset_dir:
         parser.error("--trivial random_train needs --dataset_dir")
     if (args.latent_model or args.latent_plot) and not (args.latent_model and args.dataset_dir):
@@ -150,12 +227,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--multiref_min_fraction must be in [0, 1], got {args.multiref_min_fraction}")
     if args.latent_samples < 1:
         parser.error(f"--latent_samples must be >= 1, got {args.latent_samples}")
-    for flag, path, overwrite in (("--output", args.output, args.overwrite), ("--latent_plot", args.latent_plot, args.overwrite)):
-        if path:
-            try:
-                check_output_file("score.py", flag, path, overwrite, [("--input", args.input)])
-            except SystemExit as exc:
-                parser.error(str(exc).removeprefix("score.py: error: "))
 
     try:
         rows = read_generations(args.input)

@@ -194,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Hub revision for --dataset_name (e.g. refs/convert/parquet for script-based datasets, "
                            "which datasets>=4 no longer runs).")
     data.add_argument("--dataset_dir", default=None, help="Folder with DailyDialog {train,validation,test} files.")
+    data.add_argument("--clean_split", default=None, metavar="DAILYDIALOG_PP_DIR",
+                      help="With --dataset_dir: train without every training dialogue that contains or "
+                           "near-duplicates a DailyDialog validation/test dialogue or the source dialogue of a "
+                           "DailyDialog++ dev/test context (this folder's {dev,test}.json[.gz]); see "
+                           "dior_cvae/training/clean_split.py. Cached in $DIOR_CVAE_CACHE (default ~/.cache/dior_cvae).")
     data.add_argument("--personachat_dir", default=None,
                       help="Folder with ParlAI PersonaChat files {train,valid,test}_<variant>.txt[.gz].")
     data.add_argument("--personachat_variant", default="self_original", help="ParlAI file variant (self_original, ...).")
@@ -328,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sources = [args.dataset_name is not None, args.dataset_dir is not None, args.train_file is not None]
     if sum(sources) != 1:
         p.error("give exactly one data source: --dataset_name, --dataset_dir or --train_file")
+    if args.clean_split and not args.dataset_dir:
+        p.error("--clean_split needs --dataset_dir (the ijcnlp DailyDialog folder)")
     if args.personachat_dir and args.dataset_name != "personachat":
         p.error("--personachat_dir needs --dataset_name personachat")
     if args.model_name_or_path is None and args.tokenizer_name is None and args.train_tokenizer_vocab_size is None:
@@ -403,7 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--torch_compile_mode {args.torch_compile_mode} replays CUDA graphs, whose outputs (the gradients "
                 "included) the next micro-batch overwrites: it needs --gradient_accumulation_steps 1, got "
                 f"{args.gradient_accumulation_steps} (use --torch_compile_mode default)")
-    for flag in ("model_name_or_path", "tokenizer_name", "config_name", "dataset_dir", "personachat_dir"):
+    for flag in ("model_name_or_path", "tokenizer_name", "config_name", "dataset_dir", "personachat_dir", "clean_split"):
         value = getattr(args, flag)
         if value and _looks_local(value) and not Path(value).expanduser().exists():
             p.error(f"--{flag}: no such folder: {value}")
@@ -429,15 +436,30 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                                              ("test", args.test_file)) if path}
     hub_kwargs = {"revision": args.dataset_revision} if args.dataset_revision else {}
     if args.dataset_dir:
+        exclude = None
+        if args.clean_split:
+            from dior_cvae.training.clean_split import build_clean_split
+
+            clean = build_clean_split(args.dataset_dir, args.clean_split)
+            exclude = {"train": clean.removed_train_dialogue_ids}
+            report = clean.report
+            logger.info(f"--clean_split: removed {report['removed_dialogues']} of {report['train_dialogues']} training "
+                        f"dialogues ({report['removed_pairs']} of {report['train_pairs']} pairs): "
+                        f"{report['removed_by_primary_reason']}", main_process_only=True)
+            meta["clean_split"] = {k: report[k] for k in ("threshold", "removed_dialogues", "removed_pairs",
+                                                          "kept_dialogues", "kept_pairs")}
         for split in ("train", "validation", "test"):
             try:
-                splits.update(load_dailydialog_dir(args.dataset_dir, [split]))
+                splits.update(load_dailydialog_dir(args.dataset_dir, [split], exclude_dialogues=exclude))
             except FileNotFoundError:
                 if split == "train":
                     raise
         sample = Path(args.dataset_dir).resolve() == SAMPLE_DIR.resolve()
         description = ("The shipped DailyDialog sample (the first 1,000 / 100 / 100 dialogues of each split)" if sample
                        else f"DailyDialog (ijcnlp files, {args.dataset_dir})")
+        if args.clean_split:
+            description += (f", training split without the {meta['clean_split']['removed_dialogues']} dialogues "
+                            "that overlap DailyDialog validation/test or DailyDialog++ dev/test (--clean_split)")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
     elif args.dataset_name == "daily_dialog":
         splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
@@ -620,8 +642,21 @@ def latent_diagnostics(model, batches, accelerator) -> dict:
     return values
 
 
+def batch_mean_stderr(batches: torch.Tensor) -> float:
+    """The standard error of a mean over examples from (mean, size) rows of its batches (N_b, 2): the batches as
+    independent clusters, √(N_b / (N_b − 1) · Σ n_b² (m_b − m)²) / Σ n_b (NaN for one batch)."""
+    means, sizes = batches.unbind(1)
+    total = sizes.sum()
+    mean = (sizes * means).sum() / total
+    if len(means) < 2:
+        return float("nan")
+    return float(((sizes * (means - mean)).pow(2).sum() * len(means) / (len(means) - 1)).sqrt() / total)
+
+
 def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded) -> dict:
-    """Mean loss components (β = 1, eval mode: no dropout, no memory dropout) and generation metrics.
+    """Mean loss components (β = 1, eval mode: no dropout, no memory dropout) and generation metrics, and the
+    standard error of the mean KL (`kl_loss_stderr`, from the spread of the batch means): the diffusion prior's KL
+    is a Monte Carlo estimate, and a mean within two standard errors of 0 says no more than "small".
 
     Runs under a forked RNG with a fixed seed: the numbers are reproducible and training randomness is untouched.
     """
@@ -630,7 +665,7 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(args.seed)
         totals, count = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=accelerator.device), 0
-        diagnostic_batches, local_count = [], 0
+        diagnostic_batches, local_count, kl_batches = [], 0, []
         for batch in dataloader:
             if local_count < DIAGNOSTIC_EXAMPLES:  # kept for the latent diagnostics: no second pass over the data
                 diagnostic_batches.append(batch)
@@ -642,7 +677,10 @@ def evaluate(model, dataloader, accelerator, args, tokenizer, examples, encoded)
             rows = accelerator.gather_for_metrics(values.expand(batch["input_ids"].shape[0], -1).contiguous())
             totals += rows.double().sum(0)
             count += rows.shape[0]
+            size = values.new_tensor(float(batch["input_ids"].shape[0]))
+            kl_batches.append(accelerator.gather(torch.stack([values[LOSS_KEYS.index("kl_loss")], size])[None]))
         results = {k: (totals[i] / max(count, 1)).item() for i, k in enumerate(LOSS_KEYS)}
+        results["kl_loss_stderr"] = batch_mean_stderr(torch.cat(kl_batches).double())
         unwrapped = accelerator.unwrap_model(model)
         if unwrapped.config.prior_type != "diffusion":
             results.pop("neg_entropy"), results.pop("prior_loss")

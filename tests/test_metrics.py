@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -449,3 +450,19 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     assert collect_results.prior_and_dropout("gaussian-freebits0.25-memdrop0.3-s2", overrides) == ("gaussian", 0.3)
     assert collect_results.free_bits("gaussian", overrides) == 0.25
     assert collect_results.free_bits("diffusion", {}) == 1.0 and collect_results.free_bits("none", {}) is None
+
+
+def test_read_jsonl_skips_only_a_truncated_last_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "examples"))
+    import collect_results
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')  # killed while writing the third row
+    assert collect_results.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert f"{path}:3: skipping the truncated last line" in capsys.readouterr().err
+    path.write_text('{"a": 1}\n{"a": 2\n{"a": 3}\n')  # a broken row in the middle
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
+        collect_results.read_jsonl(path)
+    path.write_text('{"a": 1}\nnot json\n')  # a complete (newline-ended) last line that does not parse
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
+        collect_results.read_jsonl(path)

@@ -518,6 +518,7 @@ def test_a_response_longer_than_the_positions_is_a_clear_error(tiny_model):
         model(input_ids=context_batch(1, 6), labels=torch.randint(4, 96, (1, 65)))
 
 
+@pytest.mark.compile
 def test_torch_compile_of_the_training_forward_matches_eager(tiny_model):
     """`torch.compile(model, dynamic=True)` (as HF Trainer's `torch_compile=True` does) traces the training forward:
     random draws, memory dropout and the free-bits gate included. With the aot_eager backend (eager kernels and

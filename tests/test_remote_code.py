@@ -9,6 +9,8 @@ import textwrap
 import pytest
 import torch
 
+from conftest import SUBPROCESS_HANG_S
+
 LOAD_AND_GENERATE = textwrap.dedent(
     """
     import json, sys, torch
@@ -65,7 +67,7 @@ def run_isolated(python, script_text, args, tmp_path, hide_package=True):
             f"sys.argv = [{str(script)!r}] + sys.argv[1:]\nexec(open({str(script)!r}).read())\n"
         )
     result = subprocess.run([python, "-I", str(runner), *map(str, args)], cwd="/", env=env, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=SUBPROCESS_HANG_S)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 from test_train import FAKE_HUB_RUNNER, REPO, SAMPLE, TINY, read_log, run_train
 
 from dior_cvae.data import DataFormatError, load_dailydialog_dir, load_jsonl
@@ -334,7 +334,7 @@ def test_output_dir_is_refused_or_written_into_without_deleting(tmp_path):
     # `--output_dir . --overwrite_output_dir` from inside the folder: writes, deletes nothing
     subprocess.run([sys.executable, str(REPO / "examples" / "train.py"), *RUN, "--max_train_steps", "1",
                     "--checkpointing_steps", "1", "--output_dir", ".", "--overwrite_output_dir"], cwd=out, check=True,
-                   capture_output=True, env=train_env(tmp_path), timeout=300)
+                   capture_output=True, env=train_env(tmp_path), timeout=SUBPROCESS_HANG_S)
     assert (out / "my_notes.txt").read_text() == "not the script's"
     assert (out / "step_2" / "trainer_state.json").is_file()  # the first run's checkpoint is kept ...
     second_run = train.read_run_id(out)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import SUBPROCESS_HANG_S
 from dior_cvae.dior_compat import compiled_training_problem
 from dior_cvae.training_utils import (
     DeferredReadback,
@@ -72,10 +73,10 @@ def _env(tmp_path: Path, **extra) -> dict:
     return env
 
 
-def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True, timeout=300):
+def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True):
     command = (launcher or [sys.executable]) + [str(TRAIN), *args]
     result = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=timeout, stdin=subprocess.DEVNULL)
+                            timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -87,7 +88,7 @@ def load_in_fresh_process(tmp_path: Path, folder: Path) -> str:
     workdir.mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_GENERATE, str(folder)], cwd=workdir,
                             env=_env(tmp_path, HF_HOME=str(tmp_path / "hf_home_fresh")), capture_output=True, text=True,
-                            timeout=180, stdin=subprocess.DEVNULL)
+                            timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "LOADED DiorCVAEForConditionalGeneration" in result.stdout
     return result.stdout
@@ -126,7 +127,7 @@ def test_end_to_end_output_loads_with_remote_code(tmp_path):
     assert {"loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "beta", "lr"} <= set(train_rows[0])
     results = json.loads((out / "eval_results.json").read_text())
     assert results["step"] == 3
-    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_bleu1", "eval_bleu2", "eval_distinct1",
+    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_kl_loss_stderr", "eval_bleu1", "eval_bleu2", "eval_distinct1",
                 "eval_distinct2", "eval_entropy1", "eval_entropy2", "eval_entropy3", "test_loss"):
         assert key in results, key
     # the latent diagnostics of every evaluation, logged beside the losses (and to tensorboard with tracking)
@@ -221,6 +222,7 @@ def test_torch_compile_is_refused_on_an_older_transformers(tmp_path):
 
 
 @pytest.mark.skipif(compiled_training_problem() is not None, reason="needs transformers >= 5.23 (layerdrop branch)")
+@pytest.mark.compile
 def test_torch_compile_trains_the_same_model(tmp_path):
     """`--torch_compile` runs the training forward and backward through `CompiledTrainingForward` (backend aot_eager
     here: eager kernels and random draws, so it runs on the CPU and must give the eager run's numbers) on batches of
@@ -531,3 +533,18 @@ def test_trainer_route_anneals_beta(tiny_model, tmp_path):
     assert used == [1.0] and math.isfinite(metrics["eval_loss"])
     with pytest.raises(ValueError, match="unknown KL annealing schedule"):
         KLAnnealingCallback("cosine")
+
+
+def test_batch_mean_stderr_is_the_standard_error_of_the_example_mean():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from train import batch_mean_stderr
+
+    means = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    equal = torch.stack([means, torch.full((4,), 8.0)], dim=1)
+    assert batch_mean_stderr(equal) == pytest.approx(means.std().item() / 2)  # s / √(number of batches)
+    # unequal batches (a last batch of 2 of 26 examples): the cluster formula term by term
+    sizes = torch.tensor([8.0, 8.0, 8.0, 2.0])
+    m = (sizes * means).sum() / sizes.sum()
+    by_hand = math.sqrt(4 / 3 * sum((n * (x - m)) ** 2 for n, x in zip(sizes.tolist(), means.tolist()))) / 26
+    assert batch_mean_stderr(torch.stack([means, sizes], dim=1)) == pytest.approx(by_hand)
+    assert math.isnan(batch_mean_stderr(equal[:1]))

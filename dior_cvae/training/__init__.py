@@ -1,1 +1,4 @@
-"""Training-side helpers of the example scripts (not shipped with the weights)."""
+"""Training-side code that is not shipped with the weights: data splits, evaluation sets, responders, metrics.
+
+Importing this package imports none of its modules (they pull in torch, nltk, sentence-transformers lazily).
+"""
