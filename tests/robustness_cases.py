@@ -68,7 +68,7 @@ class Context:
     def trained(self) -> Path:
         """A copy of one train.py output folder (2 updates, step_2 checkpoint), shared by the cases."""
         if "trained" not in self.shared:
-            base = Path(os.environ.get("ROBUSTNESS_SHARED_TMP") or self.tmp) / "shared-trained"
+            base = Path(self.shared.get("dir") or os.environ.get("ROBUSTNESS_SHARED_TMP") or self.tmp) / "shared-trained"
             shutil.rmtree(base, ignore_errors=True)
             base.mkdir(parents=True)
             result = subprocess.run([sys.executable, str(REPO / "examples" / "train.py"), *QUICK, "--max_train_steps",
