@@ -101,7 +101,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     config_class = DiorCVAEConfig
     base_model_prefix = "model"
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
-    _keys_to_ignore_on_load_missing = ["final_logits_bias"]
+    _keys_to_ignore_on_load_missing = ["final_logits_bias", "latent_layout"]
     _supports_flash_attn = False
     _supports_flex_attn = False
     _keep_in_fp32_modules_strict = ["diffusion_prior"]
@@ -116,6 +116,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 layer.encoder_attn = _latent_slot_attention(config, idx, False, config.cross_attention_infusion,
                                                             int(config.self_attention_infusion))
         self.final_logits_bias = nn.Buffer(torch.zeros((1, self.model.shared.num_embeddings)))
+        # the config fields that change what the weights mean without changing their shapes, saved with the
+        # weights so that `from_pretrained` can refuse a config.json that disagrees (LAYOUT_FIELDS); a model
+        # without a latent is plain BART, with BART's weights only
+        if config.has_latent:
+            self.latent_layout = nn.Buffer(self._config_layout(config))
         self.lm_head = nn.Linear(config.d_model, self.model.shared.num_embeddings, bias=False)
 
         self.layer_pooling = LayerPooling(config) if config.has_latent else None
@@ -130,10 +135,19 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             config.auto_map = {**auto_map, "AutoModel": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
         self.post_init()
 
+    #: config fields kept in the `latent_layout` buffer (bools, as 0 / 1)
+    LAYOUT_FIELDS = ("self_attention_infusion", "cross_attention_infusion")
+
+    @classmethod
+    def _config_layout(cls, config) -> torch.Tensor:
+        return torch.tensor([int(bool(getattr(config, name))) for name in cls.LAYOUT_FIELDS], dtype=torch.uint8)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DiorCVAEForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+            if hasattr(module, "latent_layout"):
+                init.copy_(module.latent_layout, self._config_layout(self.config))
         if isinstance(module, ZeroInitLinear):  # the denoiser's v̂ = 0 at the start: the prior is exactly N(0, I)
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -792,6 +806,12 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 f"{source}: the weights hold {', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}, "
                 f"which the config does not build: config.json's `prior_type` ({model.config.prior_type!r}), "
                 "`latent_size` or the layer counts are not those the weights were trained with")
+        if hasattr(model, "latent_layout") and not model.latent_layout.is_meta:
+            saved, expected = model.latent_layout.tolist(), model._config_layout(model.config).tolist()
+            for name, old, new in zip(model.LAYOUT_FIELDS, saved, expected):
+                if old != new:
+                    raise ValueError(f"{source}: config.json's `{name}` is {bool(new)}, but the weights were trained "
+                                     f"with {name}={bool(old)}")
         bad = [name for name, tensor in model.state_dict().items()
                if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())]
         if bad:
