@@ -24,12 +24,18 @@ card), eval_results.json, log_history.jsonl, training_args.json, training_curves
 `best/` (lowest finite validation loss, or the best `--metric_for_best_model`), `step_N/` or `epoch_N/` checkpoints (accelerate state for exact resume + a
 `pretrained/` model folder), `runs/` (TensorBoard).
 
-Safety: a non-empty `--output_dir` is refused unless `--resume_from_checkpoint` or `--overwrite_output_dir` is given
-(which writes into it and deletes nothing). Checkpoints are written to a hidden temporary folder, then renamed; their
-trainer_state.json lists every file's size and sha256 and the run id, so `--resume_from_checkpoint latest` takes the
-newest intact checkpoint of this run (warning about any it skips). A non-finite loss or gradient norm stops training
-(on CUDA one update later: the flag is read back without waiting for the GPU) before any checkpoint or model of that
-update is written; non-finite weights are never saved. No pickle is unpickled beyond `torch.load(weights_only=True)`.
+Safety (dior_cvae/training/outputs.py): `--output_dir` is locked for the run's lifetime (a second run on it is
+refused with the first one's pid). A non-empty folder is refused unless `--resume_from_checkpoint` finds an intact
+checkpoint of its run, or `--overwrite_output_dir` is given, which replaces only what earlier runs of this script
+wrote there and left unchanged (recorded in .dior-outputs.json): a file in the way that no run wrote, or that was
+edited since, is refused by name, and nothing else is deleted. A resumed run must match the checkpoint's record of
+its data, model config, batches and schedules (refused, naming each difference, unless --ignore_resume_mismatch).
+Checkpoints are written to a hidden temporary folder, then renamed; the final model is staged and moved in with a
+journal, so a kill leaves the old model or (after the next run on the folder completes the moves) the new one. Each
+checkpoint's trainer_state.json lists every file's size and sha256 and the run id, so `--resume_from_checkpoint
+latest` takes the newest intact checkpoint of this run (warning about any it skips). A non-finite loss or gradient
+norm stops training (on CUDA one update later: the flag is read back without waiting for the GPU) before any
+checkpoint or model of that update is written; non-finite weights are never saved. No pickle is unpickled beyond `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
