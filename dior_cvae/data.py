@@ -577,7 +577,9 @@ def encode_example(
     LEFT to ``max_source_length`` (the most recent turns are kept; ``<s>`` stays
     first and ``</s>`` last). ``labels`` = ``<s> response </s>``, truncated from
     the right to ``max_target_length`` (``</s>`` stays last). Special tokens are
-    the tokenizer's bos/eos. ``labels`` is left out if the example has no
+    the tokenizer's bos/eos and the turn separator: a special token typed in the
+    text ("</s>", "<pad>", ...) is tokenized as its characters
+    (``pipeline_dior.tokenize_contexts``). ``labels`` is left out if the example has no
     ``"response"`` (or it is None), e.g. at inference time.
 
     ``turn_separator`` defaults to the tokenizer's eos token (``</s>``).
