@@ -28,7 +28,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from conftest import tiny_config_kwargs  # noqa: E402
-from test_train import REPO, SAMPLE, TINY, _env  # noqa: E402
+from test_train import REPO, SAMPLE, TINY, WITH_HOOKS, _env  # noqa: E402
 
 
 
@@ -59,7 +59,7 @@ class Context:
 
     def tokenizer(self):
         if "tokenizer" not in self.shared:
-            from dior_cvae.data import train_tokenizer
+            from dior_cvae.training.data import train_tokenizer
 
             texts = ["hello there , how are you ?", "fine , thanks . and you ?", "general kenobi !"] * 20
             self.shared["tokenizer"] = train_tokenizer(texts, 300)
@@ -265,9 +265,9 @@ def kill_during_final_merge(ctx):
     folder completes the interrupted save first (all files new)."""
     out = ctx.trained()
     old = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors", "tokenizer.json")}
-    killed = subprocess.run([sys.executable, str(REPO / "examples" / "train.py"), *QUICK, "--output_dir", str(out),
-                             "--overwrite_output_dir", "--train_tokenizer_vocab_size", "333", "--debug_sigkill",
-                             "merge:1"], cwd=ctx.tmp, env=_env(ctx.tmp), capture_output=True, text=True, timeout=600)
+    killed = subprocess.run([sys.executable, str(WITH_HOOKS), "kill_merging=1", str(REPO / "examples" / "train.py"),
+                             *QUICK, "--output_dir", str(out), "--overwrite_output_dir", "--train_tokenizer_vocab_size",
+                             "333"], cwd=ctx.tmp, env=_env(ctx.tmp), capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, f"not killed during the final merge (rc {killed.returncode})"
     args = generate.parse_args(["--model_name_or_path", str(out), "--output", str(ctx.tmp / "g.jsonl"),
                                 "--input_file", str(_jsonl(ctx.tmp / "in.jsonl", [{"context": ["hi"]}]))])
@@ -395,7 +395,7 @@ def train_output_dir_is_a_file_kept(ctx):
 
 
 def _encode(ctx, example):
-    from dior_cvae.data import encode_example
+    from dior_cvae.training.data import encode_example
 
     return encode_example(ctx.tokenizer(), example, 64, 32)
 
@@ -548,8 +548,7 @@ def resume_other_batch_size(ctx):
 
 
 def resume_other_config(ctx):
-    _resume(ctx, "--config_overrides", "d_model=32,encoder_layers=2,latent_size=4,denoiser_hidden_size=32,"
-                                       "max_position_embeddings=128,kl_free_bits=0.5")
+    _resume(ctx, "--kl_free_bits", "0.5")
 
 
 def resume_other_schedule(ctx):
@@ -622,7 +621,7 @@ def generate_empty_turn_separator(ctx):
 
 def jsonl_special_token_in_training_data(ctx):
     """A training file whose response holds a literal </s>: the labels keep one EOS, at the end."""
-    from dior_cvae.data import encode_examples, load_jsonl, parse_record
+    from dior_cvae.training.data import encode_examples, load_jsonl, parse_record
 
     path = _jsonl(ctx.tmp / "t.jsonl", [{"context": ["hi"], "response": "a </s> b <pad>"}])
     examples, _ = load_jsonl(path, parse=parse_record)
@@ -633,7 +632,7 @@ def jsonl_special_token_in_training_data(ctx):
 
 def generate_script_context_with_eos(ctx):
     """generate.py's input: a context turn holding a literal </s> stays one turn."""
-    from dior_cvae.data import encode_examples
+    from dior_cvae.training.data import encode_examples
 
     ids = encode_examples(ctx.tokenizer(), [{"context": ["a </s> b"]}], 64, 32, show_progress=False)[0]["input_ids"]
     assert ids.count(ctx.tokenizer().eos_token_id) == 1, ids
@@ -783,7 +782,7 @@ def config_vocab_zero(ctx):
 
 
 def config_overrides_bad_field(ctx):
-    refused(_train_main(*QUICK, "--config_overrides", "d_model=30,encoder_attention_heads=4", "--output_dir",
+    refused(_train_main(*QUICK, "--d_model", "30", "--encoder_attention_heads", "4", "--output_dir",
                         str(ctx.tmp / "o")), "d_model")
 
 
@@ -864,8 +863,7 @@ def train_lr_scheduler_kwargs_bad_key(ctx):
 
 
 def train_config_override_unknown(ctx):
-    refused(_train_main(*QUICK, "--config_overrides", "no_such_field=1", "--output_dir", str(ctx.tmp / "o")),
-            "no_such_field")
+    refused(_train_main(*QUICK, "--no_such_field", "1", "--output_dir", str(ctx.tmp / "o")), "no_such_field")
 
 
 def train_dataset_dir_without_train(ctx):

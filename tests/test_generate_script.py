@@ -29,7 +29,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-    from dior_cvae.data import train_tokenizer
+    from dior_cvae.training.data import train_tokenizer
 
     root = tmp_path_factory.mktemp("generate_script")
     tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=300, model_max_length=64)

@@ -1,4 +1,4 @@
-"""Tests of dior_cvae.metrics and examples/score.py against hand-computed values."""
+"""Tests of dior_cvae.training.metrics and examples/score.py against hand-computed values."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dior_cvae.metrics import (
+from dior_cvae.training.metrics import (
     MultirefIndex,
     bleu,
     distinct,
@@ -297,7 +297,7 @@ needs_multiref_data = pytest.mark.skipif(
 @needs_multiref_data
 def test_multiref_real_dailydialog_test_split(tmp_path, capsys):
     """The real DailyDialog test split vs DailyDialog++ test: 97 of 6,740 pairs match (1.44 %)."""
-    from dior_cvae.data import load_dailydialog_dir
+    from dior_cvae.training.data import load_dailydialog_dir
 
     examples = load_dailydialog_dir(SHARED_DATA / "dailydialog" / "ijcnlp", splits=["test"])["test"]
     inp = tmp_path / "gen.jsonl"
@@ -341,7 +341,7 @@ def _fake_work_dir(work: Path) -> None:
 
 
 def test_collect_results_fake_work_dir(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "examples"))
+    sys.path.insert(0, str(REPO / "experiments"))
     import collect_results
 
     work = tmp_path / "work"
@@ -394,8 +394,8 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
 
 
 def _experiments_module():
-    """examples/dailydialog_experiments.py, imported (examples/ on the path, as collect_results.py needs it too)."""
-    sys.path.insert(0, str(REPO / "examples"))
+    """experiments/dailydialog_experiments.py, imported (experiments/ on the path, as collect_results.py needs it too)."""
+    sys.path.insert(0, str(REPO / "experiments"))
     import dailydialog_experiments
 
     return dailydialog_experiments
@@ -431,7 +431,8 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", tokenizer_name="T", train_minutes=1.0,
                               smoke=False, sweeps=(), prior_temperatures=(), token_temperatures=())
     original, replica = experiments.train_command(args, "memdrop0.5"), experiments.train_command(args, "memdrop0.5-s2")
-    assert replica[replica.index("--config_overrides") + 1] == original[original.index("--config_overrides") + 1]
+    assert collect_results.parse_overrides(" ".join(replica)) == collect_results.parse_overrides(" ".join(original))
+    assert collect_results.parse_overrides(" ".join(original))["memory_dropout"] == "0.5"
     assert replica[replica.index("--output_dir") + 1].endswith("memdrop0.5-s2")
     command = " ".join(replica)
     assert collect_results.train_seed(command) == 2 and collect_results.train_seed(" ".join(original)) == 1234
@@ -453,7 +454,7 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
 
 
 def test_read_jsonl_skips_only_a_truncated_last_line(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "examples"))
+    sys.path.insert(0, str(REPO / "experiments"))
     import collect_results
 
     path = tmp_path / "log.jsonl"

@@ -235,27 +235,23 @@ class OutputFolder:
 
     # -- journalled multi-file saves --------------------------------------------------------------------------------
 
-    def commit_staged(self, staging: Path, debug_kill_after: int | None = None) -> None:
-        """Move every file of `staging` (this folder's STAGING) into the folder: first the COMMIT list, then one
-        `os.replace` per file, then the record. `debug_kill_after`: SIGKILL after that many files (tests)."""
+    def commit_staged(self, staging: Path) -> None:
+        """Move every file of `staging` (this folder's STAGING) into the folder: first the record and the COMMIT
+        list, then one `os.replace` per file (`_move_staged`)."""
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         self.check_replaceable(sorted({f.split("/")[0] for f in files}))
         for name in sorted({f.split("/")[0] for f in files}):
             self.manifest().setdefault(name, None)
         self._save_manifest()
         write_atomic(staging / COMMIT, json.dumps(files))
-        self._move_staged(staging, files, debug_kill_after)
+        self._move_staged(staging, files)
 
-    def _move_staged(self, staging: Path, files: list[str], debug_kill_after: int | None = None) -> None:
-        for count, name in enumerate(files, start=1):
+    def _move_staged(self, staging: Path, files: list[str]) -> None:
+        for name in files:
             source, target = staging / name, self.folder / name
-            if source.exists():
+            if source.exists():  # a completed move's file is already in place
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(source, target)
-            if debug_kill_after == count:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
         shutil.rmtree(staging)
 
     def complete_interrupted_save(self) -> bool:

@@ -1,8 +1,8 @@
 """DailyDialog from scratch on one GPU: the paper's "w/o PLM" setting and its ablations, end to end.
 
-    python examples/dailydialog_experiments.py --dataset_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \\
+    python experiments/dailydialog_experiments.py --dataset_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \\
         --phase train --runs diffusion,gaussian --train_minutes 20
-    python examples/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian
+    python experiments/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian
 
 `--phase train` starts the runs' `accelerate launch examples/train.py` commands side by side (they share the GPU;
 each stops after `--train_minutes`), `--phase eval` samples responses from the trained models with
@@ -14,7 +14,7 @@ writes their latent diagnostics with `examples/diagnose.py`.
 A run name with a seed suffix, `NAME-sN` (e.g. `memdrop0.5-s2`), is a replica of NAME trained with `--seed N`, for
 seed spreads. Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
 relevance, DailyDialog++ multi-reference BLEU, trivial responders) runs where the embedding model is, and
-`examples/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
+`experiments/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
 """
 
 import argparse
@@ -99,13 +99,18 @@ def split_seed(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def config_flags(fields: str) -> list[str]:
+    """`"d_model=256,prior_type=gaussian"` as train.py's config flags: `--d_model 256 --prior_type gaussian`."""
+    return [word for item in fields.split(",") for word in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+
+
 def train_command(args, name: str) -> list[str]:
     base, seed = split_seed(name)
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
         str(REPO / "examples/train.py"),
         "--dataset_dir", args.dataset_dir, "--tokenizer_name", args.tokenizer_name, "--overwrite_output_dir",
-        "--config_overrides", f"{BASE_CONFIG},{RUNS[base]}",
+        *config_flags(f"{BASE_CONFIG},{RUNS[base]}"),
         "--max_train_minutes", str(args.train_minutes),
         "--output_dir", str(Path(args.work_dir) / "models" / name),
         *TRAIN_ARGS,

@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .training.outputs import write_atomic
+from ..latent_dior import DiagonalGaussian
+from .outputs import write_atomic
 
 
 @torch.no_grad()
@@ -27,17 +28,18 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None, 
     if not model.config.has_latent:
         raise ValueError('latent diagnostics need a latent model (prior_type is "none")')
     model.eval()
-    gaussian_prior = model.diffusion_prior is None and model.hierarchy.prior is not None
+    gaussian_prior = model.config.prior_type == "gaussian"
     means, log_stds, samples, priors, kls, mi_terms, layer_kls = [], [], [], [], [], [], []
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         _, context_vectors = model.encode(batch["input_ids"], batch["attention_mask"])
         response_vectors = model.encode_response(batch["labels"])
-        latents, posterior, summaries = model.hierarchy.posterior_sample(context_vectors, response_vectors)
+        draw = model.hierarchy.posterior_sample(context_vectors, response_vectors)
+        latents, posterior, summaries = draw
         if gaussian_prior:
-            prior = model.hierarchy.prior_dist(summaries, context_vectors)
+            prior = DiagonalGaussian.from_params(model.prior(summaries, context_vectors))
             layer_kls.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
-        kl = model.kl_divergence(latents, posterior, summaries, context_vectors, generator)[0]
+        kl = model.prior.kl(draw, context_vectors, generator).kl
         kls.append(kl.float().cpu())
         means.append(posterior.mean.float().cpu())
         log_stds.append(posterior.log_std.float().cpu())
