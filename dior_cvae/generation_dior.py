@@ -34,7 +34,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from .utils_dior import CACHE_NAME, check_nonnegative_number, is_int
+from .utils_dior import CACHE_NAME, check_inference_steps, check_nonnegative_number, is_int
 
 SYNC_EVERY = 8  # decoding steps between two looks of the host at "has every row ended?"
 
@@ -98,8 +98,8 @@ def validate_generate_inputs(model, input_ids, attention_mask, latents, generati
         raise ValueError("`generate` needs `input_ids` (the context) or `encoder_outputs`")
     if input_ids is None and attention_mask is None:
         raise ValueError("pass `attention_mask` together with `encoder_outputs`")
-    if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps is not None:
+        check_inference_steps("num_inference_steps", num_inference_steps)
     if prior_guidance_scale is not None:
         check_nonnegative_number("prior_guidance_scale", prior_guidance_scale)
     if prior_temperature is not None:

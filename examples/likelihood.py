@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dior_cvae.data import DataFormatError, load_dailydialog_dir
+from dior_cvae.training.data import DataFormatError, load_dailydialog_dir
 
 
 def load_pairs(args) -> list[dict]:

@@ -3,9 +3,9 @@ settings and results, the training curves, and the upload of its output folder t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import torch
 from ..hub_dior import METRIC_NAMES, eval_results, model_card, upload_model_folder
 from .checkpointing import TrainingError, write_text_atomic
 from .evaluation import LOSS_KEYS, format_samples
+from .outputs import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def write_training_curves(log_file: Path, output_dir: Path) -> None:
         if ax.lines:
             ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = output_dir / ".training_curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, output_dir / "training_curves.png")
+    write_atomic(output_dir / "training_curves.png", image.getvalue())
