@@ -28,39 +28,39 @@ REPO = Path(__file__).resolve().parents[1]
 # name -> (file, the exact original text (must occur once), its replacement, the tests that must fail)
 MUTANTS = {
     "free-bits split: the prior's share ignores beta": (
-        "dior_cvae/modeling_dior.py",
+        "dior_cvae/latent_dior.py",
         "prior_share = 1 - kl_weight * above",
         "prior_share = 1 - above",
         ["tests/test_one_to_many.py::test_free_bits_split_the_kl_gradient_between_posterior_and_prior"],
     ),
     "free-bits floor: no gradient cut below the floor": (
-        "dior_cvae/modeling_dior.py",
-        "kl_objective = kl_weight * (above * kl_loss + (1 - above) * floor)",
-        "kl_objective = kl_weight * (kl_loss + (1 - above) * floor)",
+        "dior_cvae/latent_dior.py",
+        "objective = kl_weight * (above * kl_loss + (1 - above) * floor)",
+        "objective = kl_weight * (kl_loss + (1 - above) * floor)",
         ["tests/test_one_to_many.py::test_free_bits_split_the_kl_gradient_between_posterior_and_prior"],
     ),
     "VDM bound: diffusion term without its 1/2": (
-        "dior_cvae/dior_prior.py",
+        "dior_cvae/prior_dior.py",
         "diffusion = 0.5 * (lam_max - lam_min) * squared_error",
         "diffusion = (lam_max - lam_min) * squared_error",
         ["tests/test_prior.py::test_bound_is_tight_for_gaussian_data_with_the_optimal_denoiser"],
     ),
     "VDM bound: decoder term at the wrong end point": (
-        "dior_cvae/dior_prior.py",
+        "dior_cvae/prior_dior.py",
         "decoder = dim * 0.5 * (math.log(2 * math.pi * math.e) - lam_max)",
         "decoder = dim * 0.5 * (math.log(2 * math.pi * math.e) - lam_max + 0.05)",
         ["tests/test_prior.py::test_bound_is_tight_for_gaussian_data_with_the_optimal_denoiser"],
     ),
     "CFG lerp: conditional and unconditional branches swapped": (
-        "dior_cvae/dior_prior.py",
+        "dior_cvae/prior_dior.py",
         "torch.lerp(prediction[1], prediction[0], 1 + guidance)",
         "torch.lerp(prediction[0], prediction[1], 1 + guidance)",
         ["tests/test_model.py::test_guidance_is_applied_at_every_sampling_step"],
     ),
     "memory dropout: keeps with probability p instead of 1 - p": (
-        "dior_cvae/modeling_dior.py",
-        "(keep >= self.config.memory_dropout)",
-        "(keep < self.config.memory_dropout)",
+        "dior_cvae/attention_dior.py",
+        "(keep >= probability)",
+        "(keep < probability)",
         ["tests/test_model.py::test_memory_dropout_rate_train_only_and_never_the_latent_slot"],
     ),
     "cache path: static cross-attention cache without the latent slot's position": (
@@ -76,13 +76,13 @@ MUTANTS = {
         ["tests/test_graph_decoding.py::test_the_global_rng_after_generate_is_transformers_loops"],
     ),
     "cache path: a call the captured step cannot serve still gets the static cache": (
-        "dior_cvae/modeling_dior.py",
-        "self._captures_decoding(generation_config)\n            and specs is not None",
-        "self._captures_decoding(generation_config)\n            and True",
+        "dior_cvae/generation_dior.py",
+        "captures_decoding(model, generation_config)\n        and specs is not None",
+        "captures_decoding(model, generation_config)\n        and True",
         ["tests/test_graph_decoding.py::test_where_the_step_cannot_serve_transformers_loop_runs_as_transformers_sets_it_up"],
     ),
     "evaluation: condition dropout also in eval": (
-        "dior_cvae/dior_prior.py",
+        "dior_cvae/prior_dior.py",
         "if self.training and config.cfg_dropout > 0:",
         "if config.cfg_dropout > 0:",
         ["tests/test_prior.py::test_condition_dropout_only_in_training"],

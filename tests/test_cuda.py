@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config_kwargs
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -114,11 +114,11 @@ def test_the_cuda_rng_after_generate_is_transformers_loops():
 
 
 def test_compiled_prior_solver_matches_the_eager_loop():
-    """On CUDA the noise-free solvers run as one CUDA graph (`dior_prior.compiled_solve`): the same latents as the
+    """On CUDA the noise-free solvers run as one CUDA graph (`prior_dior.compiled_solve`): the same latents as the
     eager loop from the same noise, for DPM-Solver++ and DDIM, with guidance, and no CUDA-graph skip."""
     from torch._dynamo.utils import counters
 
-    from dior_cvae.dior_prior import solve
+    from dior_cvae.prior_dior import solve
     from dior_cvae.scheduling_dior import DiorScheduler
 
     counters.clear()
@@ -132,8 +132,10 @@ def test_compiled_prior_solver_matches_the_eager_loop():
             model.config.sampler = model.diffusion_prior.config.sampler = sampler
             noise = torch.randn(3, model.config.total_latent_size, device=device,
                                 generator=torch.Generator(device).manual_seed(0))
-            compiled = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=noise)
-            again = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=2 * noise)
+            compiled = model.diffusion_prior.sample(context_vectors, num_inference_steps=7, guidance_scale=guidance,
+                                                    initial_noise=noise).flatten(1)
+            again = model.diffusion_prior.sample(context_vectors, num_inference_steps=7, guidance_scale=guidance,
+                                                 initial_noise=2 * noise).flatten(1)
             scheduler = DiorScheduler(model.config)
             scheduler.set_timesteps(7, device)
             eager = solve(model.diffusion_prior.denoiser, scheduler, noise, condition, guidance)

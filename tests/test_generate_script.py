@@ -198,8 +198,8 @@ def test_posterior_latents_are_the_references_posterior_draws(workdir, capsys):
     contexts.write_text(json.dumps({"context": SENTENCES[4], "reference": "ok"}) + "\n"
                         + json.dumps({"context": SENTENCES[4]}) + "\n")
     with pytest.raises(SystemExit, match="needs a reference response for every context; 1 have none .*row 1"):
-        script.main(["--model_name_or_path", str(workdir / "missing"), "--output", str(output), "--device", "cpu",
-                     "--input_file", str(contexts), "--latents", "posterior"])  # before any model is loaded
+        script.main(["--model_name_or_path", "no-such-model", "--output", str(workdir / "posterior_2.jsonl"),
+                     "--device", "cpu", "--input_file", str(contexts), "--latents", "posterior"])  # before any load
     with pytest.raises(SystemExit):
         script.parse_args(["--model_name_or_path", "m", "--output", str(output), "--input_file", str(contexts),
                            "--latents", "posterior", "--prior_temperature", "0.5"])

@@ -42,8 +42,7 @@ def graph_path(monkeypatch):
             return real_decode(*args, step=step, **kwargs)
 
         monkeypatch.setattr(modeling_dior, "decode", spy)
-        monkeypatch.setattr(DiorCVAEForConditionalGeneration, "_captures_decoding",
-                            lambda self, config: not config.disable_compile)
+        monkeypatch.setattr(generation_dior, "captures_decoding", lambda model, config: not config.disable_compile)
         return calls
 
     return use
@@ -169,16 +168,16 @@ def test_the_cpu_default_is_transformers_loop(model, contexts, monkeypatch):
     monkeypatch.setattr(modeling_dior, "decode", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     model.generate(contexts, do_sample=True, max_new_tokens=4)
-    assert calls == [] and not model._captures_decoding(model.generation_config)
+    assert calls == [] and not generation_dior.captures_decoding(model, model.generation_config)
 
 
 def test_the_captured_step_is_gated_on_cuda(model, monkeypatch):
     from transformers import GenerationConfig
 
-    assert not model._captures_decoding(GenerationConfig())  # a CPU model
+    assert not generation_dior.captures_decoding(model, GenerationConfig())  # a CPU model
     monkeypatch.setattr(DiorCVAEForConditionalGeneration, "device", property(lambda self: torch.device("cuda")))
-    assert model._captures_decoding(GenerationConfig())
-    assert not model._captures_decoding(GenerationConfig(disable_compile=True))
+    assert generation_dior.captures_decoding(model, GenerationConfig())
+    assert not generation_dior.captures_decoding(model, GenerationConfig(disable_compile=True))
 
 
 @pytest.fixture

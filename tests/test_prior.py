@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dior_cvae import DiorCVAEConfig
-from dior_cvae.dior_prior import DiffusionPrior
+from dior_cvae.prior_dior import DiffusionPrior
 from dior_cvae.scheduling_dior import DiorScheduler, alpha_sigma, log_snr_grid
 
 from conftest import ForwardDenoiser, tiny_config_kwargs
@@ -88,7 +88,7 @@ def test_condition_dropout_only_in_training():
 def test_an_evaluated_bound_averages_several_noise_levels_per_example():
     """Evaluated, each example's diffusion term averages EVAL_NOISE_LEVELS stratified noise levels: the same
     expectation as training's one level, with a per-example spread several times smaller (here 9.5 against 80 nats)."""
-    from dior_cvae.dior_prior import EVAL_NOISE_LEVELS
+    from dior_cvae.prior_dior import EVAL_NOISE_LEVELS
 
     torch.manual_seed(0)
     config = DiorCVAEConfig(**tiny_config_kwargs(cfg_dropout=0.0))
@@ -114,7 +114,7 @@ def test_an_untrained_prior_is_the_standard_normal():
     bound = model.diffusion_prior.nll_bound(x, torch.randn(80000, 64)).mean() / 16
     standard_nll = (0.5 * x**2 + 0.5 * math.log(2 * math.pi)).mean()
     assert abs(bound.item() - standard_nll.item()) < 0.03
-    samples = model.diffusion_prior.sample(torch.randn(4000, 64), generator=torch.Generator().manual_seed(1))
+    samples = model.diffusion_prior.sample(torch.randn(4000, 2, 32), generator=torch.Generator().manual_seed(1))
     assert abs(samples.mean().item()) < 0.03 and abs(samples.std().item() - 1) < 0.03
 
 
@@ -202,7 +202,7 @@ def test_prior_temperature_scales_the_spread_about_the_mean(sampler, steps):
     prior.denoiser = gaussian_x0(2.0, 0.5)
     spread = {}
     for temperature in (0.0, 0.3, 1.0):
-        samples = prior.sample(torch.zeros(20000, 64), generator=torch.Generator().manual_seed(0),
+        samples = prior.sample(torch.zeros(20000, 2, 32), generator=torch.Generator().manual_seed(0),
                                temperature=temperature)
         assert abs(samples.mean().item() - 2.0) < 0.02, temperature
         spread[temperature] = samples.std().item()
@@ -240,6 +240,6 @@ def test_a_trained_prior_samples_each_class_where_its_data_is():
         schedule.step()
     for label in (0, 1):
         condition = torch.nn.functional.one_hot(torch.full((4000,), label), 2).float().repeat(1, 4)
-        samples = prior.sample(condition, generator=torch.Generator().manual_seed(2))
+        samples = prior.sample(condition.view(4000, 2, 4), generator=torch.Generator().manual_seed(2)).flatten(1)
         torch.testing.assert_close(samples.mean(0), means[label], rtol=0.1, atol=0.0)
         torch.testing.assert_close(samples.std(0), stds[label], rtol=0.1, atol=0.0)

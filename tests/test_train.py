@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from conftest import SUBPROCESS_HANG_S
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 from dior_cvae.training.compiled import DeferredReadback
 from dior_cvae.training.optimization import kl_weight
 
@@ -218,7 +218,7 @@ def test_metric_for_best_model_picks_best_by_the_sampled_responses(tmp_path):
 
 
 def test_compiled_training_needs_a_transformers_without_the_layerdrop_branch():
-    from dior_cvae.dior_compat import compiled_training_problem
+    from dior_cvae.utils_dior import compiled_training_problem
 
     assert "transformers >= 5.23.0" in compiled_training_problem("5.17.0")
     assert compiled_training_problem("5.23.0") is None and compiled_training_problem("5.24.0.dev0") is None
@@ -354,10 +354,10 @@ def test_push_to_hub_mocked(tmp_path):
 
     calls = json.loads((fake / "calls.json").read_text())
     assert calls[0] == {"create_repo": "someone/dior-tiny", "private": False, "token": "hf_fake"}  # before training
-    assert calls[-1]["upload_folder"] == "someone/dior-tiny"  # through modelcard_dior.upload_model_folder
+    assert calls[-1]["upload_folder"] == "someone/dior-tiny"  # through hub_dior.upload_model_folder
     repo = fake / "someone" / "dior-tiny"
     for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_dior.py",
-                 "configuration_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py", "tokenizer.json",
+                 "configuration_dior.py", "latent_dior.py", "prior_dior.py", "scheduling_dior.py", "tokenizer.json",
                  "tokenizer_config.json", "eval_results.json"):
         assert (repo / name).is_file(), name
     assert not list(repo.glob("step_*")) and not (repo / "best").exists()

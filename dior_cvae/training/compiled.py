@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..dior_compat import compiled_training_problem
+from ..utils_dior import compiled_training_problem
 from ..generation_dior import length_bucket
 
 

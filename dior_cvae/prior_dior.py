@@ -1,4 +1,12 @@
-"""The conditional latent diffusion prior of Dior-CVAE (paper §3.4, Alg. 1–2), always computed in float32.
+"""The priors p(z | c) of Dior-CVAE behind one interface (`LatentPrior`): `kl(posterior, context_vectors)` estimates
+KL(q(z | c, r) ‖ p(z | c)) for a posterior draw, `sample(context_vectors, ...)` draws latents (B, L, ls) from
+p(z | c). Three priors (`config.prior_type`):
+
+- `StandardPrior`: N(0, I), the paper's wording; analytic KL, no weights.
+- `GaussianPrior`: the learned hierarchical Gaussian p(z_l | z_<l, c) (the authors' "w/o diffusion"), sharing the
+  posterior's aggregator of z_<l; analytic KL.
+- `DiffusionPrior`: the conditional latent diffusion prior (paper §3.4, Alg. 1–2), always computed in float32;
+  below.
 
 The denoiser f_φ(z_λ, λ, e_c) sees the noisy concatenated latent z_λ (B, E), the noise level through sinusoidal
 features of λ and a small MLP, and the condition e_c = all layers' pooled context vectors (B, L·d) through a condition
@@ -35,8 +43,9 @@ import math
 import torch
 from torch import nn
 
-from .dior_latent import rng
+from .latent_dior import DiagonalGaussian, GaussianHeads, KLEstimate, PosteriorSample
 from .scheduling_dior import DiorScheduler, alpha_sigma, to_x0_eps
+from .utils_dior import generator_kwargs
 
 EVAL_NOISE_LEVELS = 16  # noise levels per example in an evaluated bound (one per example in training)
 
@@ -73,7 +82,7 @@ class DiorDenoiser(nn.Module):
     `input_proj([z; t + c])` is linear, so it is computed as the sum of three parts: `latent_part(z)`,
     `noise_level_part(λ)` and `condition_part(e_c)` (which holds the bias). A sampling loop computes the last two
     once per call (every step's λ in one batch; the condition, and the zero condition of guidance, once) and only the
-    latent part and `head` per step."""
+    latent part and `denoise` per step."""
 
     def __init__(self, config):
         super().__init__()
@@ -103,14 +112,14 @@ class DiorDenoiser(nn.Module):
         weight = self.input_proj.weight[:, self.config.total_latent_size :]
         return nn.functional.linear(self.condition_mlp(condition), weight, self.input_proj.bias)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The sum of the three parts (N, hidden) → the prediction (N, E)."""
+    def denoise(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual blocks and the output layer: the sum of the three parts (N, hidden) → the prediction (N, E)."""
         for block in self.blocks:
             hidden = block(hidden)
         return self.output(nn.functional.silu(self.output_norm(hidden)))
 
     def forward(self, noisy_latent: torch.Tensor, log_snr: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.head(
+        return self.denoise(
             self.latent_part(noisy_latent) + self.noise_level_part(log_snr) + self.condition_part(condition)
         )
 
@@ -124,14 +133,92 @@ class DiorDenoiser(nn.Module):
         condition_parts = self.condition_part(conditions)  # (B, hidden) or (2, B, hidden)
 
         def predict(step_index: int, noisy: torch.Tensor) -> torch.Tensor:
-            prediction = self.head(condition_parts + (self.latent_part(noisy) + noise_level_parts[step_index]))
+            prediction = self.denoise(condition_parts + (self.latent_part(noisy) + noise_level_parts[step_index]))
             return prediction if guidance == 0 else torch.lerp(prediction[1], prediction[0], 1 + guidance)
 
         return predict
 
 
-class DiffusionPrior(nn.Module):
-    """p(z | c): trains on posterior samples (x = z, not detached, as in LSGM and the authors' code), samples latents.
+class LatentPrior:
+    """The interface of the priors (each also an `nn.Module`): p(z | c) over the latents (B, L, ls), given the pooled
+    context vectors (B, L, d), with the model's configuration as `config`.
+
+    `sample` takes `None` for a setting to use the configuration's (`prior_temperature`, `num_inference_steps`,
+    `prior_guidance_scale`); a prior without that setting ignores it. `has_weights`: whether the prior has weights
+    to fit to the posterior samples (see `latent_dior.kl_loss`). The two Gaussian priors also give their density:
+    `distribution(summaries, context_vectors)`, a `DiagonalGaussian` over (B, L, ls)."""
+
+    has_weights = True
+    config = None
+
+    def kl(self, posterior: PosteriorSample, context_vectors: torch.Tensor, generator=None) -> KLEstimate:
+        """KL(q(z | c, r) ‖ p(z | c)) per example (B,) for the posterior draw `posterior`."""
+        raise NotImplementedError
+
+    def sample(self, context_vectors: torch.Tensor, generator=None, temperature=None, num_inference_steps=None,
+               guidance_scale=None, compile: bool = True) -> torch.Tensor:
+        """Latents (B, L, ls) drawn from p(z | c), the prior's noise scaled by `temperature` (τ, see
+        `prior_temperature`)."""
+        raise NotImplementedError
+
+    def _temperature(self, temperature):
+        return self.config.prior_temperature if temperature is None else temperature
+
+
+class StandardPrior(LatentPrior, nn.Module):
+    """p(z | c) = N(0, I) for every layer: the analytic KL of the posterior to it."""
+
+    has_weights = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def distribution(self, summaries, context_vectors) -> DiagonalGaussian:
+        """N(0, I) over the shape of the layer summaries (B, L, ls)."""
+        return DiagonalGaussian.standard(summaries)
+
+    def kl(self, posterior, context_vectors, generator=None) -> KLEstimate:
+        distribution = posterior.distribution
+        return KLEstimate(distribution.kl(DiagonalGaussian.standard(distribution.mean)).sum(-1), None, None)
+
+    def sample(self, context_vectors, generator=None, temperature=None, num_inference_steps=None,
+               guidance_scale=None, compile=True) -> torch.Tensor:
+        shape = (context_vectors.shape[0], context_vectors.shape[1], self.config.latent_size)
+        noise = torch.randn(shape, device=context_vectors.device, dtype=context_vectors.dtype,
+                            **generator_kwargs(generator))
+        return self._temperature(temperature) * noise
+
+
+class GaussianPrior(GaussianHeads, LatentPrior):
+    """The learned hierarchical Gaussian p(z_l | z_<l, c): per layer a Gaussian head on [h_l; c_l], with h_l the
+    summary of z_<l by the aggregator it shares with the posterior (`ancestral`, the bound method of
+    `latent_dior.HierarchicalLatents` that owns this module; a method, not a submodule, so that the aggregator's
+    weights keep one name). KL to the posterior analytic, per layer given the posterior's summaries."""
+
+    def __init__(self, config, ancestral):
+        d, ls = config.d_model, config.latent_size
+        super().__init__(config.encoder_layers, ls, d, d, ls)
+        self.config = config
+        self.ancestral = ancestral
+
+    def distribution(self, summaries, context_vectors) -> DiagonalGaussian:
+        """p(z_l | z_<l, c) of every layer at once, given the summaries h_l (B, L, ls) of z_<l: over (B, L, ls)."""
+        return DiagonalGaussian.from_params(self(summaries, context_vectors))
+
+    def kl(self, posterior, context_vectors, generator=None) -> KLEstimate:
+        prior = self.distribution(posterior.summaries, context_vectors)
+        return KLEstimate(posterior.distribution.kl(prior).sum(-1), None, None)
+
+    def sample(self, context_vectors, generator=None, temperature=None, num_inference_steps=None,
+               guidance_scale=None, compile=True) -> torch.Tensor:
+        return self.ancestral(self, context_vectors, generator, self._temperature(temperature)).latents
+
+
+class DiffusionPrior(LatentPrior, nn.Module):
+    """p(z | c) as a conditional latent diffusion over all layers' latents concatenated (B, E = L·ls), conditioned on
+    all layers' context vectors concatenated (B, L·d). It trains on posterior samples (x = z, not detached, as in
+    LSGM and the authors' code): `kl` = E_q[log q(z | c, r)] + `nll_bound`, the module docstring's bound (Eq. 16).
 
     Parameters and arithmetic stay float32 whatever the model's dtype (casts such as `model.half()` skip this module;
     autocast is off inside it): the prior's regression targets are small differences the bf16 mantissa loses."""
@@ -140,6 +227,12 @@ class DiffusionPrior(nn.Module):
         super().__init__()
         self.config = config
         self.denoiser = DiorDenoiser(config)
+
+    def kl(self, posterior, context_vectors, generator=None) -> KLEstimate:
+        # E_q[log q] = -Σ_l H(q_l(· | z_<l)): exact given the sampled z_<l, so it adds no sampling noise
+        neg_entropy = -posterior.distribution.entropy().sum(-1)
+        prior_nll = self.nll_bound(posterior.latents.flatten(1), context_vectors.flatten(1), generator)
+        return KLEstimate(neg_entropy + prior_nll, neg_entropy, prior_nll)
 
     def _apply(self, fn, recurse=True):
         def keep_float32(tensor):
@@ -164,19 +257,19 @@ class DiffusionPrior(nn.Module):
             # stratified λ (VDM's low-discrepancy sampler): example i's k-th level at offset + i / (B·K) + k / K, so
             # each example's K levels are stratified and all B·K levels together form one shifted grid; same
             # expectation, lower variance. Each example's λ is uniform on its own (the offset is), so no
-            # permutation is needed (and `x[randperm]` broke inductor's pattern matcher under dynamic shapes, torch
-            # 2.11). Every k-th row from any start is stratified too (`kl_terms` interleaves a detached copy of the
-            # batch: each half is stratified).
-            offset = torch.rand((), device=x.device, **rng(generator))
+            # permutation is needed (`x[randperm]` trips inductor's pattern matcher under dynamic shapes). Every k-th
+            # row from any start is stratified too (`latent_dior.kl_loss` interleaves a detached copy of the batch:
+            # each half is stratified).
+            offset = torch.rand((), device=x.device, **generator_kwargs(generator))
             grid = torch.arange(batch, device=x.device)[:, None] / (batch * levels)
             u = (offset + grid + torch.arange(levels, device=x.device) / levels) % 1.0  # (B, K)
             log_snr = (lam_min + (lam_max - lam_min) * u).flatten()
             alpha, sigma = (a.unsqueeze(-1) for a in alpha_sigma(log_snr))
             x_levels = x if levels == 1 else x.repeat_interleave(levels, dim=0)
-            noise = torch.randn(x_levels.shape, device=x.device, **rng(generator))
+            noise = torch.randn(x_levels.shape, device=x.device, **generator_kwargs(generator))
             noisy = alpha * x_levels + sigma * noise
             if self.training and config.cfg_dropout > 0:  # guidance's unconditional branch is learned in training
-                keep = torch.rand(batch, 1, device=x.device, **rng(generator)) >= config.cfg_dropout
+                keep = torch.rand(batch, 1, device=x.device, **generator_kwargs(generator)) >= config.cfg_dropout
                 condition = condition * keep
             if levels > 1:
                 condition = condition.repeat_interleave(levels, dim=0)
@@ -190,27 +283,30 @@ class DiffusionPrior(nn.Module):
             return terminal + diffusion + decoder
 
     @torch.no_grad()
-    def sample(self, condition: torch.Tensor, num_inference_steps=None, prior_guidance_scale=None, generator=None,
-               initial_noise=None, temperature=None, compile: bool = True) -> torch.Tensor:
-        """Draw z ~ p(z | c) with `config.sampler`, from pure noise at `log_snr_min` scaled by `temperature` (τ, see
-        `prior_temperature`; `initial_noise` is used as given): (B, E) float32. On CUDA the noise-free solvers run
-        as one CUDA graph (`compiled_solve`) unless `compile=False`."""
+    def sample(self, context_vectors, generator=None, temperature=None, num_inference_steps=None,
+               guidance_scale=None, compile: bool = True, initial_noise=None) -> torch.Tensor:
+        """Draw z ~ p(z | c) with `config.sampler` from pure noise at `log_snr_min` scaled by `temperature`
+        (`initial_noise` (B, E) is used as given): (B, L, ls) float32. On CUDA the noise-free solvers run as one CUDA
+        graph (`compiled_solve`) unless `compile=False`."""
         config = self.config
         steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = config.prior_guidance_scale if prior_guidance_scale is None else prior_guidance_scale
-        temperature = config.prior_temperature if temperature is None else float(temperature)
-        with torch.autocast(condition.device.type, enabled=False):
-            condition = condition.float()
+        guidance = config.prior_guidance_scale if guidance_scale is None else guidance_scale
+        temperature = float(self._temperature(temperature))
+        batch, num_layers = context_vectors.shape[:2]
+        with torch.autocast(context_vectors.device.type, enabled=False):
+            condition = context_vectors.flatten(1).float()
             scheduler = DiorScheduler(self.config)
             scheduler.set_timesteps(steps, condition.device)
             latents = initial_noise
             if latents is None:
-                shape = (condition.shape[0], config.total_latent_size)
+                shape = (batch, config.total_latent_size)
                 latents = temperature * torch.randn(shape, generator=generator, device=condition.device)
             if compile and scheduler.eta == 0 and latents.is_cuda and not torch.compiler.is_compiling():
                 # .clone(): a CUDA graph's output is overwritten by its next replay
-                return compiled_solve()(self.denoiser, scheduler, latents, condition, guidance).clone()
-            return solve(self.denoiser, scheduler, latents, condition, guidance, generator, temperature)
+                sample = compiled_solve()(self.denoiser, scheduler, latents, condition, guidance).clone()
+            else:
+                sample = solve(self.denoiser, scheduler, latents, condition, guidance, generator, temperature)
+            return sample.view(batch, num_layers, config.latent_size)
 
 
 def solve(denoiser, scheduler, latents, condition, guidance: float, generator=None, temperature: float = 1.0):
@@ -225,7 +321,11 @@ def solve(denoiser, scheduler, latents, condition, guidance: float, generator=No
 
 @functools.cache
 def compiled_solve():
-    """`solve` for the noise-free solvers (DPM-Solver++, DDIM with η = 0) as one CUDA graph: its 20 default steps
-    are ≈ 500 small kernels, 11 ms of host time at batch 1 eager; replayed, a fraction of a millisecond. Compiled
-    once per process; torch.compile keeps one graph per batch size, step count and solver."""
+    """`solve` for the noise-free solvers (DPM-Solver++, DDIM with η = 0) as one CUDA graph: a loop of many small
+    kernels, bound by the host's launches when eager, replayed as one graph (docs/performance.md). Compiled once per
+    process; torch.compile keeps one graph per batch size, step count and solver."""
     return torch.compile(solve, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+
+__all__ = ["DiffusionPrior", "DiorDenoiser", "GaussianPrior", "LatentPrior", "StandardPrior", "ZeroInitLinear",
+           "compiled_solve", "solve"]
