@@ -2,7 +2,7 @@
 sample k responses per held-out DailyDialog++ test context.
 
     python examples/dailydialog_experiments.py --dataset_dir DIR --ddpp_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \
-        --phase train --runs diffusion,gaussian,standard,none --train_minutes 13
+        --phase train --runs diffusion,gaussian,standard,none --train_minutes 12
     python examples/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian,standard,none
 
 Both phases first write WORK_DIR/data/ (once): `ddpp_dev_pairs.jsonl`, DailyDialog++ dev as (context, response) pairs,
@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 64 k clean
-# pairs; four runs sharing one GPU converge inside 13 minutes compiled (docs/results.md says why this size).
+# pairs; four runs sharing one GPU converge inside 12 minutes compiled (docs/results.md says why this size).
 BASE_CONFIG = (
     "d_model=256,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,"
     "encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=320,latent_size=16,denoiser_hidden_size=512,"
@@ -253,7 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--phase", choices=["train", "eval"], required=True)
     p.add_argument("--runs", default="diffusion,gaussian,standard,none",
                    help="comma-separated run names; NAME-sN is a replica of NAME trained with --seed N")
-    p.add_argument("--train_minutes", type=float, default=13.0)
+    p.add_argument("--train_minutes", type=float, default=12.0)
     p.add_argument("--clean_split", action=argparse.BooleanOptionalAction, default=True,
                    help="train without the dialogues of the evaluation sets (train.py --clean_split)")
     p.add_argument("--num_samples", type=int, default=10, help="samples per DailyDialog++ test context (k)")

@@ -9,7 +9,7 @@
 #   bash examples/gpu_job.sh score FILES WORK [collect_results.py options]
 #                                              on the CPU afterwards: unpack FILES/*.tgz into WORK and score them
 # The job: an 8 k BPE tokenizer trained on the clean training split; the runs diffusion, gaussian, standard and none
-# side by side on the clean split for $TRAIN_MINUTES (default 13), checkpoints chosen on DailyDialog++ dev; then
+# side by side on the clean split for $TRAIN_MINUTES (default 12), checkpoints chosen on DailyDialog++ dev; then
 # k = 10 samples per DailyDialog++ test context for every run and temperature-sweep point, the paper's single sample
 # on DailyDialog validation/test, the importance-weighted NLL (K = 50) and the latent diagnostics
 # (examples/dailydialog_experiments.py). Data: $DATA_DIR/{dailydialog/ijcnlp,dailydialog_plusplus} (default
@@ -92,7 +92,7 @@ PY
     status "tokenizer: $(tail -n 1 "$work/tokenizer.log")"
     common=(--dataset_dir "$dd" --ddpp_dir "$ddpp" --tokenizer_name "$work/tokenizer" --work_dir "$work"
             --runs "${RUNS:-diffusion,gaussian,standard,none}" $smoke)
-    python3 examples/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-13}" \
+    python3 examples/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" \
         > "$work/train.log" 2>&1
     status "train phase exit $?: $(tail -n 1 "$work/train.log")"
     python3 examples/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-4}" \
