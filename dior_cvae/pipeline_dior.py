@@ -8,7 +8,8 @@ config.json's `custom_pipelines`, so
     chat(["Hi , how are you ?", "Fine , thanks . And you ?"], num_return_sequences=3, max_new_tokens=40)
     # -> [{"generated_text": ...}, {"generated_text": ...}, {"generated_text": ...}]
 
-works without the `dior_cvae` package. Remote-code rules: this file imports nothing but transformers.
+works without the `dior_cvae` package; `pipeline("text-generation", ...)`, the Hub's snippet for the model card's
+`pipeline_tag`, builds the same pipeline. Remote-code rules: this file imports nothing but transformers.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from typing import Any
 from transformers import Pipeline
 
 TASK = "dialog-generation"
-#: The `custom_pipelines` entry of config.json (the format `Pipeline.save_pretrained` writes).
-CUSTOM_PIPELINES = {TASK: {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"],
-                           "type": "text"}}
+#: The Hub task of the model card (`pipeline_tag`). For it the Hub shows
+#: `pipeline("text-generation", model=repo, trust_remote_code=True)`, so that name builds this pipeline too.
+HUB_TASK = "text-generation"
+_ENTRY = {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}
+#: The `custom_pipelines` entries of config.json (the format `Pipeline.save_pretrained` writes): both names, one
+#: pipeline. With two entries `pipeline(model=path)` cannot pick one: name the task.
+CUSTOM_PIPELINES = {TASK: _ENTRY, HUB_TASK: _ENTRY}
 
 
 def _turns(conversation: Any) -> list[str]:

@@ -14,7 +14,7 @@ Usage:
 
 Input:
     ``--dataset_dir``: a DailyDialog folder (ijcnlp ``dialogues_{split}.txt[.gz]`` or ``{split}.txt[.gz]``),
-    paired as in training (``dior_cvae.data.load_dailydialog_dir``).
+    paired as in training (``dior_cvae.training.data.load_dailydialog_dir``).
     ``--input_file``: JSON Lines (``.gz`` ok), one object per line with ``"context"`` (a string = one turn,
     or a list of turns, oldest first) and optionally ``"reference"`` or ``"response"`` (the gold response;
     a string or a list of strings) and ``"persona"`` (string or list, prepended to the context as in training).
@@ -33,7 +33,7 @@ Context formatting and truncation are those of training: turns joined with the t
 (capped at the model's ``max_position_embeddings``).
 
 The progress bar and the one-line summary go to stderr; with ``--score`` the metrics JSON
-(``dior_cvae.metrics.score_generations``) is printed to stdout.
+(``dior_cvae.training.metrics.score_generations``) is printed to stdout.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from dior_cvae.data import DataFormatError, encode_examples, load_dailydialog_dir, load_jsonl
+from dior_cvae.training.data import DataFormatError, encode_examples, load_dailydialog_dir, load_jsonl
 
 logger = logging.getLogger("generate")
 
@@ -210,7 +210,7 @@ def load_examples(args: argparse.Namespace) -> list[dict]:
 def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    # `dior_cvae` is imported (dior_cvae.data), so its Auto classes are registered: a Dior-CVAE folder loads with
+    # `dior_cvae` is imported (dior_cvae.training.data), so its Auto classes are registered: a Dior-CVAE folder loads with
     # this package's code; the folder's own .py files run only with --trust_remote_code.
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if args.score:
-        from dior_cvae.metrics import load_embedding_model, score_generations
+        from dior_cvae.training.metrics import load_embedding_model, score_generations
 
         missing = sum("reference" not in r for r in rows)
         if missing:

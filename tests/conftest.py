@@ -6,6 +6,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # the tests' subprocesses share 2
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The timeout of every subprocess a test starts: a guard against a hung child, not a speed check (a busy shared
+# machine can take many times the usual minute; no test may fail for being slow).
+SUBPROCESS_HANG_S = 3600
+
 
 def tiny_config_kwargs(**overrides):
     kwargs = dict(

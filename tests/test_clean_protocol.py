@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dior_cvae.data import load_dailydialog_dir
+from dior_cvae.training.data import load_dailydialog_dir
 from dior_cvae.training import clean_split as cs
 from dior_cvae.training.clean_split import build_clean_split, load_dailydialog_pp, normalize_text
 from dior_cvae.training.eval_sets import load_eval_set
@@ -277,9 +277,12 @@ def test_score_py_responders(tiny_data, tmp_path, monkeypatch):
 
     out = tmp_path / "scores.json"
     argv = ["--responder", "all", "--eval_set", "all", "--dataset_dir", str(dd), "--dailydialog_pp_dir", str(dpp),
-            "--num_samples", "2", "--no_semantic", "--output", str(out)]
+            "--num_samples", "2", "--no_semantic", "--jobs", "2", "--output", str(out)]
     score.main(argv)
     result = json.loads(out.read_text())
+    one_process = tmp_path / "one_process.json"
+    score.main([*argv[:-4], "--output", str(one_process)])
+    assert json.loads(one_process.read_text())["results"] == result["results"]  # --jobs changes nothing
     assert result["command"].startswith("python examples/score.py --responder all --eval_set all")
     assert result["clean_split"]["removed_dialogues"] == 5
     pp = result["results"]["dailydialog_pp_test"]

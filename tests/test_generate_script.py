@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config_kwargs
+from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "generate.py"
@@ -29,7 +29,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-    from dior_cvae.data import train_tokenizer
+    from dior_cvae.training.data import train_tokenizer
 
     root = tmp_path_factory.mktemp("generate_script")
     tokenizer = train_tokenizer(SENTENCES * 3, vocab_size=300, model_max_length=64)
@@ -64,7 +64,7 @@ def run_script(workdir: Path, output: Path, *args: str) -> subprocess.CompletedP
         "--max_new_tokens", "8",
         *args,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_HANG_S, cwd=REPO)
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
     return proc
 
@@ -125,7 +125,7 @@ def test_score_writes_the_latent_diagnostics_and_plot(workdir):
         [sys.executable, str(REPO / "examples" / "score.py"), "--input", str(generations), "--no_semantic",
          "--latent_model", str(workdir / "model"), "--dataset_dir", str(SAMPLE_DIR), "--latent_samples", "16",
          "--latent_plot", str(plot)],
-        env=env, capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=SUBPROCESS_HANG_S, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     latent = json.loads(proc.stdout)["latent"]
@@ -137,7 +137,7 @@ def test_score_writes_the_latent_diagnostics_and_plot(workdir):
 
     refused = subprocess.run([sys.executable, str(REPO / "examples" / "score.py"), "--input", str(generations),
                               "--no_semantic", "--latent_model", str(workdir / "model")],
-                             env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+                             env=env, capture_output=True, text=True, timeout=SUBPROCESS_HANG_S, cwd=REPO)
     assert refused.returncode != 0 and "--latent_model needs --dataset_dir" in refused.stderr
 
 

@@ -1,4 +1,4 @@
-"""The GPU job's whole path on the CPU (examples/gpu_job.sh run --smoke): clean split, tokenizer, training selected on
+"""The GPU job's whole path on the CPU (experiments/gpu_job.sh run --smoke): clean split, tokenizer, training selected on
 DailyDialog++ dev, k samples per DailyDialog++ test context with the temperature sweep, the single samples on
 DailyDialog validation/test, the likelihood, packing; then the CPU scoring command (gpu_job.sh score)."""
 
@@ -20,13 +20,13 @@ def test_gpu_job_smoke_end_to_end(tmp_path):
     out.mkdir()
     env = {**os.environ, "JOB_DIR": str(job), "DATA_DIR": str(DATA), "OUT": str(out), "RUNS": "diffusion,none",
            "DIOR_CVAE_CACHE": os.environ.get("DIOR_CVAE_CACHE", str(tmp_path / "cache"))}
-    run = subprocess.run(["bash", "examples/gpu_job.sh", "run", "--smoke"], cwd=REPO, env=env, capture_output=True,
+    run = subprocess.run(["bash", "experiments/gpu_job.sh", "run", "--smoke"], cwd=REPO, env=env, capture_output=True,
                          text=True)
     status = (job / "status.txt").read_text()
     assert run.returncode == 0 and "DONE" in status, status + run.stderr[-3000:]
     assert "train phase exit 0" in status and "eval phase exit 0" in status, status
 
-    poll = subprocess.run(["bash", "examples/gpu_job.sh", "poll", "1"], cwd=REPO, env=env, capture_output=True,
+    poll = subprocess.run(["bash", "experiments/gpu_job.sh", "poll", "1"], cwd=REPO, env=env, capture_output=True,
                           text=True)
     assert poll.returncode == 0, poll.stderr
     assert sorted(p.name for p in out.iterdir()) == ["eval.tgz", "status.txt", "train.tgz"]
@@ -38,7 +38,7 @@ def test_gpu_job_smoke_end_to_end(tmp_path):
     assert "--clean_split" in train and "ddpp_dev_pairs.jsonl" in train  # trained clean, selected on DailyDialog++ dev
 
     results = tmp_path / "results.json"
-    score = subprocess.run(["bash", "examples/gpu_job.sh", "score", str(out), str(work), "--no_semantic",
+    score = subprocess.run(["bash", "experiments/gpu_job.sh", "score", str(out), str(work), "--no_semantic",
                             "--results", str(results), "--plots_dir", str(tmp_path / "plots"),
                             "--dataset_dir", str(DATA / "dailydialog" / "ijcnlp"),
                             "--ddpp_dir", str(DATA / "dailydialog_plusplus")],

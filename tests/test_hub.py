@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config_kwargs
+from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.data import train_tokenizer
+from dior_cvae.training.data import train_tokenizer
 
 TURNS = ["Hi , how are you ?", "Fine , thanks . And you ?", "I am good ."]
 
@@ -31,8 +31,14 @@ PIPELINE_IN_FRESH_PROCESS = textwrap.dedent(
     one = chat(["Hi , how are you ?", "Fine , thanks . And you ?"], num_return_sequences=3, max_new_tokens=6,
                min_new_tokens=3)
     batch = chat([["Hi , how are you ?"], "I am good ."], max_new_tokens=4)
-    json.dump({"one": one, "batch": batch, "task": pipeline(model=sys.argv[1], trust_remote_code=True).task},
-              open(sys.argv[2], "w"))
+    # the snippet the Hub shows for the card's pipeline_tag (+ chat messages, as for a "conversational" tag)
+    from huggingface_hub import ModelCard
+    tag = ModelCard.load(sys.argv[1] + "/README.md").data.pipeline_tag
+    pipe = pipeline(tag, model=sys.argv[1], trust_remote_code=True)
+    hub = {"tag": tag, "class": type(pipe).__module__ + "." + type(pipe).__name__,
+           "text": pipe("Hi , how are you ?", max_new_tokens=4),
+           "messages": pipe([{"role": "user", "content": "Who are you?"}], max_new_tokens=4)}
+    json.dump({"one": one, "batch": batch, "hub": hub}, open(sys.argv[2], "w"))
     """
 )
 
@@ -53,9 +59,10 @@ def saved(tmp_path_factory):
 def test_saved_folder_names_the_pipeline_and_ships_its_code(saved):
     folder, _, _ = saved
     config = json.loads((folder / "config.json").read_text())
-    assert config["custom_pipelines"] == {"dialog-generation": {
-        "impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}}
-    assert {"pipeline_dior.py", "modelcard_dior.py", "README.md"} <= set(os.listdir(folder))
+    entry = {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}
+    # the card's pipeline_tag names the same pipeline, for the Hub's snippet
+    assert config["custom_pipelines"] == {"dialog-generation": entry, "text-generation": entry}
+    assert {"pipeline_dior.py", "hub_dior.py", "README.md"} <= set(os.listdir(folder))
 
 
 def test_pipeline_from_a_saved_folder_in_a_fresh_process(saved, tmp_path):
@@ -63,10 +70,13 @@ def test_pipeline_from_a_saved_folder_in_a_fresh_process(saved, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     result = subprocess.run([sys.executable, "-I", "-c", PIPELINE_IN_FRESH_PROCESS, str(folder), str(tmp_path / "o")],
-                            cwd="/", env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+                            cwd="/", env=env, capture_output=True, text=True, timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "o").read_text())
-    assert out["task"] == "dialog-generation"  # the only custom pipeline: pipeline(model=path) picks it
+    hub = out["hub"]
+    assert hub["tag"] == "text-generation"
+    assert hub["class"].startswith("transformers_modules") and hub["class"].endswith("DialogGenerationPipeline")
+    assert all(len(hub[k]) == 1 and set(hub[k][0]) == {"generated_text"} for k in ("text", "messages"))
     assert len(out["one"]) == 3 and all(set(r) == {"generated_text"} for r in out["one"])
     assert [len(rows) for rows in out["batch"]] == [1, 1]
 
@@ -197,7 +207,7 @@ def test_push_to_hub_publishes_the_dior_card_and_the_tokenizer_push_keeps_it(sav
 def test_model_card_yaml(saved):
     from huggingface_hub import ModelCard
 
-    from dior_cvae.modelcard_dior import eval_results, model_card
+    from dior_cvae.hub_dior import eval_results, model_card
 
     _, model, _ = saved
     results = eval_results({"bleu1": 23.14159, "distinct2": 34.5, "loss": float("nan")}, "li2017dailydialog/daily_dialog",

@@ -1,4 +1,4 @@
-"""Tests of dior_cvae.metrics and examples/score.py against hand-computed values."""
+"""Tests of dior_cvae.training.metrics and examples/score.py against hand-computed values."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dior_cvae.metrics import (
+from dior_cvae.training.metrics import (
     MultirefIndex,
     bleu,
     distinct,
@@ -296,7 +297,7 @@ needs_multiref_data = pytest.mark.skipif(
 @needs_multiref_data
 def test_multiref_real_dailydialog_test_split(tmp_path, capsys):
     """The real DailyDialog test split vs DailyDialog++ test: 97 of 6,740 pairs match (1.44 %)."""
-    from dior_cvae.data import load_dailydialog_dir
+    from dior_cvae.training.data import load_dailydialog_dir
 
     examples = load_dailydialog_dir(SHARED_DATA / "dailydialog" / "ijcnlp", splits=["test"])["test"]
     inp = tmp_path / "gen.jsonl"
@@ -342,7 +343,7 @@ def _fake_work_dir(work: Path) -> None:
 
 
 def test_collect_results_fake_work_dir(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "examples"))
+    sys.path.insert(0, str(REPO / "experiments"))
     import collect_results
 
     work = tmp_path / "work"
@@ -407,8 +408,8 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
 
 
 def _experiments_module():
-    """examples/dailydialog_experiments.py, imported (examples/ on the path, as collect_results.py needs it too)."""
-    sys.path.insert(0, str(REPO / "examples"))
+    """experiments/dailydialog_experiments.py, imported (experiments/ on the path, as collect_results.py needs it too)."""
+    sys.path.insert(0, str(REPO / "experiments"))
     import dailydialog_experiments
 
     return dailydialog_experiments
@@ -448,7 +449,8 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
                               token_temperatures=(), num_samples=10, likelihood_samples=50, bf16=False,
                               clean_split=True, torch_compile=False)
     original, replica = experiments.train_command(args, "memdrop0.5"), experiments.train_command(args, "memdrop0.5-s2")
-    assert replica[replica.index("--config_overrides") + 1] == original[original.index("--config_overrides") + 1]
+    assert collect_results.parse_overrides(" ".join(replica)) == collect_results.parse_overrides(" ".join(original))
+    assert collect_results.parse_overrides(" ".join(original))["memory_dropout"] == "0.5"
     assert replica[replica.index("--output_dir") + 1].endswith("memdrop0.5-s2")
     command = " ".join(replica)
     assert collect_results.train_seed(command) == 2 and collect_results.train_seed(" ".join(original)) == 1234
@@ -467,3 +469,19 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     assert collect_results.prior_and_dropout("gaussian-freebits0.25-memdrop0.3-s2", overrides) == ("gaussian", 0.3)
     assert collect_results.free_bits("gaussian", overrides) == 0.25
     assert collect_results.free_bits("diffusion", {}) == 1.0 and collect_results.free_bits("none", {}) is None
+
+
+def test_read_jsonl_skips_only_a_truncated_last_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "experiments"))
+    import collect_results
+
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')  # killed while writing the third row
+    assert collect_results.read_jsonl(path) == [{"a": 1}, {"a": 2}]
+    assert f"{path}:3: skipping the truncated last line" in capsys.readouterr().err
+    path.write_text('{"a": 1}\n{"a": 2\n{"a": 3}\n')  # a broken row in the middle
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
+        collect_results.read_jsonl(path)
+    path.write_text('{"a": 1}\nnot json\n')  # a complete (newline-ended) last line that does not parse
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
+        collect_results.read_jsonl(path)

@@ -12,8 +12,8 @@ averaged). Per prior type:
 - ``standard`` / ``gaussian``: log p(z | c) exactly (N(0, I); the learned hierarchical Gaussian, each layer's density
   at the posterior sample's own layer summaries, as in training's KL).
 - ``diffusion``: log p(z | c) has no closed form. −log p(z | c) is replaced by VDM's continuous-time bound
-  (`DiffusionPrior.nll_bound`, the bound training minimises) averaged over `prior_bound_samples` stratified (λ, ε)
-  draws per latent. The bound is ≥ −log p(z | c), so every weight is at most its true value and the estimate is an
+  (`DiffusionPrior.nll_bound`, the bound training minimises; evaluated, it averages `EVAL_NOISE_LEVELS` stratified
+  noise levels per latent) averaged over `prior_bound_samples` such evaluations per latent. The bound is ≥ −log p(z | c), so every weight is at most its true value and the estimate is an
   upper bound on the importance-weighted NLL, hence on −log p(r | c) (up to the Monte Carlo error of the averaged
   bound). The probability-flow ODE would give −log p(z | c) itself; it is not used here.
 
@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-LOG_2PI = math.log(2 * math.pi)
+from dior_cvae.latent_dior import DiagonalGaussian
+from dior_cvae.prior_dior import GaussianPrior
 
 
-def _gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, exp(log_std)²) summed over every dimension but the first: (N,)."""
-    density = -0.5 * ((z - mean) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * LOG_2PI
-    return density.flatten(1).sum(-1)
+def _log_density(distribution: DiagonalGaussian, z: torch.Tensor) -> torch.Tensor:
+    """log N(z; mean, std²) of a distribution over (N, L, ls), summed over layers and dimensions: (N,) float32."""
+    return DiagonalGaussian(distribution.mean.float(), distribution.log_std.float()).log_prob(z.float()).sum(-1)
 
 
 def response_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -54,16 +54,15 @@ def _log_prior(model, latents: torch.Tensor, summaries: torch.Tensor, context_ve
         bound = model.diffusion_prior.nll_bound(flat.repeat(prior_bound_samples, 1),
                                                 condition.repeat(prior_bound_samples, 1), generator)
         return -bound.view(prior_bound_samples, len(flat)).mean(0)
-    if model.hierarchy.prior is None:
-        return _gaussian_log_density(latents.float(), torch.zeros_like(latents.float()),
-                                     torch.zeros_like(latents.float()))
-    prior = model.hierarchy.prior_dist(summaries, context_vectors)
-    return _gaussian_log_density(latents.float(), prior.mean.float(), prior.log_std.float())
+    prior = model.hierarchy.prior
+    if isinstance(prior, GaussianPrior):  # each layer's density at the posterior sample's own layer summaries
+        return _log_density(DiagonalGaussian.from_params(prior(summaries, context_vectors)), latents)
+    return _log_density(DiagonalGaussian.standard(latents.float()), latents)  # StandardPrior: N(0, I)
 
 
 @torch.no_grad()
 def importance_weighted_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                            num_samples: int = 50, *, samples_per_pass: int | None = None, prior_bound_samples: int = 16,
+                            num_samples: int = 50, *, samples_per_pass: int | None = None, prior_bound_samples: int = 1,
                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """−L_K (``"nll"``) and the averaged single-sample negative ELBO (``"neg_elbo"``) of each response, (B,) float64
     each, in nats. `labels` as in `forward` (``<s> r </s>``, padding = −100). `samples_per_pass` bounds the decoder
@@ -91,7 +90,7 @@ def importance_weighted_nll(model, input_ids: torch.Tensor, attention_mask: torc
 
         contexts = rep(context_vectors)
         latents, posterior, summaries = model.hierarchy.posterior_sample(contexts, rep(response_vectors), generator)
-        log_q = _gaussian_log_density(latents.float(), posterior.mean.float(), posterior.log_std.float())
+        log_q = _log_density(posterior, latents)
         log_p_z = _log_prior(model, latents, summaries, contexts, prior_bound_samples, generator)
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=rep(memory)), attention_mask=rep(attention_mask),
                     labels=rep(labels), latents=latents)
@@ -112,11 +111,11 @@ def estimator_name(config) -> str:
 
 
 def corpus_nll(model, tokenizer, examples: list[dict], *, num_samples: int = 50, batch_size: int = 16,
-               samples_per_pass: int | None = None, prior_bound_samples: int = 16, max_source_length: int = 256,
+               samples_per_pass: int | None = None, prior_bound_samples: int = 1, max_source_length: int = 256,
                max_target_length: int = 64, seed: int = 1234, show_progress: bool = False) -> dict:
     """The estimates over (context, response) examples ({"context": [turns], "response": str}), encoded as in
     training: mean NLL and negative ELBO per response, NLL per label token (``<s> r </s>``), and their counts."""
-    from dior_cvae.data import encode_examples
+    from dior_cvae.training.data import encode_examples
 
     device = next(model.parameters()).device
     limit = getattr(model.config, "max_position_embeddings", None)

@@ -1,18 +1,18 @@
 """Host-side cost of Dior-CVAE against BART of the same shape: aten ops (the CUDA-launch proxy) and wall time at a
 width where the CPU does almost no arithmetic, for one training step and for decoding through `generate()`.
 
-    python benchmarks/host_cost.py                          # d_model 32/64, bart-base layer counts, 1 thread
-    python benchmarks/host_cost.py --output results/host_cost_cpu.json
+    python benchmarks/probes/host_cost.py                          # d_model 32/64, bart-base layer counts, 1 thread
+    python benchmarks/probes/host_cost.py --output results/host_cost_cpu.json
 
 On a GPU, training at the quality recipe's size and sampled decoding at batch 1-256 are host-bound
 (docs/performance.md): a step costs what the host spends launching it (Python, dispatch, one launch per kernel), not
 its FLOPs. Both are measured here on the CPU, on tiny widths where the arithmetic is negligible:
-- aten ops, counted with a `TorchDispatchMode` (view/metadata ops apart, as in `benchmarks/train_step.py`; the
+- aten ops, counted with a `TorchDispatchMode` (view/metadata ops apart, as in `benchmarks/probes/train_step.py`; the
   decoding step's are reported too: they launch no kernel but cost host time):
   training forward + backward; decoding as the difference of two `generate()` calls of N and 2N new tokens under the
   same seed, over N (one decoding step), and the rest of the 2N-token call (encoder, prior, set-up);
 - wall time: the minimum over `--iters` calls, BART and Dior interleaved (the minimum, because a shared host adds
-  noise of up to 50 % to any one call).
+  noise to any one call, never takes it away).
 Ratios are BART / Dior, as speed ratios (1 = as fast as BART). The context batch has padding, as real batches do.
 """
 
@@ -24,43 +24,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import OpCounter, write_json  # noqa: E402
-from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
-
-from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
+import common  # noqa: E402
+from common import OpCounter, write_json  # noqa: E402
 
 
-def build(dior: bool, d_model: int, layers: int, vocab_size: int, seed: int, train: bool):
+def build(name: str, d_model: int, layers: int, vocab_size: int, seed: int, train: bool):
     shape = dict(vocab_size=vocab_size, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=4 * d_model,
-                 decoder_ffn_dim=4 * d_model, max_position_embeddings=256,
-                 dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)  # bart-base's, in both (as bench.py)
-    torch.manual_seed(seed)
+                 decoder_ffn_dim=4 * d_model, max_position_embeddings=256)
     # the denoiser as narrow as the rest (its default width, 512, is real arithmetic for a CPU)
-    model = (DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, latent_size=16, denoiser_hidden_size=d_model))
-             if dior
-             else BartForConditionalGeneration(BartConfig(**shape)))
-    model.set_attn_implementation("sdpa")
+    dior_kwargs = dict(latent_size=16, denoiser_hidden_size=d_model) if name == "dior" else {}
+    model = common.build_model(name, shape, seed, **dior_kwargs)
     model.generation_config = type(model.generation_config)(
         decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1, forced_bos_token_id=0
     )
     return model.train(train)
-
-
-def padded_batch(batch: int, source: int, vocab_size: int, seed: int, target: int | None = None) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(4, vocab_size, (batch, source), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[: batch // 2, source // 2 :] = 0  # half the rows padded
-    inputs = dict(input_ids=input_ids.masked_fill(attention_mask == 0, 1), attention_mask=attention_mask)
-    if target is not None:
-        labels = torch.randint(4, vocab_size, (batch, target), generator=g)
-        labels[: batch // 2, target // 2 :] = -100
-        inputs["labels"] = labels
-    return inputs
 
 
 def main(argv=None):
@@ -81,11 +61,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     names = ("bart", "dior")
-    train_models = {n: build(n == "dior", args.train_d_model, args.layers, args.vocab_size, args.seed, True) for n in names}
-    decode_models = {n: build(n == "dior", args.decode_d_model, args.layers, args.vocab_size, args.seed, False)
-                     for n in names}
-    train_batch = padded_batch(args.train_batch, args.train_source, args.vocab_size, args.seed, args.train_target)
-    decode_batch = padded_batch(args.decode_batch, args.decode_source, args.vocab_size, args.seed)
+    train_models = {n: build(n, args.train_d_model, args.layers, args.vocab_size, args.seed, True) for n in names}
+    decode_models = {n: build(n, args.decode_d_model, args.layers, args.vocab_size, args.seed, False) for n in names}
+    train_batch = common.token_batch(args.train_batch, args.train_source, args.train_target, args.vocab_size,
+                                     args.seed, padded=True)
+    decode_batch = common.token_batch(args.decode_batch, args.decode_source, 2, args.vocab_size, args.seed,
+                                      padded=True)
+    del decode_batch["labels"]
 
     def train_step(model):
         model(**train_batch).loss.backward()

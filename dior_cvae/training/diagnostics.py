@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from ..latent_dior import DiagonalGaussian
+
 
 @torch.no_grad()
 def latent_statistics(model, batches, num_inference_steps=None, generator=None, pca: bool = True) -> dict:
@@ -24,23 +26,24 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None, 
     if not model.config.has_latent:
         raise ValueError('latent diagnostics need a latent model (prior_type is "none")')
     model.eval()
-    gaussian_prior = model.diffusion_prior is None and model.hierarchy.prior is not None
+    gaussian_prior = model.config.prior_type == "gaussian"
     means, log_stds, samples, priors, kls, mi_terms, layer_kls = [], [], [], [], [], [], []
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         _, context_vectors = model.encode(batch["input_ids"], batch["attention_mask"])
-        latents, posterior, summaries = model.posterior(context_vectors, batch["labels"])
+        response_vectors = model.encode_response(batch["labels"])
+        draw = model.hierarchy.posterior_sample(context_vectors, response_vectors)
+        latents, posterior, summaries = draw
         if gaussian_prior:
-            prior = model.hierarchy.prior_dist(summaries, context_vectors)
+            prior = DiagonalGaussian.from_params(model.prior(summaries, context_vectors))
             layer_kls.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
-        kl = model.kl_divergence(latents, posterior, summaries, context_vectors, generator)[0]
+        kl = model.prior.kl(draw, context_vectors, generator).kl
         kls.append(kl.float().cpu())
         means.append(posterior.mean.float().cpu())
         log_stds.append(posterior.log_std.float().cpu())
         samples.append(latents.float().cpu())
         priors.append(model.sample_latents(context_vectors, num_inference_steps, generator=generator).float().cpu())
-        mi_terms.append(_mutual_information(posterior.mean.float().flatten(1), posterior.log_std.float().flatten(1),
-                                            latents.float().flatten(1)))
+        mi_terms.append(mutual_information(model.hierarchy, latents, context_vectors, response_vectors))
     mean, log_std = torch.cat(means), torch.cat(log_stds)  # (N, L, ls)
     posterior_samples, prior_samples = torch.cat(samples), torch.cat(priors)
     variance = log_std.mul(2).exp()
@@ -72,14 +75,13 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None, 
     return stats
 
 
-def _mutual_information(mean, log_std, latents) -> torch.Tensor:
-    """E[log q(z|x)] − E[log q(z)] over one batch, q(z) ≈ (1/N) Σ_j q(z | x_j): (B, E) inputs, a scalar."""
-    batch, dim = latents.shape
-    log_q_own = (-0.5 * ((latents - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
-    diff = (latents[:, None] - mean[None]) / log_std.exp()[None]  # (B, B, E): z_i under q(·|x_j)
-    log_q_all = (-0.5 * diff**2 - log_std[None] - 0.5 * math.log(2 * math.pi)).sum(-1)
-    log_q_aggregate = torch.logsumexp(log_q_all, dim=1) - math.log(batch)
-    return (log_q_own - log_q_aggregate).mean().cpu()
+def mutual_information(hierarchy, latents, context_vectors, response_vectors) -> torch.Tensor:
+    """E[log q(z | x)] − E[log q(z)] over one batch of posterior samples `latents` (B, L, ls) of x = (c, r), with
+    q(z) ≈ (1/B) Σ_j q(z | x_j); each q(z_i | x_j) is the whole hierarchy's density (layer l given z_i's own z_<l),
+    a scalar on the CPU."""
+    log_q = hierarchy.posterior_log_density_matrix(latents, context_vectors, response_vectors)
+    log_q_aggregate = torch.logsumexp(log_q, dim=1) - math.log(latents.shape[0])
+    return (log_q.diagonal() - log_q_aggregate).mean().cpu()
 
 
 def plot_latents(stats: dict, path, title: str = "") -> None:
@@ -104,4 +106,4 @@ def plot_latents(stats: dict, path, title: str = "") -> None:
     plt.close(fig)
 
 
-__all__ = ["latent_statistics", "plot_latents"]
+__all__ = ["latent_statistics", "mutual_information", "plot_latents"]

@@ -1,9 +1,9 @@
 """One DailyDialog epoch with the quality recipe's shapes: padding waste with and without length grouping, and the
 epoch time estimated as the sum of per-batch step times.
 
-    python benchmarks/epoch_estimate.py --data /work/shared/data/dailydialog/plato/dial.train.reconstructed.gz \\
+    python benchmarks/probes/epoch_estimate.py --data /work/shared/data/dailydialog/plato/dial.train.reconstructed.gz \\
         --tokenizer /work/shared/data/tokenizer/bart-base                 # padding only (seconds, CPU)
-    python benchmarks/epoch_estimate.py ... --measure                     # + step times of the recipe model (GPU)
+    python benchmarks/probes/epoch_estimate.py ... --measure                     # + step times of the recipe model (GPU)
 
 The pairs (PLATO format: `context turns joined by __eou__ <TAB> response`) are tokenised as examples/train.py
 does (BART tokenizer, `</s>` between turns, source left-truncated to 256, target to 64). Batches are formed as
@@ -12,7 +12,7 @@ its longest row, optionally rounded up to a multiple of `--pad_to_multiple_of`. 
 are padding, for the source (encoder), the target (decoder) and both.
 
 With `--measure`, the training step (forward + backward + AdamW) of Dior-CVAE with the quality recipe shape
-(examples/dailydialog_experiments.py: d_model 512, 6+6 layers, FFN 2048, latent 32, diffusion prior) is timed at a
+(experiments/dailydialog_experiments.py: d_model 512, 6+6 layers, FFN 2048, latent 32, diffusion prior) is timed at a
 few padded shapes; a fit t(S, T) = a + b·S + c·T gives every batch's time, and their sum is the epoch estimate.
 """
 
@@ -23,14 +23,14 @@ import math
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dior_cvae.data import LengthGroupedSampler, encode_examples, load_bart_tokenizer_files  # noqa: E402
-from train_step import write_json  # noqa: E402
+import common  # noqa: E402
+from common import write_json  # noqa: E402
+
+from dior_cvae.training.data import LengthGroupedSampler, encode_examples, load_bart_tokenizer_files  # noqa: E402
 
 RECIPE = dict(vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
               decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=320,
@@ -75,37 +75,19 @@ def waste(shapes, lengths):
 def step_time_fit(batch_size, points, device, dtype, iters, shape):
     import torch
 
-    from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, dropout=0.1, attention_dropout=0.1,
-                                                                activation_dropout=0.1))
-    model.to(dtype).set_attn_implementation("sdpa")
-    model.train()
+    model = common.build_model("dior", shape, 0, device, dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    timer = common.Timer(device)
     measured = []
     for source, target in points:
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(4, shape["vocab_size"], (batch_size, source), generator=g).to(device)
-        labels = torch.randint(4, shape["vocab_size"], (batch_size, target), generator=g).to(device)
+        batch = common.token_batch(batch_size, source, target, shape["vocab_size"], 0, device)
 
         def step():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+            model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        times = []
-        for i in range(iters + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        measured.append((source, target, statistics.median(times)))
+        measured.append((source, target, timer.median(step, 2, iters)))
     # least squares t = a + b S + c T
     a_rows = torch.tensor([[1.0, s, t] for s, t, _ in measured], dtype=torch.float64)
     y = torch.tensor([[m] for *_, m in measured], dtype=torch.float64)

@@ -1,8 +1,8 @@
 """Updates/s and the time of one epoch, read from train.py runs' `log_history.jsonl`, with a plot (updates against
 time, loss against updates).
 
-    python benchmarks/epoch_rate.py --run eager=W/eager/log_history.jsonl --run compiled=W/compiled/log_history.jsonl \\
-        --output results/recipe_compiled_h200.json --plot docs/recipe_compiled_vs_eager.png
+    python benchmarks/probes/epoch_rate.py --run eager=W/eager/log_history.jsonl --run compiled=W/compiled/log_history.jsonl \\
+        --output OUT.json --plot OUT.png
 
 The steady rate of a run is taken between its first logged update at least `--skip_s` seconds after its first
 logged update (past the compile of `--torch_compile`, the loader's warm-up) and its last one, from the logged
@@ -13,7 +13,12 @@ table last.
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import format_table, write_json  # noqa: E402
 
 
 def read_rows(path: str) -> list[dict]:
@@ -64,8 +69,7 @@ def main(argv=None):
         runs[name]["epoch_s"] = runs[name]["steps_per_epoch"] / runs[name]["updates_per_s"]
     result = {"skip_s": args.skip_s, "runs": runs,
               "loss_curves": {n: [[r["train_time_s"], r["step"], r["loss"]] for r in rows] for n, rows in history.items()}}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(result, args.output)
     if args.plot:
         import matplotlib
 
@@ -87,11 +91,9 @@ def main(argv=None):
         fig.tight_layout()
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
-    print(f"{'run':10s} {'updates/s':>10s} {'updates/epoch':>13s} {'epoch s':>8s} {'first logged (step @ s)':>24s} "
-          f"{'epochs':>7s}")
-    for name, r in runs.items():
-        print(f"{name:10s} {r['updates_per_s']:10.2f} {r['steps_per_epoch']:13d} {r['epoch_s']:8.1f} {r['first_logged_step']:>12d} @ "
-              f"{r['first_logged_s']:7.1f} s {r['epochs'] or 0:7.2f}")
+    print(format_table([("run", "updates/s", "updates/epoch", "epoch s", "first logged (step @ s)", "epochs")] + [
+        (name, f"{r['updates_per_s']:.2f}", r["steps_per_epoch"], f"{r['epoch_s']:.1f}",
+         f"{r['first_logged_step']} @ {r['first_logged_s']:.1f} s", f"{r['epochs'] or 0:.2f}") for name, r in runs.items()]))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def load_dailydialog_dir(
     """Load DailyDialog (context, response) pairs from a folder.
 
     For each split the folder must hold one of ``dialogues_{split}.txt``,
-    ``dialogues_{split}.txt.gz`` (the ijcnlp release names) or ``{split}.txt``,
+    ``dialogues_{split}.txt.gz`` (the names in the ijcnlp archive) or ``{split}.txt``,
     ``{split}.txt.gz`` (tried in that order); one dialogue per line, utterances
     separated by ``__eou__``.
 

@@ -3,18 +3,18 @@ rows with the same tokens (bart-base shapes, bf16, random init, given latents, s
 default path's sampled tokens/s (batch 1 and 64). Prints a table, writes JSON. CUDA only (on the CPU both paths are
 transformers' loop).
 
-    python benchmarks/graph_decoding_check.py --output results/graph_decoding_check_h200.json
+    python benchmarks/probes/graph_decoding_check.py --output OUT.json
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import FULL, Timer, bench_generate, build_models, same_tokens  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from bench import FULL, bench_generate, same_tokens  # noqa: E402
 
 
 def main(argv=None):
@@ -24,17 +24,17 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("graph_decoding_check.py needs a CUDA device: on the CPU the default path is transformers' loop")
     device = torch.device("cuda")
-    _, dior = build_models(FULL, device, torch.bfloat16, 0)
+    dior = common.build_model("dior", FULL["shape"], 0, device, torch.bfloat16)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     for batch in (64, 1):
         results[f"same_tokens_bs{batch}"] = same_tokens(dior, batch, FULL, device, 0, disable_compile=True)
-    timer = Timer(device)
+    timer = common.Timer(device)
     for batch in (1, 64):
-        results[f"gen_tokens_per_s_dior_bs{batch}"] = bench_generate(dior, batch, FULL, timer, device, 0)[0]
-    Path(args.output).write_text(json.dumps(results, indent=1))
-    print(f"{'batch':>5}  {'same tokens':>11}  {'tokens/s':>9}")
-    for batch in (1, 64):
-        print(f"{batch:>5}  {results[f'same_tokens_bs{batch}']:>11.4f}  {results[f'gen_tokens_per_s_dior_bs{batch}']:>9.1f}")
+        results[f"gen_tokens_per_s_dior_bs{batch}"] = bench_generate(dior, batch, FULL, timer, 0)[0]
+    common.write_json(results, args.output)
+    print(common.format_table([("batch", "same tokens", "tokens/s")] + [
+        (batch, f"{results[f'same_tokens_bs{batch}']:.4f}", common.fmt(results[f"gen_tokens_per_s_dior_bs{batch}"]))
+        for batch in (1, 64)]))
     print(f"wrote {args.output}")
 
 

@@ -1,6 +1,6 @@
 """Where the time of one sampled `generate()` goes, BART against Dior-CVAE (bart-base shapes, one CUDA GPU).
 
-    python benchmarks/profile_generate.py --output results/generate_profile_h200.json
+    python benchmarks/probes/profile_generate.py --output OUT.json
 
 For each batch size and model (the models and batches of `benchmarks/bench.py`, bf16, 40 new tokens, top-k 50 /
 top-p 0.9): the mean wall time of 5 calls after 3 warm-up calls; then one call under
@@ -20,9 +20,10 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
-from train_step import write_json  # noqa: E402
+import common  # noqa: E402
+from common import write_json  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -74,19 +75,19 @@ def main(argv=None):
         raise SystemExit("profile_generate.py: needs a CUDA GPU (it profiles kernel launches and host syncs)")
     torch.backends.cuda.matmul.allow_tf32 = True
     spec, device = bench.FULL, torch.device("cuda")
-    bart, dior = bench.build_models(spec, device, torch.bfloat16, seed=0)
+    bart, dior = common.build_models(spec["shape"], 0, device, torch.bfloat16)
     kwargs = bench.generation_kwargs(spec)
     results = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
                "transformers": transformers.__version__, "generation": kwargs, "calls": {}}
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        context, mask, _ = bench.token_batch(batch, spec, device, seed=0)
+        inputs = bench.batch_of(batch, spec, device, seed=0)
+        context, mask = inputs["input_ids"], inputs["attention_mask"]
         for name, model in (("bart", bart), ("dior", dior)):
             results["calls"][f"{name}_bs{batch}"] = profile_call(model, context, mask, kwargs, args.top)
     write_json(results, args.output)
-    print(f"{'call':12s} {'wall ms':>9s} {'launches':>9s} {'GPU busy ms':>12s} {'host ms':>9s} {'syncs':>6s}")
-    for key, row in results["calls"].items():
-        print(f"{key:12s} {row['wall_ms']:9.1f} {row['kernel_launches']:9d} {row['gpu_busy_ms']:12.1f} "
-              f"{row['host_self_cpu_ms']:9.1f} {row['syncs']:6d}")
+    print(common.format_table([("call", "wall ms", "launches", "GPU busy ms", "host ms", "syncs")] + [
+        (name, f"{row['wall_ms']:.1f}", row["kernel_launches"], f"{row['gpu_busy_ms']:.1f}",
+         f"{row['host_self_cpu_ms']:.1f}", row["syncs"]) for name, row in results["calls"].items()]))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The clean-protocol quality job (issue 36) on one GPU, detached, with partial results packed as it goes:
-#   bash examples/gpu_job.sh prepare SHARED_DATA  here, once: copy the data to .gpu/data and download the wheels to .whl
+#   bash experiments/gpu_job.sh prepare SHARED_DATA  here, once: copy the data to .gpu/data and download the wheels to .whl
 #                                              (both ignored by git, both carried by the device call)
-#   bash examples/gpu_job.sh start [--smoke]   start the job in its own session (setsid nohup) and return
-#   bash examples/gpu_job.sh poll SECONDS      wait up to SECONDS for the job to end, then copy its packed results
+#   bash experiments/gpu_job.sh start [--smoke]   start the job in its own session (setsid nohup) and return
+#   bash experiments/gpu_job.sh poll SECONDS      wait up to SECONDS for the job to end, then copy its packed results
 #                                              (at most 4 files) to $OUT and print the end of its status
-#   bash examples/gpu_job.sh run [--smoke]     the job itself, in the foreground
-#   bash examples/gpu_job.sh score FILES WORK [collect_results.py options]
+#   bash experiments/gpu_job.sh run [--smoke]     the job itself, in the foreground
+#   bash experiments/gpu_job.sh score FILES WORK [collect_results.py options]
 #                                              on the CPU afterwards: unpack FILES/*.tgz into WORK and score them
 # The job: an 8 k BPE tokenizer trained on the clean training split; the runs diffusion, gaussian, standard and none
 # side by side on the clean split for $TRAIN_MINUTES (default 12), checkpoints chosen on DailyDialog++ dev; then
 # k = 10 samples per DailyDialog++ test context for every run and temperature-sweep point, the paper's single sample
 # on DailyDialog validation/test, the importance-weighted NLL (K = 50) and the latent diagnostics
-# (examples/dailydialog_experiments.py). Data: $DATA_DIR/{dailydialog/ijcnlp,dailydialog_plusplus} (default
+# (experiments/dailydialog_experiments.py). Data: $DATA_DIR/{dailydialog/ijcnlp,dailydialog_plusplus} (default
 # .gpu/data, carried; docs/results.md "GPU runs: how to reproduce"). Wheels in .whl/ (a newer transformers for the
 # compiled training step, nltk) are installed to /tmp/site first. Work folder and packed results: $JOB_DIR (default
 # /tmp/dior_gpu_job); $RUNS: other runs (comma-separated); --smoke: the whole path on the CPU in a few minutes (tiny
@@ -81,7 +81,7 @@ run)
     vocab=8000; [ -n "$smoke" ] && vocab=400
     python3 - "$dd" "$ddpp" "$work/tokenizer" "$vocab" > "$work/tokenizer.log" 2>&1 <<'PY' || status "tokenizer failed (tokenizer.log)"
 import sys
-from dior_cvae.data import train_tokenizer
+from dior_cvae.training.data import train_tokenizer
 from dior_cvae.training.clean_split import build_clean_split
 clean = build_clean_split(sys.argv[1], sys.argv[2])  # cached for the training runs
 texts = list(dict.fromkeys(turn for _, turns in clean.train_dialogues for turn in turns))
@@ -92,10 +92,10 @@ PY
     status "tokenizer: $(tail -n 1 "$work/tokenizer.log")"
     common=(--dataset_dir "$dd" --ddpp_dir "$ddpp" --tokenizer_name "$work/tokenizer" --work_dir "$work"
             --runs "${RUNS:-diffusion,gaussian,standard,none}" $smoke)
-    python3 examples/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" \
+    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" \
         > "$work/train.log" 2>&1
     status "train phase exit $?: $(tail -n 1 "$work/train.log")"
-    python3 examples/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-4}" \
+    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-4}" \
         > "$work/eval.log" 2>&1
     status "eval phase exit $?: $(tail -n 1 "$work/eval.log")"
     pack
@@ -107,7 +107,7 @@ score)
     files=${1:?score FILES WORK}; work=${2:?score FILES WORK}; shift 2
     mkdir -p "$work"
     for f in "$files"/train.tgz "$files"/eval.tgz; do tar xzf "$f" -C "$work"; done
-    python3 "$repo/examples/collect_results.py" --work_dir "$work" "$@"
+    python3 "$repo/experiments/collect_results.py" --work_dir "$work" "$@"
     ;;
 *)
     echo "gpu_job.sh: unknown command $cmd (start, poll, run, score)" >&2; exit 2

@@ -10,7 +10,7 @@ Trivial responders (copy_last; random_train with --dataset_dir) are scored on th
 --multiref_file (DailyDialog++ test) adds multiref_bleu1/2 to the test-split rows (the full test split matches 97/6,740
 rows, the 1,000-context 5samples subset 11; a --smoke work dir matches none: pass --multiref_min_fraction 0). CPU only:
 
-    python examples/collect_results.py --work_dir WORK --gpu "NVIDIA H200" --dataset_dir ../shared/data/dailydialog/ijcnlp \\
+    python experiments/collect_results.py --work_dir WORK --gpu "NVIDIA H200" --dataset_dir ../shared/data/dailydialog/ijcnlp \\
         --multiref_file ../shared/data/dailydialog_plusplus/test.json.gz --results results/dailydialog.json --plots_dir docs
 """
 
@@ -19,15 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # score.py
 from dailydialog_experiments import split_seed  # noqa: E402
 from score import load_train_responses, score_rows, trivial_rows  # noqa: E402
 
 from dior_cvae import DiorCVAEConfig  # noqa: E402
-from dior_cvae.metrics import read_generations  # noqa: E402
+from dior_cvae.training.metrics import read_generations  # noqa: E402
 
 # DailyDialog++ test rows (k samples, 5 references) add dior_cvae.training.multiref.score_multiref's fields
 MULTISAMPLE = ("bleu1_precision", "bleu1_recall", "bleu1_f1", "bleu2_precision", "bleu2_recall", "bleu2_f1",
@@ -48,10 +50,13 @@ CASE_STUDY_RUNS = ("diffusion", "gaussian", "standard", "none")  # the case stud
 
 
 def parse_overrides(command: str) -> dict:
-    if "--config_overrides " not in command:
-        return {}
-    overrides = command.split("--config_overrides ", 1)[1].split(" ", 1)[0].strip("'")
-    return dict(item.split("=", 1) for item in overrides.split(",") if "=" in item)
+    """The config fields a recorded train.py command set: its `--FIELD VALUE` flags of DiorCVAEConfig's fields, or
+    the `--config_overrides a=b,...` of the records of earlier train.py versions."""
+    if "--config_overrides " in command:
+        overrides = command.split("--config_overrides ", 1)[1].split(" ", 1)[0].strip("'")
+        return dict(item.split("=", 1) for item in overrides.split(",") if "=" in item)
+    words, fields = shlex.split(command), set(DEFAULTS.to_dict())
+    return {word[2:]: value for word, value in zip(words, words[1:]) if word.startswith("--") and word[2:] in fields}
 
 
 def base_name(name: str) -> str:
@@ -82,14 +87,24 @@ def free_bits(prior: str, config: dict) -> float | None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file ([] if there is none). A last line cut short (a run killed while writing it:
+    no newline at the end) is skipped with a message; any other line that does not parse is an error naming
+    file:line."""
     if not path.is_file():
         return []
+    text = path.read_text()
+    lines = text.split("\n")
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            continue
+        except ValueError as error:
+            if number == len(lines):  # the last line, without its newline
+                print(f"{path}:{number}: skipping the truncated last line ({error})", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({error}): {line[:80]!r}") from None
     return rows
 
 
@@ -106,7 +121,7 @@ class Scorer:
     @property
     def model(self):
         if self._model is None and self.semantic:
-            from dior_cvae.metrics import load_embedding_model
+            from dior_cvae.training.metrics import load_embedding_model
 
             self._model = load_embedding_model()
         return self._model

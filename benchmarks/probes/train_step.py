@@ -1,8 +1,8 @@
 """Host-side cost of one Dior-CVAE training step: aten ops per step (the CUDA-launch proxy) and step time.
 
-    python benchmarks/train_step.py                     # CPU, d_model 256, 4+4 layers, batch 32, source 128, target 32
-    python benchmarks/train_step.py --bart              # the same for plain BART of that shape
-    python benchmarks/train_step.py --output ops.json   # also write the numbers as JSON
+    python benchmarks/probes/train_step.py                     # CPU, d_model 256, 4+4 layers, batch 32, source 128, target 32
+    python benchmarks/probes/train_step.py --bart              # the same for plain BART of that shape
+    python benchmarks/probes/train_step.py --output ops.json   # also write the numbers as JSON
 
 On a GPU the training step is host-bound (docs/performance.md): the number of kernels launched per step matters more
 than their FLOPs. On the CPU that number is approximated by counting the aten ops that the dispatcher runs in
@@ -12,7 +12,6 @@ forward + backward (and, separately, in the AdamW step), leaving out pure view/m
 """
 
 import argparse
-import collections
 import json
 import statistics
 import sys
@@ -20,72 +19,29 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import BartConfig, BartForConditionalGeneration  # noqa: E402
-
-from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration  # noqa: E402
+import common  # noqa: E402
+from common import OpCounter, write_json  # noqa: E402
 
 SMALL = dict(vocab_size=50265, d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
-             decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=256,
-             dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
-# ops that only make a new view of existing storage, or only read metadata: no kernel on a GPU
-VIEW_OPS = {
-    "view", "_unsafe_view", "reshape", "alias", "as_strided", "select", "slice", "t", "transpose", "permute",
-    "expand", "unsqueeze", "squeeze", "split", "split_with_sizes", "chunk", "unbind", "detach", "narrow",
-    "lift_fresh", "_reshape_alias", "unflatten", "flatten", "diagonal", "view_as", "expand_as", "numpy_T",
-    "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "size", "stride", "dim",
-    "_has_compatible_shallow_copy_type", "empty_like_meta", "is_nonzero", "_local_scalar_dense",
-}
-
-
-class OpCounter(TorchDispatchMode):
-    """`counts`: aten ops that launch work; `view_counts`: the VIEW_OPS, kept apart (no kernel, but host time: the
-    H200 profile of `generate()` found them a visible share of it, docs/performance.md)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-        self.view_counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        (self.view_counts if name in VIEW_OPS else self.counts)[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self):
-        return sum(self.counts.values())
+             decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024, max_position_embeddings=256)
 
 
 def build(args):
     shape = dict(SMALL, vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers,
                  decoder_layers=args.layers, encoder_ffn_dim=4 * args.d_model, decoder_ffn_dim=4 * args.d_model)
-    torch.manual_seed(args.seed)
     if args.bart:
-        model = BartForConditionalGeneration(BartConfig(**shape))
-    else:
-        model = DiorCVAEForConditionalGeneration(DiorCVAEConfig(**shape, latent_size=args.latent_size,
-                                                                prior_type=args.prior_type))
-    model.set_attn_implementation("sdpa")
-    return model.train()
-
-
-def token_batch(args, vocab):
-    g = torch.Generator().manual_seed(args.seed)
-    context = torch.randint(4, vocab, (args.batch, args.source), generator=g)
-    context[:, 0], context[:, -1] = 0, 2
-    labels = torch.randint(4, vocab, (args.batch, args.target), generator=g)
-    labels[:, 0], labels[:, -1] = 0, 2
-    return dict(input_ids=context, attention_mask=torch.ones_like(context), labels=labels)
+        return common.build_model("bart", shape, args.seed).train()
+    return common.build_model("dior", shape, args.seed, latent_size=args.latent_size,
+                              prior_type=args.prior_type).train()
 
 
 def measure(args):
     torch.set_num_threads(args.threads)
     model = build(args)
-    batch = token_batch(args, model.config.vocab_size)
+    batch = common.token_batch(args.batch, args.source, args.target, model.config.vocab_size, args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
 
     def forward_backward():
@@ -128,13 +84,6 @@ def measure(args):
         "iters": args.iters,
         "top_ops": dict(fwd_bwd.counts.most_common(args.top)),
     }
-
-
-def write_json(result: dict, path: str | None) -> None:
-    """The benchmarks' JSON output, when `--output` is given."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv=None):

@@ -1,9 +1,9 @@
 """DailyDialog from scratch on one GPU, on the clean protocol: train on the clean split, select on DailyDialog++ dev,
 sample k responses per held-out DailyDialog++ test context.
 
-    python examples/dailydialog_experiments.py --dataset_dir DIR --ddpp_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \
+    python experiments/dailydialog_experiments.py --dataset_dir DIR --ddpp_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \\
         --phase train --runs diffusion,gaussian,standard,none --train_minutes 12
-    python examples/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian,standard,none
+    python experiments/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian,standard,none
 
 Both phases first write WORK_DIR/data/ (once): `ddpp_dev_pairs.jsonl`, DailyDialog++ dev as (context, response) pairs,
 every context with its first reference, then every context with its second, ... (so that train.py's first N
@@ -22,7 +22,7 @@ posterior (the oracle: test responses decoded with latents from the posterior of
 solver × steps on 1,000 validation contexts).
 A run name with a seed suffix, `NAME-sN` (e.g. `memdrop0.5-s2`), is a replica of NAME trained with `--seed N`, for
 seed spreads. Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (MiniLM relevance, multi-reference
-metrics) runs on a CPU afterwards: `examples/collect_results.py` turns the work folder into `results/*.json`,
+metrics) runs on a CPU afterwards: `experiments/collect_results.py` turns the work folder into `results/*.json`,
 `docs/results.md`'s tables and the plots. `--smoke`: the whole path on a CPU in a minute (tiny model, few contexts).
 """
 
@@ -139,6 +139,11 @@ def prepare_data(args) -> dict[str, Path]:
     return paths
 
 
+def config_flags(fields: str) -> list[str]:
+    """`"d_model=256,prior_type=gaussian"` as train.py's config flags: `--d_model 256 --prior_type gaussian`."""
+    return [word for item in fields.split(",") for word in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
+
+
 def train_command(args, name: str) -> list[str]:
     base, seed = split_seed(name)
     data = Path(args.work_dir) / "data"
@@ -149,7 +154,7 @@ def train_command(args, name: str) -> list[str]:
         "--dataset_dir", args.dataset_dir, "--tokenizer_name", args.tokenizer_name, "--overwrite_output_dir",
         *(["--clean_split", args.ddpp_dir] if args.clean_split else []),
         "--validation_file", str(data / DDPP_DEV_PAIRS),
-        "--config_overrides", f"{BASE_CONFIG},{RUNS[base]}",
+        *config_flags(f"{BASE_CONFIG},{RUNS[base]}"),
         "--max_train_minutes", str(args.train_minutes),
         "--output_dir", str(Path(args.work_dir) / "models" / name),
         *TRAIN_ARGS,

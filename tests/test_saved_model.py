@@ -1,0 +1,63 @@
+"""Checkpoints keep loading: model folders saved by an earlier version of this code (tests/fixtures/saved_model,
+written by its make.py) load with the current package and, as remote code, with their own frozen code files, and both
+give the outputs recorded when the folders were written (tokens exactly; latents and losses to float rounding)."""
+
+import json
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dior_cvae import DiorCVAEForConditionalGeneration
+from test_remote_code import run_isolated
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "saved_model")
+sys.path.insert(0, FIXTURE)
+from recipe import outputs  # noqa: E402  (the fixture's own recipe: the same calls, seeds and inputs)
+
+PRIORS = ("diffusion", "gaussian")
+
+EXPECTED = json.load(open(os.path.join(FIXTURE, "expected.json")))
+
+REMOTE = textwrap.dedent(
+    """
+    import json, sys
+    from transformers import AutoModelForSeq2SeqLM
+    sys.path.insert(0, sys.argv[3])
+    from recipe import outputs
+    model = AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    assert type(model).__name__ == "DiorCVAEForConditionalGeneration", type(model)
+    assert not type(model).__module__.startswith("dior_cvae"), type(model).__module__
+    json.dump(outputs(model), open(sys.argv[2], "w"))
+    """
+)
+
+
+def check(got: dict, expected: dict, package: bool = False):
+    """`package`: outputs of the current package, whose evaluated diffusion KL changed on purpose after the folder
+    was written (`eval_loss_package`); the folder's frozen code keeps the recorded `eval_loss`."""
+    if package and "eval_loss_package" in expected:
+        expected = {**expected, "eval_loss": expected["eval_loss_package"]}
+    assert got["sampled_tokens"] == expected["sampled_tokens"]
+    assert got["greedy_tokens"] == expected["greedy_tokens"]
+    torch.testing.assert_close(torch.tensor(got["prior_latents"]), torch.tensor(expected["prior_latents"]))
+    for key in ("eval_loss", "train_loss"):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(expected[key]), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("prior_type", PRIORS)
+def test_a_saved_folder_loads_with_every_weight_and_generates_the_recorded_tokens(prior_type):
+    model, info = DiorCVAEForConditionalGeneration.from_pretrained(os.path.join(FIXTURE, prior_type),
+                                                                   output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched parameter names
+    assert model.config.prior_type == prior_type
+    check(outputs(model), EXPECTED[prior_type], package=True)
+
+
+@pytest.mark.parametrize("prior_type", ["diffusion"])  # the folder with code files
+def test_a_saved_folder_runs_as_remote_code_and_generates_the_recorded_tokens(prior_type, tmp_path):
+    out = tmp_path / "out.json"
+    run_isolated(sys.executable, REMOTE, [os.path.join(FIXTURE, prior_type), out, FIXTURE], tmp_path)
+    check(json.loads(out.read_text()), EXPECTED[prior_type])
