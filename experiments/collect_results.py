@@ -253,9 +253,9 @@ def main(argv=None):
                                   {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
                                    "seed": args.seed}, multiref=split == "test" and args.multiref_file is not None,
                                   multisample=split == DDPP_SPLIT)
-            split = "ddpp_test" if split == DDPP_SPLIT else split
             runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "kl_free_bits": None,
-                         "split": split, "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
+                         "split": "ddpp_test" if split == DDPP_SPLIT else split, "subset": split, "decoding": kind,
+                         **{m: scores.get(m) for m in METRICS},
                          "num_contexts": scores.get("num_contexts"), "active_units": None,
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
@@ -330,7 +330,7 @@ def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in lcols) + " |" for r in likelihood]
         lines.append("")
     runs = [r for r in runs if r["split"] != "ddpp_test"]
-    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "split", "decoding", "bleu1", "bleu2", "distinct1",
+    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "subset", "decoding", "bleu1", "bleu2", "distinct1",
             "distinct2", "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
             "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

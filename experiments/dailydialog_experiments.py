@@ -274,7 +274,7 @@ def parse_args(argv=None):
                         "token temperature of the --temperature_runs on DailyDialog++ test), beam (beam 5 on "
                         "DailyDialog validation/test), posterior (the oracle), solver (diffusion: solver x steps)")
     p.add_argument("--smoke", action="store_true",
-                   help="a CPU check of the whole path: tiny shapes, 3 updates, 8 contexts, fp32")
+                   help="a CPU check of the whole path: tiny shapes, 3 updates, 8 contexts, fp32, every other sweep point")
     p.add_argument("--prior_temperatures", type=floats, default=PRIOR_TEMPERATURES,
                    help="comma-separated prior temperatures of the latent runs' sweep")
     p.add_argument("--token_temperatures", type=floats, default=TOKEN_TEMPERATURES,
@@ -316,6 +316,7 @@ def main(argv=None):
         BASE_CONFIG = (BASE_CONFIG.replace("d_model=256", "d_model=32").replace("ffn_dim=1024", "ffn_dim=64")
                        .replace("denoiser_hidden_size=512", "denoiser_hidden_size=32"))
         SOLVER_STEPS = (1, 5)
+        args.prior_temperatures, args.token_temperatures = args.prior_temperatures[::2], args.token_temperatures[::2]
         TRAIN_ARGS.extend(["--max_train_steps", "3", "--max_eval_samples", "16", "--num_eval_generation_samples", "4",
                            "--per_device_eval_batch_size", "16", "--max_train_samples", "256", "--num_sample_contexts",
                            "0"])

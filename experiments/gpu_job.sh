@@ -61,8 +61,10 @@ poll)
     while [ $SECONDS -lt $end ] && [ ! -e "$JOB_DIR/DONE" ]; do sleep 5; done
     [ -e "$JOB_DIR/DONE" ] || pack
     cp "$JOB_DIR"/out/*.tgz "$JOB_DIR"/out/status.txt "${OUT:?poll copies to \$OUT}/" 2>/dev/null
-    tail -n 25 "$JOB_DIR/status.txt"; tail -n 5 "$JOB_DIR/job.log"
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+    tail -n 25 "$JOB_DIR/status.txt"
+    [ -e "$JOB_DIR/job.log" ] && tail -n 5 "$JOB_DIR/job.log"  # a job begun with start
+    command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    [ -e "$JOB_DIR/out/train.tgz" ]  # the exit status: whether there is anything to fetch
     ;;
 run)
     smoke=""; [ "${1:-}" = "--smoke" ] && smoke=--smoke
@@ -78,7 +80,7 @@ run)
     dd=$DATA_DIR/dailydialog/ijcnlp; ddpp=$DATA_DIR/dailydialog_plusplus; work=$JOB_DIR/work
     status "job started ${smoke:-(GPU)}: $(python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
     ( while [ ! -e "$JOB_DIR/DONE" ]; do sleep 30; pack; done ) &
-    vocab=8000; [ -n "$smoke" ] && vocab=400
+    vocab=8000; parallel=4; [ -n "$smoke" ] && vocab=400 && parallel=2
     python3 - "$dd" "$ddpp" "$work/tokenizer" "$vocab" > "$work/tokenizer.log" 2>&1 <<'PY' || status "tokenizer failed (tokenizer.log)"
 import sys
 from dior_cvae.training.data import train_tokenizer
@@ -95,7 +97,7 @@ PY
     python3 experiments/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" \
         > "$work/train.log" 2>&1
     status "train phase exit $?: $(tail -n 1 "$work/train.log")"
-    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-4}" \
+    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-$parallel}" \
         > "$work/eval.log" 2>&1
     status "eval phase exit $?: $(tail -n 1 "$work/eval.log")"
     pack
