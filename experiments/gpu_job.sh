@@ -68,12 +68,20 @@ poll)
     ;;
 run)
     smoke=""; [ "${1:-}" = "--smoke" ] && smoke=--smoke
+    compile_flag=""
     mkdir -p "$JOB_DIR/work"
     cd "$repo"
     if [ -z "$smoke" ] && ls .whl/*.whl > /dev/null 2>&1; then  # the GPU image: the smoke run uses this environment
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-            || { status "wheel install failed"; exit 1; }
+            || status "wheel install failed"
         export PYTHONPATH=/tmp/site:$repo
+        if ! python3 -c "import transformers, nltk, dior_cvae.training.clean_split" 2>> "$JOB_DIR/work/imports.log"; then
+            # the carried transformers does not import here: the image's own (no compiled training step) and nltk alone
+            status "carried wheels do not import (imports.log): image transformers, eager training"
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_nltk .whl/nltk-*.whl
+            export PYTHONPATH=/tmp/site_nltk:$repo
+            compile_flag=--no-torch_compile
+        fi
     else
         export PYTHONPATH=$repo
     fi
@@ -94,7 +102,8 @@ PY
     status "tokenizer: $(tail -n 1 "$work/tokenizer.log")"
     common=(--dataset_dir "$dd" --ddpp_dir "$ddpp" --tokenizer_name "$work/tokenizer" --work_dir "$work"
             --runs "${RUNS:-diffusion,gaussian,standard,none}" $smoke)
-    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" \
+    train_extra=(); [ -n "$compile_flag" ] && train_extra=("$compile_flag")
+    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" "${train_extra[@]}" \
         > "$work/train.log" 2>&1
     status "train phase exit $?: $(tail -n 1 "$work/train.log")"
     python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-$parallel}" \
