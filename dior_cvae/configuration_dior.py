@@ -6,7 +6,7 @@ import math
 from transformers import BartConfig
 
 from .scheduling_dior import PREDICTION_TYPES, SAMPLERS
-from .utils_dior import check_nonnegative_number, is_int
+from .utils_dior import check_inference_steps, check_nonnegative_number, is_int
 
 # Above this log-SNR (α² ≈ 0.05) the noisiest latent is still mostly data and sampling starts off the distribution.
 MAX_TERMINAL_LOG_SNR = -3.0
@@ -144,11 +144,17 @@ class DiorCVAEConfig(BartConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
 
-        for name in ("latent_size", "num_inference_steps", "denoiser_hidden_size"):
+        for name in ("latent_size", "denoiser_hidden_size", "vocab_size", "d_model", "encoder_layers",
+                     "encoder_attention_heads", "decoder_attention_heads", "max_position_embeddings"):
             positive_int(name)
+        check_inference_steps("num_inference_steps", self.num_inference_steps)
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `{name}` ({getattr(self, name)})")
         if not (is_int(self.denoiser_layers) and self.denoiser_layers >= 0):
             raise ValueError(f"`denoiser_layers` must be an integer >= 0, got {self.denoiser_layers!r}")
-        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta"):
+        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta", "dropout", "attention_dropout",
+                     "activation_dropout"):
             probability(name)
         free_bits = self.kl_free_bits
         if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not 0 <= free_bits < math.inf:

@@ -13,9 +13,13 @@ random draws undone: see `decode`).
 It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
 top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
 top-k / top-p sampling) and the max-length / EOS stopping criteria. Anything else — streamers, `output_scores`,
-repetition penalties, `synced_gpus`, custom criteria — goes through transformers' own loop, unchanged. The tokens
-are those of transformers' loop under the same seed: the processors below are transformers' arithmetic, and the
-token choice is the same `torch.multinomial` / `argmax` on the same probabilities.
+repetition penalties, `synced_gpus`, custom criteria, a cache passed in — goes through transformers' own loop as
+transformers sets it up. The processors below are transformers' arithmetic and the token choice is the same
+`torch.multinomial` / `argmax`, drawing the same random numbers; what that guarantees: in float32, with given
+latents and the same seed, the tokens equal transformers' loop's (tested on the CPU, eager and compiled, and on
+CUDA by tests/test_cuda.py), and so does the global RNG state after the call. In bf16 the compiled kernels round
+differently from eager ones, and a sampled row parts from transformers' loop after a near tie: the share of equal
+rows was measured (docs/performance.md, results/graph_decoding_check_h200.json), not guaranteed.
 """
 
 import copy
@@ -34,7 +38,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-from .utils_dior import CACHE_NAME, check_nonnegative_number, is_int
+from .utils_dior import CACHE_NAME, check_inference_steps, check_nonnegative_number, is_int
 
 SYNC_EVERY = 8  # decoding steps between two looks of the host at "has every row ended?"
 
@@ -98,8 +102,8 @@ def validate_generate_inputs(model, input_ids, attention_mask, latents, generati
         raise ValueError("`generate` needs `input_ids` (the context) or `encoder_outputs`")
     if input_ids is None and attention_mask is None:
         raise ValueError("pass `attention_mask` together with `encoder_outputs`")
-    if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+    if num_inference_steps is not None:
+        check_inference_steps("num_inference_steps", num_inference_steps)
     if prior_guidance_scale is not None:
         check_nonnegative_number("prior_guidance_scale", prior_guidance_scale)
     if prior_temperature is not None:

@@ -51,7 +51,7 @@ from .generation_dior import (
 from .hub_dior import push_model, save_with_card
 from .latent_dior import HierarchicalLatents, KLLoss, LayerPooling, PosteriorSample, StackedLinear, kl_loss
 from .prior_dior import DiffusionPrior, GaussianPrior, LatentPrior, StandardPrior, ZeroInitLinear
-from .utils_dior import CACHE_NAME, accepts_past_key_values, check_transformers_version
+from .utils_dior import CACHE_NAME, accepts_past_key_values, check_nonnegative_number, check_transformers_version
 
 check_transformers_version()
 
@@ -67,7 +67,9 @@ class DiorCVAEOutput(Seq2SeqLMOutput):
             `latents` are given too: the KL is a property of the posterior, not of given latents).
         rc_loss (`torch.FloatTensor`): reconstruction cross-entropy, summed over tokens, averaged over examples.
         kl_loss (`torch.FloatTensor`): KL term per example, averaged; for the diffusion prior it is
-            `neg_entropy + prior_loss` (Eq. 16).
+            `neg_entropy + prior_loss` (Eq. 16), a one-sample Monte-Carlo estimate (one posterior sample, one noise
+            level and noise draw per example): its expectation is the KL, ≥ 0, but one example's value, and so a
+            single example's `loss`, can be negative. Average over many examples (an evaluation set) to read it.
         neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] = −entropy of the posterior (diffusion prior only).
         prior_loss (`torch.FloatTensor`): the bound on −log p(z | c) of the posterior samples (diffusion prior only).
         latents (`torch.FloatTensor` of shape `(batch_size, num_layers, latent_size)`): the latents decoded with.
@@ -96,7 +98,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
     config_class = DiorCVAEConfig
     base_model_prefix = "model"
     _tied_weights_keys = {"lm_head.weight": "model.shared.weight"}
-    _keys_to_ignore_on_load_missing = ["final_logits_bias"]
+    _keys_to_ignore_on_load_missing = ["final_logits_bias", "latent_layout"]
     _supports_flash_attn = False
     _supports_flex_attn = False
     _keep_in_fp32_modules_strict = ["diffusion_prior"]
@@ -111,6 +113,11 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 layer.encoder_attn = latent_slot_attention(config, idx, False, config.cross_attention_infusion,
                                                            int(config.self_attention_infusion))
         self.final_logits_bias = nn.Buffer(torch.zeros((1, self.model.shared.num_embeddings)))
+        # the config fields that change what the weights mean without changing their shapes, saved with the
+        # weights so that `from_pretrained` can refuse a config.json that disagrees (LAYOUT_FIELDS); a model
+        # without a latent is plain BART, with BART's weights only
+        if config.has_latent:
+            self.latent_layout = nn.Buffer(self._config_layout(config))
         self.lm_head = nn.Linear(config.d_model, self.model.shared.num_embeddings, bias=False)
 
         self.layer_pooling = LayerPooling(config) if config.has_latent else None
@@ -130,6 +137,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             config.auto_map = {**auto_map, "AutoModel": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
         self.post_init()
 
+    #: config fields kept in the `latent_layout` buffer (bools, as 0 / 1)
+    LAYOUT_FIELDS = ("self_attention_infusion", "cross_attention_infusion")
+
+    @classmethod
+    def _config_layout(cls, config) -> torch.Tensor:
+        return torch.tensor([int(bool(getattr(config, name))) for name in cls.LAYOUT_FIELDS], dtype=torch.uint8)
+
     @property
     def prior(self) -> LatentPrior | None:
         """p(z | c) behind prior_dior's interface (`kl`, `sample`), whatever its type; None without a latent."""
@@ -141,6 +155,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if isinstance(module, DiorCVAEForConditionalGeneration):
             init.zeros_(module.final_logits_bias)
+            if hasattr(module, "latent_layout"):
+                init.copy_(module.latent_layout, self._config_layout(self.config))
         if isinstance(module, ZeroInitLinear):  # the denoiser's v̂ = 0 at the start: the prior is exactly N(0, I)
             init.zeros_(module.weight)
             init.zeros_(module.bias)
@@ -345,9 +361,17 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
 
     # ---- forward ------------------------------------------------------------------------------------------------
 
-    def _validate_forward_inputs(self, input_ids, labels, latents, latent_slots, encoder_outputs):
+    def _validate_forward_inputs(self, input_ids, labels, latents, latent_slots, encoder_outputs, kl_weight):
         check_length("context", "input_ids", input_ids, self.config.max_position_embeddings)
         check_length("response", "labels", labels, self.config.max_position_embeddings)
+        # outside training (where the check would wait for the device on every step; the collator never pads a
+        # whole row): a response with no token to reconstruct would add a silent zero to the loss
+        if labels is not None and not self.training and not bool((labels != -100).any(-1).all()):
+            raise ValueError("`labels` has a row that is all -100 (padding): no response token to reconstruct")
+        if not isinstance(kl_weight, torch.Tensor):  # a tensor (compiled training) is the loop's own, unchecked
+            check_nonnegative_number("kl_weight", kl_weight)
+        if latents is not None and not torch.compiler.is_compiling() and not bool(torch.isfinite(latents).all()):
+            raise ValueError("`latents` contain NaN or infinite values")
         if latents is not None and not self.config.has_latent:
             raise ValueError('`latents` were given, but this model has no latent (`prior_type="none"`)')
         if latent_slots is None:
@@ -411,7 +435,7 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             tensor under torch.compile, where each new float would recompile).
         cache: the decoder cache (also accepted as `past_key_values`, transformers < 5.24's name).
         """
-        self._validate_forward_inputs(input_ids, labels, latents, latent_slots, encoder_outputs)
+        self._validate_forward_inputs(input_ids, labels, latents, latent_slots, encoder_outputs, kl_weight)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if attention_mask is None and input_ids is not None:
@@ -573,6 +597,41 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
         return cache
 
     # ---- Hub: the dialog pipeline and the model card travel with every saved folder -----------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, plus checks of the config against the weights: weights of latent modules
+        that the config does not build (a `prior_type` changed in config.json) and non-finite weights raise a
+        `ValueError` naming the field or the tensor; an unreadable weights file is named."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  **kwargs)
+        except Exception as exc:
+            if "safetensors" in type(exc).__module__ or "deserializ" in str(exc) or "header" in str(exc).lower():
+                raise ValueError(f"{pretrained_model_name_or_path}: cannot read the weights (model.safetensors): "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            raise
+        source = pretrained_model_name_or_path
+        latent_prefixes = ("diffusion_prior.", "hierarchy.", "latent_to_memory.")
+        foreign = [k for k in info.get("unexpected_keys") or () if k.startswith(latent_prefixes)]
+        if foreign:
+            raise ValueError(
+                f"{source}: the weights hold {', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}, "
+                f"which the config does not build: config.json's `prior_type` ({model.config.prior_type!r}), "
+                "`latent_size` or the layer counts are not those the weights were trained with")
+        if hasattr(model, "latent_layout") and not model.latent_layout.is_meta:
+            saved, expected = model.latent_layout.tolist(), model._config_layout(model.config).tolist()
+            for name, old, new in zip(model.LAYOUT_FIELDS, saved, expected):
+                if old != new:
+                    raise ValueError(f"{source}: config.json's `{name}` is {bool(new)}, but the weights were trained "
+                                     f"with {name}={bool(old)}")
+        bad = [name for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise ValueError(f"{source}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}")
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """transformers' `save_pretrained`, plus: config.json names the `dialog-generation` pipeline

@@ -93,12 +93,23 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: the most solver steps the prior takes (`num_inference_steps`, in the config and in `generate()`): the solvers
+#: converge in tens of steps; a larger number is a typo that would run for hours or allocate gigabytes
+MAX_INFERENCE_STEPS = 10_000
+
+
+def check_inference_steps(name: str, value) -> None:
+    """A `ValueError` naming `name` unless `value` is an integer in [1, MAX_INFERENCE_STEPS]."""
+    if not (is_int(value) and 1 <= value <= MAX_INFERENCE_STEPS):
+        raise ValueError(f"`{name}` must be an integer in [1, {MAX_INFERENCE_STEPS}], got {value!r}")
+
+
 def check_nonnegative_number(name: str, value) -> None:
     """A `ValueError` naming `name` unless `value` is a finite int or float >= 0 (bools and NaN refused)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
 
 
-__all__ = ["CACHE_NAME", "COMPILED_TRAINING_MIN_TRANSFORMERS", "TESTED_TRANSFORMERS", "accepts_past_key_values",
-           "check_nonnegative_number", "check_transformers_version", "compiled_training_problem", "generator_kwargs",
+__all__ = ["CACHE_NAME", "COMPILED_TRAINING_MIN_TRANSFORMERS", "MAX_INFERENCE_STEPS", "TESTED_TRANSFORMERS",
+           "accepts_past_key_values", "check_inference_steps", "check_nonnegative_number", "check_transformers_version", "compiled_training_problem", "generator_kwargs",
            "is_int", "pop_cache"]

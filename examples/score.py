@@ -65,6 +65,7 @@ from dior_cvae.training.metrics import (
     read_generations,
     score_generations,
 )
+from dior_cvae.training.outputs import check_output_file, write_atomic
 
 TRIVIAL = ("copy_last", "random_train")
 
@@ -188,7 +189,8 @@ def score_responders(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="generations JSON Lines file (or --responder)")
-    parser.add_argument("--output", help="also write the metrics JSON here")
+    parser.add_argument("--output", help="also write the metrics JSON here (atomically; an existing file needs --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     parser.add_argument("--no_semantic", action="store_true", help="skip the embedding metrics (relevance, sample_cosine5)")
     parser.add_argument("--embedding_model", help="sentence-transformers path or name (default: bundled all-MiniLM-L6-v2)")
     parser.add_argument("--multiref_file", help="DailyDialog++ JSON Lines (.gz) for multi-reference BLEU")
@@ -217,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if bool(args.input) == bool(args.responder):
         parser.error("give exactly one of --input and --responder")
+    for flag, path in (("--output", args.output), ("--latent_plot", args.latent_plot)):
+        if path:
+            try:
+                check_output_file("score.py", flag, path, args.overwrite, [("--input", args.input)])
+            except SystemExit as exc:
+                parser.error(str(exc).removeprefix("score.py: error: "))
     if args.responder:
         from dior_cvae.training.eval_sets import EVAL_SETS
         from dior_cvae.training.responders import RESPONDERS
@@ -239,13 +247,16 @@ def main(argv: list[str] | None = None) -> None:
         text = json.dumps(score_responders(args), indent=2)
         print(text)
         if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+            write_atomic(args.output, text + "\n")
         return
     if args.trivial == "random_train" and not args.dataset_dir:
         parser.error("--trivial random_train needs --dataset_dir")
     if (args.latent_model or args.latent_plot) and not (args.latent_model and args.dataset_dir):
         parser.error("--latent_model needs --dataset_dir (and --latent_plot needs --latent_model)")
+    if not 0 <= args.multiref_min_fraction <= 1:
+        parser.error(f"--multiref_min_fraction must be in [0, 1], got {args.multiref_min_fraction}")
+    if args.latent_samples < 1:
+        parser.error(f"--latent_samples must be >= 1, got {args.latent_samples}")
 
     try:
         rows = read_generations(args.input)
@@ -265,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        check_output_file("score.py", "--output", args.output, args.overwrite, [("--input", args.input)])  # again
+        write_atomic(args.output, text + "\n")
 
 
 if __name__ == "__main__":

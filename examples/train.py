@@ -19,8 +19,17 @@ Outputs in --output_dir: the model + tokenizer (loadable with `trust_remote_code
 eval_results.json, log_history.jsonl, training_args.json, training_curves.png, run.json (the run's id), best/ (by
 --metric_for_best_model), step_N/ or epoch_N/ checkpoints (accelerate state for exact resume, a pretrained/ model
 folder, and a manifest of sha256s: --resume_from_checkpoint latest takes the newest intact one of this run), runs/
-(TensorBoard). A non-empty --output_dir is refused unless resuming or --overwrite_output_dir (nothing is deleted);
-folders are written atomically; a non-finite loss or gradient stops the run before anything of it is saved.
+(TensorBoard).
+
+Safety (dior_cvae/training/outputs.py): --output_dir is locked for the run's lifetime (a second run on it is refused
+with the first one's pid). A non-empty folder is refused unless --resume_from_checkpoint finds an intact checkpoint
+of its run, or --overwrite_output_dir is given, which replaces only what earlier runs of this script wrote there and
+left unchanged (recorded in .dior-outputs.json): a file in the way that no run wrote, or that was edited since, is
+refused by name, and nothing else is deleted. A resumed run must match the checkpoint's record of its data, model
+config, batches and schedules (refused, naming each difference, unless --ignore_resume_mismatch). Files and folders
+are written atomically; the final model is staged and moved in with a journal, so a kill leaves the old model or
+(once the next run on the folder completes the moves) the new one. A non-finite loss or gradient stops the run
+before anything of it is saved.
 """
 
 from __future__ import annotations
@@ -42,9 +51,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dior_cvae.utils_dior import compiled_training_problem
-from dior_cvae.training.checkpointing import (NonFiniteGuard, TrainingError, load_checkpoint, prepare_output_dir,
-                                              prune_checkpoints, save_checkpoint, save_model_folder, trim_log_history,
-                                              write_text_atomic)
+from dior_cvae import DiorCVAEConfig
+from dior_cvae.training.checkpointing import (NonFiniteGuard, TrainingError, check_resume_record, load_checkpoint,
+                                              prepare_output_dir, prune_checkpoints, run_record, save_checkpoint,
+                                              save_model_folder, seal_output_dir, trim_log_history, write_text_atomic)
 from dior_cvae.training.compiled import CompiledTrainingForward, uses_cuda_graphs
 from dior_cvae.training.evaluation import BEST_MODEL_METRICS, BestModel, evaluate, print_samples
 from dior_cvae.training.model_config import add_config_arguments, build_model, config_problem
@@ -59,10 +69,11 @@ logger = get_logger(__name__)
 
 # --torch_compile: the shortest context bucket (64, 128, 256, ... up to --max_source_length: one compile each)
 COMPILED_MIN_SOURCE_BUCKET = 64
+MAX_SAMPLES_PER_CONTEXT = 1000  # sampled responses per validation / printed context
 
-# `python examples/train.py` with no arguments: a small from-scratch model (3.8M parameters, diffusion prior) on the
-# shipped DailyDialog sample, stopped after --max_train_minutes, then 3 validation contexts with 4 sampled responses
-# each (4 prior draws).
+# `python examples/train.py` with no arguments: a smoke test of the pipeline, a small from-scratch model (3.8M
+# parameters, diffusion prior) on the shipped DailyDialog sample for 3 epochs or 4 minutes, whichever ends first, then
+# 3 validation contexts with 4 sampled responses each (4 prior draws). Its model card says it is a smoke test.
 DEFAULT_ARGS = [
     "--dataset_dir", str(SAMPLE_DIR), "--train_tokenizer_vocab_size", "4000",
     "--d_model", "192", "--encoder_layers", "2", "--latent_size", "16", "--max_position_embeddings", "128",
@@ -71,7 +82,7 @@ DEFAULT_ARGS = [
     "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "64", "--learning_rate", "1e-3",
     "--weight_decay", "0.01", "--lr_scheduler_type", "inverse_sqrt", "--num_warmup_steps", "100",
     "--kl_annealing", "linear", "--kl_annealing_steps", "300", "--num_train_epochs", "3", "--max_train_minutes", "4",
-    "--max_eval_samples", "256", "--num_eval_generation_samples", "32", "--logging_steps", "20",
+    "--max_eval_samples", "256", "--num_eval_generation_samples", "32", "--logging_steps", "20", "--smoke_test",
     "--output_dir", "outputs/dior-cvae-dailydialog-sample",
     "--overwrite_output_dir",  # the demo may be re-run; files it does not write are kept
 ]
@@ -88,7 +99,52 @@ VALUE_CHECKS = [
     (("learning_rate", "max_train_minutes"), lambda v: 0 < v < math.inf, "must be a finite number > 0"),
     (("weight_decay", "max_grad_norm", "adam_epsilon"), lambda v: 0 <= v < math.inf, "must be a finite number >= 0"),
     (("adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("seed", "pad_to_multiple_of"), lambda v: v >= 0, "must be >= 0"),
+    (("num_proc",), lambda v: v >= 1, "must be >= 1"),
+    (("eval_samples_per_context", "num_samples_per_context"), lambda v: v <= MAX_SAMPLES_PER_CONTEXT,
+     f"must be <= {MAX_SAMPLES_PER_CONTEXT}"),
 ]
+
+
+
+def _max_positions(args) -> int | None:
+    """The model's max_position_embeddings as far as it is known before loading anything: --max_position_embeddings,
+    a local --config_name / --model_name_or_path config.json, or the from-scratch default (None for a Hub model)."""
+    if getattr(args, "max_position_embeddings", None) is not None:
+        return int(args.max_position_embeddings)
+    for source in (args.config_name, args.model_name_or_path):
+        if source:
+            config_file = Path(source).expanduser()
+            config_file = config_file / "config.json" if config_file.is_dir() else config_file
+            try:
+                return int(json.loads(config_file.read_text())["max_position_embeddings"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+    return DiorCVAEConfig.max_position_embeddings
+
+
+def _length_problem(args) -> str | None:
+    positions = _max_positions(args)
+    for name in ("max_source_length", "max_target_length"):
+        if positions is not None and getattr(args, name) > positions:
+            return f"--{name} {getattr(args, name)} is longer than the model's max_position_embeddings ({positions})"
+    return None
+
+
+def _tracker_problem(args) -> str | None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    known = sorted(LOGGER_TYPE_TO_CLASS) + ["all"]
+    unknown = [r for r in args.report_to.split(",") if r.strip() not in known]
+    return unknown and f"--report_to {args.report_to}: unknown tracker {', '.join(unknown)} (one of {', '.join(known)})"
+
+
+def _compile_backend_problem(args) -> str | None:
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    return (args.torch_compile_backend not in backends and f"--torch_compile_backend {args.torch_compile_backend}: "
+            f"not a torch.compile backend (one of {', '.join(backends)})")
 
 
 def _missing(module: str) -> bool:
@@ -128,6 +184,15 @@ RULES = [
     lambda a: a.with_tracking and a.report_to in ("tensorboard", "all") and _missing("tensorboard") and
     f"--with_tracking --report_to {a.report_to} needs tensorboard: {EXTRAS}",
     lambda a: (problem := config_problem(a)) and f"the model configuration: {problem}",
+    lambda a: a.turn_separator == "" and "--turn_separator must not be empty: the context's turns would run together "
+    "(default: the tokenizer's eos token)",
+    lambda a: (out := Path(a.output_dir).expanduser().resolve()) == out.parent and
+    f"--output_dir {a.output_dir} is a filesystem root: give a folder for this run's outputs",
+    lambda a: a.resume_from_checkpoint not in (None, "latest") and not Path(a.resume_from_checkpoint).is_dir() and
+    f'--resume_from_checkpoint: no such folder: {a.resume_from_checkpoint} (a step_N / epoch_N folder or "latest")',
+    lambda a: a.with_tracking and _tracker_problem(a),
+    lambda a: a.torch_compile and _compile_backend_problem(a),
+    _length_problem,
 ]
 
 
@@ -200,12 +265,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = p.add_argument_group("checkpoints, evaluation, logging")
     run.add_argument("--output_dir", default="outputs/dior-cvae")
     run.add_argument("--overwrite_output_dir", action="store_true",
-                     help="Write into a non-empty --output_dir (replacing this script's outputs; nothing is deleted).")
+                     help="Write into a non-empty --output_dir, replacing only what earlier runs of this script wrote "
+                          "there (recorded in .dior-outputs.json) and left unchanged; any other file in the way is "
+                          "refused. Nothing else is overwritten or deleted.")
     run.add_argument("--checkpointing_steps", default=None, help='"N" (every N updates) or "epoch".')
     run.add_argument("--checkpoints_total_limit", type=int, default=None,
                      help="Keep only the newest N checkpoints of this run (older ones are deleted).")
     run.add_argument("--resume_from_checkpoint", default=None,
-                     help='A step_N/epoch_N folder, or "latest" (the newest intact checkpoint of the run in --output_dir).')
+                     help='A step_N/epoch_N folder, or "latest" (the newest intact checkpoint of the run in --output_dir; '
+                          "with none, a fresh run, which a non-empty folder refuses without --overwrite_output_dir).")
+    run.add_argument("--ignore_resume_mismatch", action="store_true",
+                     help="Resume even where the data, model config, batch or schedule differ from the checkpoint's "
+                          "record (refused by default, naming each difference).")
     run.add_argument("--eval_steps", type=int, default=None,
                      help="Validate every N updates (the final model is always validated).")
     run.add_argument("--num_eval_generation_samples", type=int, default=100,
@@ -228,6 +299,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hub.add_argument("--hub_private_repo", action="store_true")
     hub.add_argument("--license", default=None,
                      help="Model card license (default: cc-by-nc-sa-4.0 for DailyDialog data, else apache-2.0).")
+    hub.add_argument("--smoke_test", action="store_true",
+                     help="The model card says the model is a smoke test of the pipeline: its metrics are listed as "
+                          "a check that evaluation runs, not put in the model-index as results (set by the "
+                          "no-argument demo).")
 
     for action in p._actions:  # flags without a help text show their default too
         if action.help is None:
@@ -325,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     # reduce_lr_on_plateau / greedy step with each validation loss; the schedule's state goes into the checkpoint's
     # trainer_state.json (JSON, not a pickle in accelerate's state)
     metric_scheduler = scheduler_needs_metric(lr_scheduler)
+    record = run_record(args, accelerator.num_processes, encoded["train"], accelerator.unwrap_model(model).config)
     set_seed(args.seed, device_specific=True)  # per-rank noise (dropout, latents); the weights were broadcast by DDP
 
     public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # training_args.json is uploaded
@@ -340,6 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume_dir is not None:
         logger.info(f"Resuming from {resume_dir}")
         saved = load_checkpoint(accelerator, lr_scheduler, resume_dir)
+        check_resume_record(resume_dir, saved.get("record"), record, args.ignore_resume_mismatch)
         best.restore(saved)
         completed_steps, starting_epoch, resume_batches = saved["completed_steps"], saved["epoch"], saved["batches_in_epoch"]
         training_time_s = saved.get("training_time_s", 0.0)
@@ -383,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         guard.flush()
         save_checkpoint(accelerator, model, tokenizer, output_dir / name, {
             **best.state(), "completed_steps": completed_steps, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-            "training_time_s": training_time_s + time.time() - train_start, "run_id": run_id,
+            "training_time_s": training_time_s + time.time() - train_start, "run_id": run_id, "record": record,
             "lr_scheduler": lr_scheduler.state_dict()})
         if accelerator.is_main_process:
             prune_checkpoints(output_dir, run_id, args.checkpoints_total_limit)
@@ -483,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
             "epochs": completed_steps / steps_per_epoch, "turn_separator": turn_separator,
             "training_time_s": training_time_s})
         write_training_curves(log.log_file, output_dir)
+        seal_output_dir(output_dir)  # a file changed by hand after this is the user's
         if args.push_to_hub:
             push_output_dir(output_dir, hub_repo_id, args.hub_token, args.hub_private_repo)
             logger.info(f"Pushed {output_dir} to https://huggingface.co/{hub_repo_id}")

@@ -1,7 +1,12 @@
-"""Issue #14: bad inputs fail with an error that names the problem; nothing is lost, nothing from data is executed.
+"""Issues #14 and #34: bad inputs fail with an error that names the problem; nothing is lost, nothing from data is
+executed.
 
-- `test_bad_input` is the table (`BAD_INPUTS`): each row runs one bad input in-process and asserts the error names
-  the flag / argument / file:line / value, or checks the documented behaviour.
+- `test_bad_input` is the first table (`BAD_INPUTS`): each row runs one bad input in-process and asserts the error
+  names the flag / argument / file:line / value, or checks the documented behaviour.
+- `test_round_two` runs the second table (`robustness_cases.CASES`, by class: data lost, silently wrong, unbounded,
+  bare tracebacks, unclear errors): each row checks the outcome (files unchanged, the refusal naming the flag and
+  the path, the tokens a special token typed as text becomes, ...); two train.py processes on one folder and a
+  SIGKILL during the final merge run as subprocesses, over one shared trained folder.
 - kill-and-resume, NaN guard, output folder, Hub push and no-code-execution tests run train.py as a subprocess
   (tiny model, a few updates) where they must.
 """
@@ -20,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
+from robustness_cases import CASES
 from test_train import FAKE_HUB_RUNNER, REPO, SAMPLE, TINY, WITH_HOOKS, read_log, run_train
 
 from dior_cvae.training import checkpointing, optimization, sources
@@ -151,8 +157,10 @@ def _truncated_model_for_generate(model, tmp):
 
 
 def _score_truncated_gz(model, tmp):
-    data = gzip.compress(b'{"context": "a", "reference": "b", "samples": ["c"]}\n' * 500)
-    score.main(["--input", str(_write(tmp / "g.jsonl.gz", data[:200])), "--no_semantic"])
+    rows = "".join(json.dumps({"context": f"a {i}", "reference": f"b {i * 7}", "samples": [f"c {i * 13}"]}) + "\n"
+                   for i in range(2000))
+    data = gzip.compress(rows.encode())
+    score.main(["--input", str(_write(tmp / "g.jsonl.gz", data[: len(data) // 2])), "--no_semantic"])
 
 
 # (id, callable(model, tmp_path), substrings the error must contain)
@@ -208,7 +216,7 @@ BAD_INPUTS = [
     ("generate prior temperature nan", _generate_args("--output", "o", "--input_file", "i", "--prior_temperature",
                                                       "nan"), ["--prior_temperature", "nan"]),
     ("generate truncated safetensors", _truncated_model_for_generate, ["cannot load", "/m:"]),
-    ("score truncated gz", _score_truncated_gz, ["--input", "g.jsonl.gz"]),
+    ("score truncated gz", _score_truncated_gz, ["--input", "g.jsonl.gz", "EOFError"]),
     # model.generate()
     ("generate() num_inference_steps 0", _generate(num_inference_steps=0), ["`num_inference_steps`", "0"]),
     ("generate() guidance nan", _generate(prior_guidance_scale=float("nan")), ["`prior_guidance_scale`", "nan"]),
@@ -245,8 +253,32 @@ def test_bad_input(case, tiny, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in message
 
 
-def test_table_has_at_least_30_bad_inputs():
-    assert len(BAD_INPUTS) >= 30
+def test_every_row_checks_something():
+    """A row with no expected text would pass on any message, and a repeated name would hide a row in the report."""
+    names = [name for name, _, _ in BAD_INPUTS]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    vacuous = [name for name, _, expected in BAD_INPUTS if not expected or not all(text.strip() for text in expected)]
+    assert not vacuous, vacuous
+
+
+@pytest.fixture(scope="module")
+def round_two_shared(tmp_path_factory):
+    """The trained folder that the second table's rows copy, built once (by the first row that needs it)."""
+    from robustness_cases import Context
+
+    Context.shared.clear()
+    Context.shared["dir"] = tmp_path_factory.mktemp("round-two-shared")
+    yield
+    Context.shared.clear()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_round_two(case, round_two_shared, tiny, tmp_path, monkeypatch):
+    from robustness_cases import Context
+
+    name, _, check = case
+    monkeypatch.chdir(tmp_path)
+    check(Context(tmp_path, tiny))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ HOOKs:
   anything of update N + 1 runs.
 - `kill_saving=NAME`: SIGKILL the process in the middle of writing checkpoint NAME (after accelerate's state, before
   the model folder and the manifest).
+- `kill_merging=N`: SIGKILL the process after N files of the final model have been moved into --output_dir (a
+  journalled save, `OutputFolder.commit_staged`).
 - `dump_rank_weights=DIR`: at the end of training, every rank writes DIR/rank<R>.json: its rank, the number of
   processes, the distributed type, the optimizer's step count and a sha256 of its model's weights (equal iff the
   weights are bit-identical).
@@ -59,6 +61,16 @@ def install(hook: str, value: str) -> None:
             return result
 
         Accelerator.save_state = killing_save_state
+    elif hook == "kill_merging":
+        from dior_cvae.training.outputs import OutputFolder
+
+        def killing_move_staged(self, staging, files):
+            for name in files[: int(value)]:
+                (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / name, self.folder / name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        OutputFolder._move_staged = killing_move_staged
     elif hook == "dump_rank_weights":
         from accelerate import Accelerator
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .compiled import DeferredReadback
+from .outputs import LOCK, MANIFEST, STAGING, OutputFolder, sha256, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +38,18 @@ class TrainingError(SystemExit):
         super().__init__(f"train.py: error: {message}")
 
 
+PROG = "train.py"
+# what a run writes at the top of --output_dir besides the final model's files and its step_N / epoch_N folders
+RUN_OUTPUTS = ("run.json", "training_args.json", "log_history.jsonl", "eval_results.json", "README.md",
+               "training_curves.png", "best", "runs", ".dior-tokenizer.tmp", STAGING)
+# the final model's files (save_pretrained + the tokenizer); the shipped *.py modules are matched by suffix
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and `os.replace`: a kill leaves the old or the new file, not half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a file of --output_dir (claimed by prepare_output_dir) atomically: the old or the new file, not half."""
+    write_atomic(path, text)
 
 
 def assert_finite_weights(model, where: str) -> None:
@@ -54,27 +62,30 @@ def assert_finite_weights(model, where: str) -> None:
 @contextlib.contextmanager
 def atomic_folder(accelerator, folder: Path, merge: bool = False):
     """Yield a hidden temporary folder to fill (by every process); then the main process renames it to `folder`
-    (`merge=True`: moves its files into an existing `folder`, one `os.replace` each). A kill at any point leaves
-    the previous `folder` or the new one, plus temporary folders that the next save removes."""
+    (`merge=True`: a journalled move of its files into the existing `folder`, `OutputFolder.commit_staged`). A
+    kill leaves the previous `folder` or the new one (a merge killed after its COMMIT is completed by the next run
+    on the folder, and generate.py refuses the folder until then). A write error (a full disk) removes the
+    temporary folder and stops with the folder's name."""
     folder = folder.resolve()  # "." has no name
-    tmp = folder / ".model.tmp" if merge else folder.with_name(f".{folder.name}.tmp")
+    tmp = folder / STAGING if merge else folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     if accelerator.is_main_process:
+        if not merge:
+            OutputFolder(folder.parent, PROG).claim(folder.name)  # a run's checkpoint / best/, or refused
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    yield tmp
+    try:
+        yield tmp
+    except (OSError, RuntimeError) as exc:  # torch's writer says "basic_ios::clear" on a full disk
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(f"cannot write {folder}: {type(exc).__name__}: {exc} (is the disk full? free space "
+                            "where --output_dir is, then resume)") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if merge:
-            folder.mkdir(parents=True, exist_ok=True)
-            for item in sorted(tmp.rglob("*"), key=lambda q: len(q.parts)):  # folders before their files
-                target = folder / item.relative_to(tmp)
-                if item.is_dir():
-                    target.mkdir(exist_ok=True)
-                else:
-                    os.replace(item, target)
-            shutil.rmtree(tmp)
+            OutputFolder(folder, PROG).commit_staged(tmp)
         else:
             shutil.rmtree(old, ignore_errors=True)
             if folder.exists():
@@ -91,14 +102,6 @@ def save_model_folder(accelerator, model, tokenizer, folder: Path, merge: bool =
         if accelerator.is_main_process:
             accelerator.unwrap_model(model).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(accelerator, model, tokenizer, folder: Path, trainer_state: dict) -> None:
@@ -183,7 +186,7 @@ def prune_checkpoints(output_dir: Path, run_id: str, limit: int | None) -> None:
     ours = [folder for steps, folder, state in checkpoint_states(output_dir, run_id) if steps < math.inf]
     for folder in ours[limit:]:
         logger.info(f"--checkpoints_total_limit {limit}: deleting {folder}")
-        shutil.rmtree(folder)
+        OutputFolder(output_dir, PROG).remove(folder.name)  # recorded as a run's, or refused
 
 
 def load_checkpoint(accelerator, lr_scheduler, folder: Path) -> dict:
@@ -205,32 +208,63 @@ def read_run_id(output_dir: Path) -> str | None:
         return None
 
 
+def _run_entries(output_dir: Path) -> list[str]:
+    """The entries of --output_dir that a run may write: RUN_OUTPUTS, the final model's files, *.py, checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    names = set(RUN_OUTPUTS) | set(MODEL_FILES)
+    return sorted(q.name for q in output_dir.iterdir() if q.name in names or q.suffix == ".py"
+                  or re.fullmatch(r"(step|epoch)_\d+", q.name))
+
+
 def prepare_output_dir(accelerator, output_dir: Path, resume_from_checkpoint: str | None,
                        overwrite_output_dir: bool) -> tuple[str, Path | None]:
-    """Refuse a non-empty `output_dir` unless resuming or `overwrite_output_dir` (nothing is ever deleted); find the
-    checkpoint to resume from; return this run's id (a resumed run keeps its checkpoint's), kept in run.json."""
+    """The output-folder policy (outputs.py): refuse a folder in use by another run (naming its pid), a non-empty
+    folder without `resume_from_checkpoint` (an intact checkpoint of its run) or `overwrite_output_dir`, and any
+    entry in the way that no run of this script wrote or that was changed since; then lock the folder for this
+    run's lifetime, complete a final save that a kill interrupted, and record what this run writes. Returns this
+    run's id (a resumed run keeps its checkpoint's, kept in run.json) and the checkpoint to resume from."""
     output_dir = Path(output_dir)
+    folder = OutputFolder(output_dir, PROG)
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingError(f"--output_dir {output_dir} is a file, not a folder")
-    if output_dir.is_dir() and not (resume_from_checkpoint or overwrite_output_dir):
-        entries = sorted(q.name for q in output_dir.iterdir() if q.name != "run.json")  # a run that failed early
-        if entries:
-            raise TrainingError(
-                f"--output_dir {output_dir} is not empty ({len(entries)} entries: "
-                f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
-                "continue a run, --overwrite_output_dir to write into it anyway (replacing this script's outputs, "
-                "deleting nothing), or choose another folder")
+    if accelerator.is_main_process:
+        folder.refuse_if_locked()
+        if (output_dir / LOCK).exists() and (output_dir / MANIFEST).exists():  # a run's folder: lock, then look
+            folder.lock()
+            if folder.complete_interrupted_save():
+                logger.warning(f"{output_dir}: completed the final save of a run that was killed during it")
     resume_dir = (find_checkpoint(resume_from_checkpoint, output_dir, read_run_id(output_dir))
                   if resume_from_checkpoint else None)
+    if output_dir.is_dir() and resume_dir is None and not overwrite_output_dir:
+        entries = sorted(q.name for q in output_dir.iterdir() if q.name not in ("run.json", MANIFEST, LOCK))
+        if entries:
+            latest = (f"has no intact checkpoint of its run to resume (--resume_from_checkpoint "
+                      f"{resume_from_checkpoint}) and " if resume_from_checkpoint else "")
+            raise TrainingError(
+                f"--output_dir {output_dir} {latest}is not empty ({len(entries)} entries: "
+                f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
+                "continue a run, --overwrite_output_dir to write into it anyway (replacing only what earlier runs of "
+                "this script wrote there, deleting nothing else), or choose another folder")
+    if accelerator.is_main_process:
+        folder.check_replaceable(_run_entries(output_dir))
     if resume_from_checkpoint == "latest" and resume_dir is None:
         logger.warning(f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir}, starting from scratch")
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
+        folder.lock()  # held until the process ends
+        folder.check_replaceable(_run_entries(output_dir))  # again, under the lock
+        for name in RUN_OUTPUTS:
+            folder.claim(name)
         run_id = json.loads((resume_dir / "trainer_state.json").read_text()).get("run_id") if resume_dir else None
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output_dir / "run.json", json.dumps({"run_id": run_id or uuid.uuid4().hex}))
     accelerator.wait_for_everyone()
     return read_run_id(output_dir), resume_dir
+
+
+def seal_output_dir(output_dir: Path) -> None:
+    """The end of a run: record each of its files' sha256, so that a file changed by hand later is the user's."""
+    OutputFolder(output_dir, PROG).seal()
 
 
 def trim_log_history(log_file: Path, completed_steps: int | None) -> None:
@@ -269,3 +303,60 @@ class NonFiniteGuard:
                 f"non-finite loss or gradient (loss {loss}) at update step {step} (epoch {epoch}, batch {batch_index}): "
                 "stopping; no checkpoint or model from this update on is saved. Try a lower --learning_rate, "
                 "--max_grad_norm, or --mixed_precision no.")
+
+
+# config fields that say nothing about what was trained
+UNCHECKED_CONFIG_FIELDS = {"transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines",
+                           "dtype", "torch_dtype", "use_cache", "output_hidden_states", "output_attentions",
+                           "return_dict"}
+BATCH_FLAGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "group_by_length", "pad_to_multiple_of",
+               "seed", "torch_compile")
+SCHEDULE_FLAGS = ("lr_scheduler_type", "lr_scheduler_kwargs", "learning_rate", "num_warmup_steps", "max_train_steps",
+                  "kl_annealing", "kl_annealing_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+                  "max_grad_norm")
+
+
+def run_record(args, num_processes: int, train_encoded, config) -> dict:
+    """What a checkpoint must be resumed with: the training data (a fingerprint of its token ids), the model
+    config, the batches and the schedules. Kept in trainer_state.json ("record") and compared on resume."""
+    if hasattr(train_encoded, "_fingerprint"):  # a datasets.Dataset
+        fingerprint = train_encoded._fingerprint
+    else:
+        digest = hashlib.sha256()
+        for example in train_encoded:
+            digest.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+        fingerprint = digest.hexdigest()
+    batch = {"num_processes": num_processes, **{name: getattr(args, name) for name in BATCH_FLAGS}}
+    schedule = {name: getattr(args, name) for name in SCHEDULE_FLAGS}
+    model_config = {k: v for k, v in config.to_dict().items() if k not in UNCHECKED_CONFIG_FIELDS}
+    return json.loads(json.dumps({"data": fingerprint, "config": model_config, "batch": batch, "schedule": schedule},
+                                 default=str))
+
+
+def check_resume_record(resume_dir: Path, saved: dict | None, current: dict, ignore: bool) -> None:
+    """Refuse to resume where the data, config, batches or schedules differ from the checkpoint's record (each
+    difference named), unless `ignore` (--ignore_resume_mismatch: then each is a warning)."""
+    if saved is None:
+        logger.warning(f"{resume_dir}: no record of its data, config and schedule (an older train.py): not checked")
+        return
+    differences = []
+    if saved.get("data") != current["data"]:
+        differences.append("the training data (--dataset_name / --dataset_dir / --train_file, --max_train_samples, "
+                           "--max_source_length, --max_target_length or the tokenizer) is not the checkpoint's")
+    for key in sorted(set(saved.get("config", {})) | set(current["config"])):
+        old, new = saved.get("config", {}).get(key), current["config"].get(key)
+        if old != new:
+            differences.append(f"config field {key} (--{key} / --config_name / --model_name_or_path): {old!r} in "
+                               f"the checkpoint, {new!r} now")
+    for group in ("batch", "schedule"):
+        for key, new in current[group].items():
+            old = saved.get(group, {}).get(key)
+            if old != new:
+                where = "processes" if key == "num_processes" else f"--{key}"
+                differences.append(f"{where}: {old!r} in the checkpoint, {new!r} now")
+    if differences and not ignore:
+        raise TrainingError(f"--resume_from_checkpoint {resume_dir}: this run differs from the checkpoint's: "
+                            + "; ".join(differences) + ". Resume with the checkpoint's settings, or pass "
+                            "--ignore_resume_mismatch to resume anyway")
+    for difference in differences:
+        logger.warning(f"--ignore_resume_mismatch: resuming although {difference}")

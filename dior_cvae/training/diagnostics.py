@@ -10,11 +10,13 @@
   posterior is.
 """
 
+import io
 import math
 
 import torch
 
 from ..latent_dior import DiagonalGaussian
+from .outputs import write_atomic
 
 
 @torch.no_grad()
@@ -102,8 +104,10 @@ def plot_latents(stats: dict, path, title: str = "") -> None:
     ax.set_title(f"{title} norm ratio {stats['prior_posterior_norm_ratio']:.2f}".strip())
     ax.legend(markerscale=4)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 __all__ = ["latent_statistics", "mutual_information", "plot_latents"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train_file", default=None,
                       help="Training file: .jsonl[.gz] (read line by line, errors name file:line) or .json/.csv[.gz] "
                            "(read with `datasets`).")
-    data.add_argument("--validation_file", default=None, help="Validation file (same formats as --train_file).")
+    data.add_argument("--validation_file", default=None,
+                      help="Validation file (same formats as --train_file); with --dataset_dir, JSON Lines that "
+                           "replace the folder's validation split (e.g. DailyDialog++ dev for checkpoint selection).")
     data.add_argument("--test_file", default=None, help="Test file (same formats as --train_file).")
     data.add_argument("--context_column", default="context",
                       help="Column with the context: a list of turns (oldest first) or a string, whose turns are "
@@ -135,6 +138,13 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
             description += (f", training split without the {meta['clean_split']['removed_dialogues']} dialogues "
                             "that overlap DailyDialog validation/test or DailyDialog++ dev/test (--clean_split)")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
+        parse = functools.partial(parse_record, **columns)
+        for split, path in files.items():  # --validation_file / --test_file (JSON Lines) replace the folder's split
+            splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines, parse=parse)
+            if not splits[split]:
+                raise ValueError(f"--{split}_file {path}: no examples in the file")
+            meta["skipped_lines"] += skipped
+            description += f"; {split}: {path}"
     elif args.dataset_name == "daily_dialog":
         splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
         description = f"DailyDialog from the Hub ({args.dataset_hub_id or 'daily_dialog'})"
@@ -160,7 +170,13 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
         description = f"{args.dataset_name} from the Hub"
         meta.update(hub_dataset=args.dataset_name, dataset_name=args.dataset_name)
     elif not all(str(p).removesuffix(".gz").endswith(".jsonl") for p in files.values()):
-        splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        try:
+            splits = load_dialog_dataset(data_files=files, num_proc=args.num_proc, **columns)
+        except ValueError as exc:  # `datasets` on an empty file: 'Instruction "validation" corresponds to no data!'
+            empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(exc))
+            if empty is None:
+                raise
+            raise ValueError(f"--{empty[1]}_file {files[empty[1]]}: no examples in the file") from None
         description = "Data files: " + ", ".join(map(str, files.values()))
         meta.update(dataset_name=Path(args.train_file).name.split(".")[0])
     else:
@@ -183,6 +199,9 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
                 splits[split] = head(splits[split], args.max_eval_samples)
     if not splits.get("train"):
         raise ValueError("the training split is empty")
+    for split in ("validation", "test"):  # a split that was given (or found) but is empty is an error, not dropped
+        if split in splits and not splits[split]:
+            raise ValueError(f"the {split} split of {description} has no examples (an empty file?)")
     return {k: v for k, v in splits.items() if v and k in ("train", "validation", "test")}, description, meta
 
 
@@ -219,7 +238,7 @@ def get_tokenizer(args, accelerator, train_examples, resume_dir: Path | None):
     if args.tokenizer_name or (args.model_name_or_path and not args.train_tokenizer_vocab_size):
         return load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.trust_remote_code)
     # Train one on the training split: the main process trains and saves it, the others load that copy.
-    tokenizer_dir = Path(args.output_dir) / "tokenizer"
+    tokenizer_dir = Path(args.output_dir) / ".dior-tokenizer.tmp"  # claimed by prepare_output_dir
     if accelerator.is_main_process:
         texts = list(dict.fromkeys(t for ex in train_examples for t in (*ex.get("persona", []), *ex["context"], ex["response"])))
         tokenizer = train_tokenizer(texts, args.train_tokenizer_vocab_size)
