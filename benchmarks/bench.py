@@ -56,7 +56,7 @@ import transformers  # noqa: E402
 from common import DTYPES, Timer, fmt, log, token_batch, write_json  # noqa: E402
 
 from dior_cvae.scheduling_dior import SAMPLERS  # noqa: E402
-from dior_cvae.training_utils import CompiledTrainingForward  # noqa: E402
+from dior_cvae.training.compiled import CompiledTrainingForward  # noqa: E402
 
 MODELS = ("bart", "dior")
 GOALS = {  # the speed goals: ratios to BART of the same shape, same run

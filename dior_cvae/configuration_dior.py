@@ -1,10 +1,12 @@
-"""Dior-CVAE configuration: a BART configuration plus the latent-variable, prior and memory-dropout fields."""
-
-from transformers import BartConfig
+"""Dior-CVAE configuration: a BART configuration plus the latent-variable, prior and memory-dropout fields, each
+checked in one place, `DiorCVAEConfig._check_dior_fields`."""
 
 import math
 
+from transformers import BartConfig
+
 from .scheduling_dior import PREDICTION_TYPES, SAMPLERS
+from .utils_dior import check_inference_steps, check_nonnegative_number, is_int
 
 # Above this log-SNR (α² ≈ 0.05) the noisiest latent is still mostly data and sampling starts off the distribution.
 MAX_TERMINAL_LOG_SNR = -3.0
@@ -12,22 +14,16 @@ MAX_TERMINAL_LOG_SNR = -3.0
 PRIOR_TYPES = ("diffusion", "gaussian", "standard", "none")
 
 
-def check_nonnegative_number(name: str, value) -> None:
-    """A `ValueError` naming `name` unless `value` is a finite int or float >= 0 (bools and NaN refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-
-
 class DiorCVAEConfig(BartConfig):
     r"""
     Configuration of [`DiorCVAEForConditionalGeneration`]. Every BART argument ([`BartConfig`]) is accepted; the
     defaults here are the `facebook/bart-base` shape (6+6 layers, d_model 768), the backbone of the paper.
+    docs/design.md gives the reasons behind the defaults and where they depart from the paper or the authors' code.
 
     Latent variables (paper §3.1–3.2):
         latent_size (`int`, defaults to 32):
             Size of the latent variable of *each* layer; the diffusion prior works on all `encoder_layers` groups
-            concatenated (`latent_size * encoder_layers` values). 32 is the authors' code default; the paper's
-            "latent size 64" cannot be resolved to per-layer or total from the authors' repository.
+            concatenated (`latent_size * encoder_layers` values).
         self_attention_infusion (`bool`, defaults to `True`):
             Add `Linear_l(z_l)` as one extra key/value position in the self-attention of decoder layer `l` (Eq. 11).
         cross_attention_infusion (`bool`, defaults to `True`):
@@ -36,12 +32,10 @@ class DiorCVAEConfig(BartConfig):
     Memory dropout (paper §3.3):
         memory_dropout (`float`, defaults to 0.7):
             Probability of hiding each encoder-memory token from the decoder's cross-attention during training
-            (token-level masking; the latent slot is never hidden). 0.7 is the paper's value; the authors' code
-            draws `randn < 0.5`, which drops only ≈31%.
+            (token-level masking; the latent slot is never hidden).
         memory_dropout_at_inference (`bool`, defaults to `False`):
-            Also drop memory tokens in `generate()`: one mask per returned sequence, drawn once. The authors' code
-            never switches it off and redraws it at every decoding step; we default to off because a decoder that
-            sees a random 30% of the context at test time answers a different context.
+            Also drop memory tokens in `generate()`: one mask per returned sequence, drawn once. Off by default: a
+            decoder that sees a random part of the context at test time answers a different context.
 
     Prior (paper §3.4):
         prior_type (`str`, defaults to `"diffusion"`):
@@ -51,32 +45,29 @@ class DiorCVAEConfig(BartConfig):
             exactly `BartForConditionalGeneration` (the plain seq2seq control of every experiment).
         log_snr_min (`float`, defaults to -10.0), log_snr_max (`float`, defaults to 10.0):
             End points of the diffusion in log signal-to-noise ratio λ = log(α²/σ²) (variance preserving,
-            continuous time; see `dior_prior`). At -10 the noisiest latent keeps α² = 4.5e-5 of the data; at 10 the
-            cleanest is the data plus noise of std e^-5 ≈ 0.007. The authors' discrete schedule (T = 50, β linear
-            0.002 … 0.4) spans about the same range (ᾱ_T ≈ 8e-6); the paper's stated 5e-6 … 1e-3 would leave
-            ᾱ_T ≈ 0.97, no noise at all. The bound depends on the schedule only through these end points, so
-            training needs no step count.
+            continuous time; see `prior_dior`). At -10 the noisiest latent keeps α² = 4.5e-5 of the data; at 10 the
+            cleanest is the data plus noise of std e^-5 ≈ 0.007. The bound depends on the schedule only through these
+            end points, so training needs no step count.
         num_inference_steps (`int`, defaults to 20): Denoising steps at sampling time (per call in `generate()`).
         prediction_type (`str`, defaults to `"v_prediction"`):
             What the denoiser predicts: `"v_prediction"` (v = α ε − σ x, zero-initialised output: the prior starts
-            as exactly N(0, I) and x̂0 stays bounded at high noise, see `dior_prior`), `"epsilon"` (the authors'
+            as exactly N(0, I) and x̂0 stays bounded at high noise, see `prior_dior`), `"epsilon"` (the authors'
             code) or `"sample"` (x0, the paper's Eq. 5).
         sampler (`str`, defaults to `"dpmsolver++"`):
             `"dpmsolver++"` (DPM-Solver++(2M), second order), `"ddim"` (Alg. 1, with `ddim_eta`) or `"ddpm"`
-            (ancestral, the authors' code). See `scheduling_dior` and `docs/results.md` for the steps each needs.
+            (ancestral, the authors' code). See `scheduling_dior`.
         ddim_eta (`float`, defaults to 0.0): Noise scale η of the DDIM update (0 = deterministic, 1 = DDPM).
         cfg_dropout (`float`, defaults to 0.1):
             Classifier-free-guidance condition dropout η: per training example, the context condition of the
-            denoiser is replaced by zeros with this probability (the authors drop it for the whole batch at once).
+            denoiser is replaced by zeros with this probability.
         prior_guidance_scale (`float`, defaults to 0.1):
-            Guidance weight w: the sampler uses `(1 + w)·f(z_t, t, c) − w·f(z_t, t, 0)` at every step (the authors'
-            code applies it only at the first step by accident). `0` disables the unconditional pass.
+            Guidance weight w: the sampler uses `(1 + w)·f(z_t, t, c) − w·f(z_t, t, 0)` at every step. `0` disables
+            the unconditional pass.
         prior_temperature (`float`, defaults to 1.0):
             Scale τ of the prior's noise at sampling time (per call in `generate()`): the diffusion sampler starts
             from τ·ε (and scales DDPM/DDIM's per-step noise by τ), the Gaussian priors draw μ + τ·σ·ε. `1` samples
             the prior itself (the paper); `τ < 1` draws latents nearer the prior's conditional mode, trading the
-            latent's diversity for relevance, as temperature does for tokens (`0`: one latent per context). Not
-            part of the paper; the trade-off is measured in `docs/results.md`.
+            latent's diversity for relevance, as temperature does for tokens (`0`: one latent per context).
         denoiser_hidden_size (`int`, defaults to 512): Width of the denoising network.
         denoiser_layers (`int`, defaults to 2): Residual MLP blocks in the denoising network.
 
@@ -85,15 +76,8 @@ class DiorCVAEConfig(BartConfig):
         kl_free_bits (`float`, defaults to 1.0):
             Free bits (Kingma et al. 2016), in nats per latent dimension: in training the posterior pays no KL
             below `kl_free_bits · encoder_layers · latent_size` nats (batch mean), while the prior is always fit to
-            the posterior samples (see `DiorCVAEForConditionalGeneration.kl_terms`). Neither the paper nor the
-            authors' code uses it (theirs has `--kl_threshold`, default off); without it every prior collapsed here:
-            on DailyDialog all latent runs reached 0 active units within ≈300 updates, and on a synthetic
-            one-to-many task greedy decoding gave 1 of 4 responses per context even at β = 0.1, against 3.3–3.8 with
-            0.25. `0` restores the plain ELBO. Evaluation losses never use the floor. The floor sets how much the
-            latent carries, and so trades diversity for relevance: on DailyDialog from scratch (docs/results.md,
-            sixth lease) 1.0 kept ≈ 50 nats, Distinct-2 41 and MiniLM relevance 0.135; 0.25 with
-            `memory_dropout=0.3` kept 9–13 nats, Distinct-2 27–30 and relevance 0.16–0.18, nearer a plain seq2seq
-            (0.20) but not past it. 1.0 stays the default for the diversity the latent exists for.
+            the posterior samples (see `latent_dior.kl_loss`). `0` restores the plain ELBO. Evaluation losses never
+            use the floor. The floor sets how much the latent carries, and so trades diversity for relevance.
 
     Example:
 
@@ -143,9 +127,12 @@ class DiorCVAEConfig(BartConfig):
         self._check_dior_fields()
 
     def _check_dior_fields(self):
+        """A `ValueError` naming the field and its value for every Dior field out of its range, and for the
+        combinations the model cannot build."""
+
         def positive_int(name):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
 
         def probability(name):
@@ -157,11 +144,17 @@ class DiorCVAEConfig(BartConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
 
-        for name in ("latent_size", "num_inference_steps", "denoiser_hidden_size"):
+        for name in ("latent_size", "denoiser_hidden_size", "vocab_size", "d_model", "encoder_layers",
+                     "encoder_attention_heads", "decoder_attention_heads", "max_position_embeddings"):
             positive_int(name)
-        if isinstance(self.denoiser_layers, bool) or not isinstance(self.denoiser_layers, int) or self.denoiser_layers < 0:
+        check_inference_steps("num_inference_steps", self.num_inference_steps)
+        for name in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, name):
+                raise ValueError(f"`d_model` ({self.d_model}) must be divisible by `{name}` ({getattr(self, name)})")
+        if not (is_int(self.denoiser_layers) and self.denoiser_layers >= 0):
             raise ValueError(f"`denoiser_layers` must be an integer >= 0, got {self.denoiser_layers!r}")
-        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta"):
+        for name in ("memory_dropout", "cfg_dropout", "label_smoothing", "ddim_eta", "dropout", "attention_dropout",
+                     "activation_dropout"):
             probability(name)
         free_bits = self.kl_free_bits
         if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not 0 <= free_bits < math.inf:

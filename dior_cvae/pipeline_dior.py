@@ -28,30 +28,66 @@ _ENTRY = {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelFor
 CUSTOM_PIPELINES = {TASK: _ENTRY, HUB_TASK: _ENTRY}
 
 
+#: chat roles that are dialog turns; the model conditions on the turns alone, so any other role is refused
+DIALOG_ROLES = ("user", "assistant")
+
+
+def tokenize_contexts(tokenizer, contexts: list[list[str]], separator: str) -> list[list[int]]:
+    """Token ids (no <s> / </s> around) of each context, its turns joined by `separator`. User text is text: a
+    special token typed in a turn ("</s>", "<pad>", ...) is tokenized as its characters, never as the token; only
+    `separator` itself may be one (the tokenizer's eos token by default)."""
+    if separator in tokenizer.all_special_tokens:  # each turn on its own, the separator's id between them
+        separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+        flat = [turn for turns in contexts for turn in turns]
+        ids = iter(tokenizer(flat, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+                   if flat else [])
+        out = []
+        for turns in contexts:
+            joined: list[int] = []
+            for index in range(len(turns)):
+                joined += (separator_ids if index else []) + next(ids)
+            out.append(joined)
+        return out
+    texts = [separator.join(turns) for turns in contexts]
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
 def _turns(conversation: Any) -> list[str]:
-    """One conversation -> its turns, oldest first: a string (one turn), a list of strings, or chat messages."""
-    if isinstance(conversation, str):
+    """One conversation -> its turns, oldest first: a string (one turn), a list of strings, or chat messages
+    (`{"role", "content"}`; roles "user" and "assistant" are turns alike, any other role is refused)."""
+    if isinstance(conversation, (str, dict)):
         conversation = [conversation]
     if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ValueError(f"a conversation is a string or a non-empty list of turns, got {conversation!r}")
-    turns = [t["content"] if isinstance(t, dict) else t for t in conversation]
+        raise ValueError(f"a conversation is a string, a message or a non-empty list of turns, got {conversation!r}")
+    turns = []
+    for turn in conversation:
+        if isinstance(turn, dict):
+            role = turn.get("role", "user")
+            if role not in DIALOG_ROLES:
+                raise ValueError(f"a message with role {role!r}: Dior-CVAE conditions on dialog turns only (roles "
+                                 f"{', '.join(DIALOG_ROLES)}, taken alike, in order); drop {role!r} messages (a "
+                                 "system prompt has no effect on this model)")
+            turn = turn.get("content")
+        turns.append(turn)
     if not all(isinstance(t, str) and t.strip() for t in turns):
-        raise ValueError(f"every turn must be a non-empty string (or a {{'content': str}} message), got {turns!r}")
+        raise ValueError(f"every turn must be a non-empty string (or a {{'role', 'content': str}} message), got {turns!r}")
     return [t.strip() for t in turns]
 
 
 def _is_one_conversation(inputs: Any) -> bool:
-    return isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and all(
+    return isinstance(inputs, (str, dict)) or (isinstance(inputs, (list, tuple)) and all(
         isinstance(t, (str, dict)) for t in inputs))
 
 
 class DialogGenerationPipeline(Pipeline):
     """Responses to dialog contexts; each returned response comes from its own draw of the latent prior.
 
-    Inputs: one conversation (a string, or a list of turns oldest first, or chat messages `{"role", "content"}`),
-    or a list of conversations (a batch). The turns are joined with `turn_separator` (default: the tokenizer's eos
-    token, as in training) and the tokenizer truncates the context (the trained tokenizer keeps the latest turns;
-    `max_source_length=` caps it further).
+    Inputs: one conversation (a string; a chat message `{"role", "content"}`; a list of turns oldest first, as
+    strings or messages), or a list of conversations (a batch). Roles: "user" and "assistant" messages are turns
+    alike (the model sees who spoke only by the order); any other role ("system", "tool") is refused. The turns
+    are joined with `turn_separator` (default: the tokenizer's eos token, as in training); special tokens typed in
+    a turn are text, not tokens. The context is truncated from the left (the latest turns kept) to
+    `max_source_length` (default: the tokenizer's `model_max_length`).
 
     Every other keyword goes to `model.generate`: `num_return_sequences=k` gives k responses from k prior draws,
     plus `do_sample`, `top_p`, `num_beams`, `max_new_tokens`, `num_inference_steps`, `latent_generator`, ...
@@ -78,10 +114,14 @@ class DialogGenerationPipeline(Pipeline):
         return super().__call__([_turns(c) for c in inputs], **kwargs)
 
     def preprocess(self, conversation, turn_separator=None, max_source_length=None):
+        import torch
+
         separator = self.tokenizer.eos_token if turn_separator is None else turn_separator
-        text = separator.join(conversation)
-        truncation = {"truncation": True, "max_length": max_source_length} if max_source_length else {"truncation": True}
-        return self.tokenizer(text, return_tensors="pt", **truncation)
+        body = tokenize_contexts(self.tokenizer, [conversation], separator)[0]
+        limit = max_source_length or self.tokenizer.model_max_length
+        body = body[-(limit - 2):] if len(body) > limit - 2 else body  # the latest turns
+        ids = torch.tensor([[self.tokenizer.bos_token_id, *body, self.tokenizer.eos_token_id]])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def _forward(self, model_inputs, **generate_kwargs):
         batch_size = model_inputs["input_ids"].shape[0]

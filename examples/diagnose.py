@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Latent diagnostics of a trained Dior-CVAE on a DailyDialog split: active units, KL per layer, mutual information,
-prior/posterior latent norm ratio, and a PNG of prior against posterior latents (see `dior_cvae.diagnostics`).
+prior/posterior latent norm ratio, and a PNG of prior against posterior latents (see `dior_cvae.training.diagnostics`).
 
     python examples/diagnose.py --model_name_or_path outputs/dior --dataset_dir DIR --split validation \\
         --max_samples 2000 --output diag.json --plot diag.png
@@ -16,14 +16,14 @@ import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from dior_cvae import DiorCVAEForConditionalGeneration
-from dior_cvae.data import encode_examples, load_dailydialog_dir
-from dior_cvae.diagnostics import latent_statistics, plot_latents
+from dior_cvae.training.data import encode_examples, load_dailydialog_dir
+from dior_cvae.training.diagnostics import latent_statistics, plot_latents
 
 
 def diagnose(model_name_or_path, dataset_dir, split="validation", max_samples=2000, batch_size=500,
              num_inference_steps=None, prior_sampler=None, max_source_length=256, max_target_length=64, plot=None,
              seed=0) -> dict:
-    """The diagnostics of `dior_cvae.diagnostics.latent_statistics` for a saved model on a DailyDialog split (the
+    """The diagnostics of `dior_cvae.training.diagnostics.latent_statistics` for a saved model on a DailyDialog split (the
     first `max_samples` pairs), as a JSON-ready dict; with `plot`, also the PNG of prior against posterior latents."""
     if not Path(model_name_or_path).is_dir():
         raise SystemExit(f"diagnose.py: error: --model_name_or_path: no such folder: {model_name_or_path}")

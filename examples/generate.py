@@ -14,7 +14,7 @@ Usage:
 
 Input:
     ``--dataset_dir``: a DailyDialog folder (ijcnlp ``dialogues_{split}.txt[.gz]`` or ``{split}.txt[.gz]``),
-    paired as in training (``dior_cvae.data.load_dailydialog_dir``).
+    paired as in training (``dior_cvae.training.data.load_dailydialog_dir``).
     ``--input_file``: JSON Lines (``.gz`` ok), one object per line with ``"context"`` (a string = one turn,
     or a list of turns, oldest first) and optionally ``"reference"`` or ``"response"`` (the gold response;
     a string or a list of strings) and ``"persona"`` (string or list, prepended to the context as in training).
@@ -33,7 +33,7 @@ Context formatting and truncation are those of training: turns joined with the t
 (capped at the model's ``max_position_embeddings``).
 
 The progress bar and the one-line summary go to stderr; with ``--score`` the metrics JSON
-(``dior_cvae.metrics.score_generations``) is printed to stdout.
+(``dior_cvae.training.metrics.score_generations``) is printed to stdout.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from dior_cvae.data import DataFormatError, encode_examples, load_dailydialog_dir, load_jsonl
+from dior_cvae.training.data import DataFormatError, encode_examples, load_dailydialog_dir, load_jsonl
+from dior_cvae.training.outputs import atomic_file, check_output_file, interrupted_save
 
 logger = logging.getLogger("generate")
 
@@ -68,6 +69,8 @@ OVERRIDABLE = (
     "repetition_penalty",
     "no_repeat_ngram_size",
 )
+MAX_NUM_SAMPLES = 1000  # responses per context
+MAX_INFERENCE_STEPS = 10_000  # the prior's solver steps (as DiorCVAEConfig's bound)
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -78,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_remote_code", action="store_true",
                    help="let the model / tokenizer folder run its own Python code (other architectures)")
     p.add_argument("--tokenizer_name_or_path", help="default: --model_name_or_path")
-    p.add_argument("--output", required=True, help="generations JSON Lines file to write")
+    p.add_argument("--output", required=True,
+                   help="generations JSON Lines file to write (atomically); an existing file needs --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset_dir", help="DailyDialog folder (ijcnlp files or data/dailydialog_sample)")
@@ -143,8 +148,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max_target_length must be >= 3 (<s>, a token, </s>), got {args.max_target_length}")
     if args.latents == "posterior" and args.prior_temperature is not None:
         p.error("--prior_temperature is a setting of the prior: --latents posterior does not sample it")
-    if args.input_file and Path(args.output).resolve() == Path(args.input_file).resolve():
-        p.error(f"--output {args.output} is the --input_file: it would overwrite its own input")
+    if args.num_samples > MAX_NUM_SAMPLES:
+        p.error(f"--num_samples must be <= {MAX_NUM_SAMPLES}, got {args.num_samples}")
+    if args.num_inference_steps is not None and args.num_inference_steps > MAX_INFERENCE_STEPS:
+        p.error(f"--num_inference_steps must be <= {MAX_INFERENCE_STEPS}, got {args.num_inference_steps}")
+    if args.max_source_length < 3:
+        p.error(f"--max_source_length must be >= 3 (<s>, a token, </s>), got {args.max_source_length}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):
+        p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 0:
+        p.error(f"--top_k must be >= 0 (0: no top-k filter), got {args.top_k}")
+    if args.repetition_penalty is not None and not 0 < args.repetition_penalty < float("inf"):
+        p.error(f"--repetition_penalty must be a finite number > 0, got {args.repetition_penalty}")
+    if args.no_repeat_ngram_size is not None and args.no_repeat_ngram_size < 0:
+        p.error(f"--no_repeat_ngram_size must be >= 0, got {args.no_repeat_ngram_size}")
+    if args.turn_separator == "":
+        p.error("--turn_separator must not be empty: the context's turns would run together")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError as exc:
+            p.error(f"--device {args.device}: {exc}")
+    if args.model_name_or_path.startswith((".", "/", "~")) and not Path(args.model_name_or_path).expanduser().exists():
+        p.error(f"--model_name_or_path: no such folder: {args.model_name_or_path}")
+    try:
+        check_output_file("generate.py", "--output", args.output, args.overwrite, [("--input_file", args.input_file)])
+    except SystemExit as exc:
+        p.error(str(exc).removeprefix("generate.py: error: "))
     return args
 
 
@@ -188,6 +222,8 @@ def read_input_file(path: str | Path) -> list[dict]:
 
 def load_examples(args: argparse.Namespace) -> list[dict]:
     if args.input_file:
+        if not Path(args.input_file).is_file():
+            raise SystemExit(f"generate.py: error: --input_file: no such file: {args.input_file}")
         try:
             examples = read_input_file(args.input_file)
         except DataFormatError as exc:
@@ -210,8 +246,13 @@ def load_examples(args: argparse.Namespace) -> list[dict]:
 def load_model_and_tokenizer(args: argparse.Namespace, device: torch.device):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    # `dior_cvae` is imported (dior_cvae.data), so its Auto classes are registered: a Dior-CVAE folder loads with
+    # `dior_cvae` is imported (dior_cvae.training.data), so its Auto classes are registered: a Dior-CVAE folder loads with
     # this package's code; the folder's own .py files run only with --trust_remote_code.
+    staged = interrupted_save(args.model_name_or_path)
+    if staged is not None:
+        raise SystemExit(f"generate.py: error: --model_name_or_path {args.model_name_or_path}: its final save was "
+                         f"interrupted ({staged} holds the rest of the new files): the folder mixes two models. Run "
+                         f"train.py on it again (e.g. with --resume_from_checkpoint latest) to complete the save")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path,
                                                   trust_remote_code=args.trust_remote_code)
@@ -397,9 +438,13 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    check_output_file("generate.py", "--output", output, args.overwrite, [("--input_file", args.input_file)])  # again
+    try:
+        with atomic_file(output) as f:  # a full disk or a kill leaves the old file
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise SystemExit(f"generate.py: error: --output {output}: cannot write: {exc}") from None
 
     n_samples = sum(len(r["samples"]) for r in rows)
     print(
@@ -409,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if args.score:
-        from dior_cvae.metrics import load_embedding_model, score_generations
+        from dior_cvae.training.metrics import load_embedding_model, score_generations
 
         missing = sum("reference" not in r for r in rows)
         if missing:

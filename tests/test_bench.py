@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

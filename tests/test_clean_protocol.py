@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dior_cvae.data import load_dailydialog_dir
+from dior_cvae.training.data import load_dailydialog_dir
 from dior_cvae.training import clean_split as cs
 from dior_cvae.training.clean_split import build_clean_split, load_dailydialog_pp, normalize_text
 from dior_cvae.training.eval_sets import load_eval_set
@@ -182,6 +182,8 @@ def test_train_py_clean_split_flag(tiny_data, tmp_path, monkeypatch, capsys):
 
     from accelerate import PartialState
 
+    from dior_cvae.training.sources import load_raw_splits
+
     dd, dpp = tiny_data
     monkeypatch.setenv("DIOR_CVAE_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("train_script", REPO / "examples" / "train.py")
@@ -194,10 +196,10 @@ def test_train_py_clean_split_flag(tiny_data, tmp_path, monkeypatch, capsys):
         train.parse_args([*base, "--train_file", str(dd / "dialogues_train.txt.gz"), "--clean_split", str(dpp)])
     assert "--clean_split needs --dataset_dir" in capsys.readouterr().err
     args = train.parse_args([*base, "--dataset_dir", str(dd), "--clean_split", str(dpp)])
-    splits, description, meta = train.load_raw_splits(args)
+    splits, description, meta = load_raw_splits(args)
     assert len(splits["train"]) == 8 and len(splits["validation"]) == 2 and len(splits["test"]) == 3
     assert meta["clean_split"]["removed_dialogues"] == 5 and "--clean_split" in description
-    full, _, _ = train.load_raw_splits(train.parse_args([*base, "--dataset_dir", str(dd)]))
+    full, _, _ = load_raw_splits(train.parse_args([*base, "--dataset_dir", str(dd)]))
     assert len(full["train"]) == 21
 
 
@@ -277,9 +279,12 @@ def test_score_py_responders(tiny_data, tmp_path, monkeypatch):
 
     out = tmp_path / "scores.json"
     argv = ["--responder", "all", "--eval_set", "all", "--dataset_dir", str(dd), "--dailydialog_pp_dir", str(dpp),
-            "--num_samples", "2", "--no_semantic", "--output", str(out)]
+            "--num_samples", "2", "--no_semantic", "--jobs", "2", "--output", str(out)]
     score.main(argv)
     result = json.loads(out.read_text())
+    one_process = tmp_path / "one_process.json"
+    score.main([*argv[:-4], "--output", str(one_process)])
+    assert json.loads(one_process.read_text())["results"] == result["results"]  # --jobs changes nothing
     assert result["command"].startswith("python examples/score.py --responder all --eval_set all")
     assert result["clean_split"]["removed_dialogues"] == 5
     pp = result["results"]["dailydialog_pp_test"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config_kwargs
-from dior_cvae.dior_compat import compiled_training_problem
+from dior_cvae.utils_dior import compiled_training_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -86,12 +86,39 @@ def test_default_generate_replays_captured_steps_and_gives_transformers_tokens(b
     assert sample(model, ids, mask, None).shape == (batch, NEW_TOKENS + 1)
 
 
+def test_the_cuda_rng_after_generate_is_transformers_loops():
+    """Rows that all end before the captured loop's first look at them (every SYNC_EVERY steps): the draws of the
+    steps run past the end are undone, so a second call and a later draw on the GPU see what they see after
+    transformers' loop (`disable_compile=True`)."""
+    from dior_cvae.generation_dior import SYNC_EVERY
+
+    device = torch.device("cuda")
+    model = build(device, torch.float32)
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] += 5.0
+    ids, mask = contexts(model, 4, device)
+    latents = given_latents(model, 4, device)
+
+    def two_calls_and_a_draw(**extra):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            first, second = (model.generate(ids, attention_mask=mask, latents=latents, do_sample=True,
+                                            max_new_tokens=3 * SYNC_EVERY, **extra) for _ in range(2))
+        return first, second, torch.rand(4, device=device)
+
+    loop = two_calls_and_a_draw(disable_compile=True)
+    captured = two_calls_and_a_draw()
+    assert loop[0].shape[1] - 1 < SYNC_EVERY, "rows must end before the loop's first look"
+    for loop_part, captured_part in zip(loop, captured):
+        assert torch.equal(captured_part, loop_part), (captured_part, loop_part)
+
+
 def test_compiled_prior_solver_matches_the_eager_loop():
-    """On CUDA the noise-free solvers run as one CUDA graph (`dior_prior.compiled_solve`): the same latents as the
+    """On CUDA the noise-free solvers run as one CUDA graph (`prior_dior.compiled_solve`): the same latents as the
     eager loop from the same noise, for DPM-Solver++ and DDIM, with guidance, and no CUDA-graph skip."""
     from torch._dynamo.utils import counters
 
-    from dior_cvae.dior_prior import solve
+    from dior_cvae.prior_dior import solve
     from dior_cvae.scheduling_dior import DiorScheduler
 
     counters.clear()
@@ -105,8 +132,10 @@ def test_compiled_prior_solver_matches_the_eager_loop():
             model.config.sampler = model.diffusion_prior.config.sampler = sampler
             noise = torch.randn(3, model.config.total_latent_size, device=device,
                                 generator=torch.Generator(device).manual_seed(0))
-            compiled = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=noise)
-            again = model.diffusion_prior.sample(condition, 7, guidance, initial_noise=2 * noise)
+            compiled = model.diffusion_prior.sample(context_vectors, num_inference_steps=7, guidance_scale=guidance,
+                                                    initial_noise=noise).flatten(1)
+            again = model.diffusion_prior.sample(context_vectors, num_inference_steps=7, guidance_scale=guidance,
+                                                 initial_noise=2 * noise).flatten(1)
             scheduler = DiorScheduler(model.config)
             scheduler.set_timesteps(7, device)
             eager = solve(model.diffusion_prior.denoiser, scheduler, noise, condition, guidance)
@@ -136,7 +165,7 @@ def test_sample_latents_in_a_bf16_model(sampler):
 
 
 def test_deferred_readback_returns_the_previous_update_without_waiting():
-    from dior_cvae.training_utils import DeferredReadback
+    from dior_cvae.training.compiled import DeferredReadback
 
     readback = DeferredReadback(torch.device("cuda"))
     assert readback.push(torch.tensor([0.0, 2.5], device="cuda"), 1) is None  # nothing earlier yet
@@ -168,7 +197,7 @@ def test_compiled_training_step_replays_cuda_graphs_and_matches_eager():
       updates train (the loss of a fixed batch falls)."""
     from torch._dynamo.utils import counters
 
-    from dior_cvae.training_utils import CompiledTrainingForward
+    from dior_cvae.training.compiled import CompiledTrainingForward
 
     device = torch.device("cuda")
     model = build(device, torch.float32, memory_dropout=0.0).train()

@@ -1,4 +1,4 @@
-"""Tests for dior_cvae.data (loaders, encoding, collator, tokenizers).
+"""Tests for dior_cvae.training.data (loaders, encoding, collator, tokenizers).
 
 Tests that need the real data (DailyDialog ijcnlp release, PLATO pair files,
 BART tokenizer files) look for it in ``$DIOR_SHARED_DATA`` or in
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dior_cvae.data import (
+from dior_cvae.training.data import (
     dailydialog_pairs,
     load_dialog_dataset,
     personachat_pairs,
@@ -226,7 +226,7 @@ def test_jsonl_error_reasons(tmp_path, line, reason):
 
 
 def test_jsonl_skip_bad_lines_counts_and_logs(caplog):
-    with caplog.at_level(logging.WARNING, logger="dior_cvae.data"):
+    with caplog.at_level(logging.WARNING, logger="dior_cvae.training.data"):
         examples, skipped = load_jsonl(BAD_JSONL, skip_bad_lines=True)
     assert skipped == 6
     assert examples == [

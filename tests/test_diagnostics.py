@@ -5,8 +5,8 @@ import math
 import torch
 
 from dior_cvae import DiorCVAEConfig
-from dior_cvae.diagnostics import mutual_information
-from dior_cvae.dior_latent import HierarchicalLatents
+from dior_cvae.training.diagnostics import mutual_information
+from dior_cvae.latent_dior import HierarchicalLatents
 
 from conftest import tiny_config_kwargs
 

@@ -25,8 +25,8 @@ def record_prior_calls(model):
 
     def recording(condition, num_inference_steps=None, guidance_scale=None, generator=None, temperature=None,
                   **kwargs):
-        out = original(condition, num_inference_steps, guidance_scale, generator=generator, temperature=temperature,
-                       **kwargs)
+        out = original(condition, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       generator=generator, temperature=temperature, **kwargs)
         calls.append(dict(steps=num_inference_steps, guidance=guidance_scale, temperature=temperature, latents=out))
         return out
 

@@ -42,9 +42,7 @@ def graph_path(monkeypatch):
             return real_decode(*args, step=step, **kwargs)
 
         monkeypatch.setattr(modeling_dior, "decode", spy)
-        monkeypatch.setattr(DiorCVAEForConditionalGeneration, "_valid_auto_compile_criteria", lambda *a: True)
-        # the same criterion makes transformers' loop (the fallback) compile its forward: on the CPU it stays eager
-        monkeypatch.setattr(DiorCVAEForConditionalGeneration, "get_compiled_call", lambda self, *a: self.__call__)
+        monkeypatch.setattr(generation_dior, "captures_decoding", lambda model, config: not config.disable_compile)
         return calls
 
     return use
@@ -170,17 +168,76 @@ def test_the_cpu_default_is_transformers_loop(model, contexts, monkeypatch):
     monkeypatch.setattr(modeling_dior, "decode", lambda *a, **k: calls.append(1))
     torch.manual_seed(0)
     model.generate(contexts, do_sample=True, max_new_tokens=4)
-    assert calls == [] and not model._default_to_graph_decoding(None, {})
+    assert calls == [] and not generation_dior.captures_decoding(model, model.generation_config)
 
 
-def test_the_cuda_default_is_chosen_only_where_the_captured_step_can_serve(model, monkeypatch):
+def test_the_captured_step_is_gated_on_cuda(model, monkeypatch):
+    from transformers import GenerationConfig
+
+    assert not generation_dior.captures_decoding(model, GenerationConfig())  # a CPU model
     monkeypatch.setattr(DiorCVAEForConditionalGeneration, "device", property(lambda self: torch.device("cuda")))
-    default = model._default_to_graph_decoding
-    assert default(None, {}) and default(None, {"do_sample": True, "top_k": 50})
-    from transformers import GenerationConfig, TextStreamer
+    assert generation_dior.captures_decoding(model, GenerationConfig())
+    assert not generation_dior.captures_decoding(model, GenerationConfig(disable_compile=True))
 
-    for opt_out in ({"num_beams": 5}, {"disable_compile": True}, {"cache_implementation": "dynamic"},
-                    {"return_dict_in_generate": True}, {"streamer": TextStreamer(tokenizer=None)}):
-        assert not default(None, opt_out), opt_out
-    assert not default(GenerationConfig(num_beams=4), {})
-    assert default(GenerationConfig(num_beams=4), {"num_beams": 1})
+
+@pytest.fixture
+def transformers_loop_inputs(monkeypatch):
+    """Records the cache class and the memory length of every call of transformers' own `_sample`."""
+    from transformers import GenerationMixin
+
+    seen, real = [], GenerationMixin._sample
+
+    def spy(self, input_ids, *args, **model_kwargs):
+        cache = model_kwargs[modeling_dior.CACHE_NAME]
+        seen.append((type(cache.self_attention_cache).__name__, model_kwargs["encoder_outputs"][0].shape[1]))
+        return real(self, input_ids, *args, **model_kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "_sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("opt_out", [dict(repetition_penalty=1.3), dict(return_dict_in_generate=True),
+                                     dict(disable_compile=True), dict(cache_implementation="dynamic")])
+def test_where_the_step_cannot_serve_transformers_loop_runs_as_transformers_sets_it_up(
+        model, contexts, graph_path, transformers_loop_inputs, opt_out):
+    """On CUDA (the gate emulated) a call the captured step cannot serve decodes in transformers' loop with
+    transformers' default dynamic cache and the memory as encoded (no static cache, no padding: transformers would
+    then compile its forward), giving the tokens of the same call on the CPU."""
+    def run():
+        torch.manual_seed(3)
+        out = model.generate(contexts, latent_generator=torch.Generator().manual_seed(1), do_sample=True,
+                             max_new_tokens=NEW_TOKENS, **opt_out)
+        return out.sequences if hasattr(out, "sequences") else out
+
+    reference = run()
+    calls = graph_path(generation_dior.decoding_step)
+    ours = run()
+    assert calls == []
+    assert transformers_loop_inputs == [("DynamicCache", contexts.shape[1])] * 2
+    assert torch.equal(ours, reference)
+
+
+def test_the_global_rng_after_generate_is_transformers_loops(model, contexts, graph_path):
+    """The captured loop looks at "every row ended?" only every SYNC_EVERY steps; the draws of the steps it ran past
+    the end are undone, so two consecutive calls (with the prior's noise from the global RNG too) and a later
+    draw give what they give after transformers' loop."""
+    eos = model.config.eos_token_id
+
+    def two_calls_and_a_draw():
+        torch.manual_seed(11)
+        first = model.generate(contexts, do_sample=True, max_new_tokens=NEW_TOKENS)
+        second = model.generate(contexts, do_sample=True, max_new_tokens=NEW_TOKENS)
+        return first, second, torch.rand(4)
+
+    with torch.no_grad():
+        model.final_logits_bias[0, eos] += 5.0  # every row ends within a few steps: before the first look
+        try:
+            reference = two_calls_and_a_draw()
+            calls = graph_path(generation_dior.decoding_step)
+            ours = two_calls_and_a_draw()
+        finally:
+            model.final_logits_bias[0, eos] -= 5.0
+    assert len(calls) == 2
+    assert reference[0].shape[1] - 1 < generation_dior.SYNC_EVERY, "rows must end before the loop's first look"
+    for reference_part, our_part in zip(reference, ours):
+        assert torch.equal(our_part, reference_part), (our_part, reference_part)

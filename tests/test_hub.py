@@ -14,7 +14,7 @@ import yaml
 from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.data import train_tokenizer
+from dior_cvae.training.data import train_tokenizer
 
 TURNS = ["Hi , how are you ?", "Fine , thanks . And you ?", "I am good ."]
 
@@ -62,7 +62,7 @@ def test_saved_folder_names_the_pipeline_and_ships_its_code(saved):
     entry = {"impl": "pipeline_dior.DialogGenerationPipeline", "pt": ["AutoModelForSeq2SeqLM"], "type": "text"}
     # the card's pipeline_tag names the same pipeline, for the Hub's snippet
     assert config["custom_pipelines"] == {"dialog-generation": entry, "text-generation": entry}
-    assert {"pipeline_dior.py", "modelcard_dior.py", "README.md"} <= set(os.listdir(folder))
+    assert {"pipeline_dior.py", "hub_dior.py", "README.md"} <= set(os.listdir(folder))
 
 
 def test_pipeline_from_a_saved_folder_in_a_fresh_process(saved, tmp_path):
@@ -207,7 +207,7 @@ def test_push_to_hub_publishes_the_dior_card_and_the_tokenizer_push_keeps_it(sav
 def test_model_card_yaml(saved):
     from huggingface_hub import ModelCard
 
-    from dior_cvae.modelcard_dior import eval_results, model_card
+    from dior_cvae.hub_dior import eval_results, model_card
 
     _, model, _ = saved
     results = eval_results({"bleu1": 23.14159, "distinct2": 34.5, "loss": float("nan")}, "li2017dailydialog/daily_dialog",

@@ -1,4 +1,4 @@
-"""The latent modules batched over the layer axis (`dior_latent.StackedLinear` & co.) against a straightforward
+"""The latent modules batched over the layer axis (`latent_dior.StackedLinear` & co.) against a straightforward
 per-layer reference written here (one Linear per layer, a Python loop over layers, as the modules were before they
 were batched), with the same weights: equal within 1e-6 (float64)."""
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_config_kwargs
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.dior_latent import DiagonalGaussian
+from dior_cvae.latent_dior import DiagonalGaussian, PosteriorSample
 
 TOL = dict(rtol=0, atol=1e-6)
 
@@ -50,10 +50,10 @@ def reference_ancestral(hierarchy, heads, conditions, generator):
     return torch.stack(latents, dim=1), dists, summaries
 
 
-def reference_kl(hierarchy, dists, summaries, context_vectors):
+def reference_kl(prior_type, hierarchy, dists, summaries, context_vectors):
     kl = 0
     for layer, (dist, summary) in enumerate(zip(dists, summaries)):
-        if hierarchy.prior is None:
+        if prior_type == "standard":
             prior = DiagonalGaussian.standard(dist.mean)
         else:
             prior = DiagonalGaussian.from_params(reference_head(hierarchy.prior, layer, summary, context_vectors[:, layer]))
@@ -72,7 +72,7 @@ def build(prior_type, num_layers=3):
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-@pytest.mark.parametrize("prior_type", ["gaussian", "diffusion"])
+@pytest.mark.parametrize("prior_type", ["gaussian", "standard"])
 def test_batched_latents_equal_the_per_layer_reference(prior_type, num_layers):
     model = build(prior_type, num_layers)
     batch, length, d = 5, 7, model.config.d_model
@@ -97,20 +97,21 @@ def test_batched_latents_equal_the_per_layer_reference(prior_type, num_layers):
     torch.testing.assert_close(posterior.mean, torch.stack([q.mean for q in ref_dists], dim=1), **TOL)
     torch.testing.assert_close(posterior.log_std, torch.stack([q.log_std for q in ref_dists], dim=1), **TOL)
 
-    kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
-    torch.testing.assert_close(kl, reference_kl(model.hierarchy, ref_dists, ref_summaries, context_vectors), **TOL)
+    kl = model.prior.kl(PosteriorSample(latents, posterior, summaries), context_vectors).kl
+    torch.testing.assert_close(kl, reference_kl(prior_type, model.hierarchy, ref_dists, ref_summaries, context_vectors),
+                               **TOL)
     entropy = posterior.entropy().sum(-1)
     torch.testing.assert_close(entropy, sum(q.entropy() for q in ref_dists), **TOL)
 
-    prior_latents = model.hierarchy.prior_sample(context_vectors, generator=torch.Generator().manual_seed(2))
-    if model.hierarchy.prior is not None:
+    prior_latents = model.prior.sample(context_vectors, generator=torch.Generator().manual_seed(2))
+    if prior_type == "gaussian":
         ref_prior, _, _ = reference_ancestral(model.hierarchy, model.hierarchy.prior,
                                               [context_vectors[:, l] for l in range(num_layers)],
                                               torch.Generator().manual_seed(2))
         torch.testing.assert_close(prior_latents, ref_prior, **TOL)
 
     # the slots: per layer, k_proj / v_proj of each infusing attention applied to Linear_l(z_l)
-    slots = model.latent_slots(latents)
+    slots = model.project_latent_slots(latents)
     projection = model.latent_to_memory
     heads = model.config.decoder_attention_heads
     for l, layer in enumerate(model.model.decoder.layers):
@@ -124,8 +125,8 @@ def test_batched_latents_equal_the_per_layer_reference(prior_type, num_layers):
 def test_standard_prior_kl_is_the_analytic_kl_to_n01():
     model = build("standard")
     context_vectors = torch.randn(4, 3, model.config.d_model, dtype=torch.float64)
-    latents, posterior, summaries = model.hierarchy.posterior_sample(context_vectors, torch.randn_like(context_vectors))
-    kl = model.hierarchy.prior_kl(posterior, summaries, context_vectors)
+    draw = model.hierarchy.posterior_sample(context_vectors, torch.randn_like(context_vectors))
+    kl, posterior = model.prior.kl(draw, context_vectors).kl, draw.distribution
     var, mean = torch.exp(2 * posterior.log_std), posterior.mean
     torch.testing.assert_close(kl, 0.5 * (var + mean**2 - 1 - 2 * posterior.log_std).sum((-1, -2)), **TOL)
 
@@ -135,7 +136,7 @@ def test_from_bart_initialises_the_stacked_weights_like_barts_linears(tmp_path):
     device, then only missing keys initialised) they must hold BART's init, normal(0, init_std) and zero bias."""
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from dior_cvae.dior_latent import StackedLinear
+    from dior_cvae.latent_dior import StackedLinear
 
     bart_config = BartConfig(**{k: v for k, v in tiny_config_kwargs().items() if k in BartConfig.__dataclass_fields__})
     BartForConditionalGeneration(bart_config).save_pretrained(tmp_path / "bart")
@@ -159,7 +160,7 @@ def test_from_bart_initialises_the_stacked_weights_like_barts_linears(tmp_path):
 
 
 def test_diagonal_gaussian_entropy_is_the_mean_negative_log_density():
-    from dior_cvae.dior_latent import DiagonalGaussian
+    from dior_cvae.latent_dior import DiagonalGaussian
 
     torch.manual_seed(0)
     mean, log_std = torch.randn(3, 5), torch.randn(3, 5).clamp(-2, 1)

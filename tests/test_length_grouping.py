@@ -1,4 +1,4 @@
-"""`dior_cvae.data.LengthGroupedSampler`: deterministic, length-homogeneous batches that accelerate can shard
+"""`dior_cvae.training.data.LengthGroupedSampler`: deterministic, length-homogeneous batches that accelerate can shard
 (DDP) and skip (exact resume)."""
 
 import random
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from transformers import DataCollatorForSeq2Seq
 
-from dior_cvae.data import LengthGroupedSampler, train_tokenizer
+from dior_cvae.training.data import LengthGroupedSampler, train_tokenizer
 
 BATCH = 4
 
@@ -93,7 +93,7 @@ def test_accelerate_sharding_and_skipping(epoch):
 def test_static_shape_collator_pads_every_batch_to_one_shape():
     """train.py --torch_compile: every batch (S, T) = (24, 16) whatever its lengths, padding masked (pad id, mask 0,
     labels -100), the tokens unchanged; a batch longer than the static length is refused, naming the field."""
-    from dior_cvae.training_utils import StaticShapeCollator
+    from dior_cvae.training.compiled import StaticShapeCollator
 
     collator = StaticShapeCollator(DataCollatorForSeq2Seq(TOKENIZER), 24, 16, TOKENIZER.pad_token_id)
     features = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(7, 7 + m))} for n, m in ((3, 2), (9, 11))]
@@ -112,7 +112,7 @@ def test_static_shape_collator_pads_every_batch_to_one_shape():
 def test_static_shape_collator_pads_contexts_to_power_of_two_buckets():
     """With min_source_bucket (train.py --torch_compile): contexts go to the next power of two >= the batch's longest,
     at least the minimum and at most source_length; responses stay at target_length."""
-    from dior_cvae.training_utils import StaticShapeCollator
+    from dior_cvae.training.compiled import StaticShapeCollator
 
     collator = StaticShapeCollator(DataCollatorForSeq2Seq(TOKENIZER), 40, 16, TOKENIZER.pad_token_id,
                                    min_source_bucket=8)

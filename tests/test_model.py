@@ -7,7 +7,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
 from dior_cvae import DiorCVAEConfig, DiorCVAEForConditionalGeneration
-from dior_cvae.dior_prior import DiorDenoiser
+from dior_cvae.prior_dior import DiorDenoiser
 
 from conftest import tiny_config_kwargs
 
@@ -180,7 +180,7 @@ def test_generate_draws_one_latent_per_returned_sequence(tiny_model):
     assert latents.shape == (8, 2, 8)
     flat = latents.flatten(1)
     assert torch.cdist(flat, flat).add(torch.eye(8) * 1e9).min() > 1e-3  # 8 different draws
-    assert decoded_with and all(torch.equal(kw, model.latent_slots(latents)) for kw in decoded_with)
+    assert decoded_with and all(torch.equal(kw, model.project_latent_slots(latents)) for kw in decoded_with)
 
     assert model.generate(input_ids, num_beams=3, num_return_sequences=2, max_new_tokens=6).shape[0] == 4
     sampled = model.generate(input_ids, do_sample=True, top_k=20, top_p=0.9, num_return_sequences=3, max_new_tokens=6)
@@ -257,7 +257,7 @@ def test_guidance_is_applied_at_every_sampling_step(tiny_model, monkeypatch):
 
     monkeypatch.setattr(DiorScheduler, "step", step)
     condition = torch.randn(3, 2 * 32)
-    prior.sample(condition, num_inference_steps=5)
+    prior.sample(condition.view(3, 2, 32), num_inference_steps=5)
     assert [s[1] for s in stepped] == list(range(5))
     for output, _, sample, log_snr in stepped:
         log_snr = log_snr.expand(3)
@@ -359,11 +359,11 @@ def test_denoiser_shapes(tiny_model):
     assert out.shape == (5, 16)
     # the three parts of input_proj are its weight's columns for [z; time_mlp(λ) + condition_mlp(c)] (checkpoints
     # store that one Linear)
-    from dior_cvae.dior_prior import noise_level_embedding
+    from dior_cvae.prior_dior import noise_level_embedding
 
     time = denoiser.time_mlp(noise_level_embedding(log_snr, denoiser.time_mlp[0].in_features, model.config))
     hidden = denoiser.input_proj(torch.cat([noisy, time + denoiser.condition_mlp(condition)], dim=-1))
-    torch.testing.assert_close(out, denoiser.head(hidden), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, denoiser.denoise(hidden), rtol=1e-5, atol=1e-5)
 
 
 def test_changing_the_sampler_on_the_config_takes_effect(tiny_model):
@@ -494,13 +494,13 @@ def test_prior_type_none_is_exactly_bart(tmp_path):
 
 
 def test_older_transformers_refused_newer_ones_warned_once(monkeypatch):
-    from dior_cvae import dior_compat
-    from dior_cvae.dior_compat import TESTED_TRANSFORMERS, check_transformers_version
+    from dior_cvae import utils_dior
+    from dior_cvae.utils_dior import TESTED_TRANSFORMERS, check_transformers_version
 
     for version in ("5.16.2", "4.57.0"):
         with pytest.raises(ImportError, match=f"needs transformers >= {TESTED_TRANSFORMERS[0]}"):
             check_transformers_version(version)
-    monkeypatch.setattr(dior_compat, "_warned_untested", False)
+    monkeypatch.setattr(utils_dior, "_warned_untested", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for version in ("5.17.0", "5.25.0", "5.25.1.dev0"):

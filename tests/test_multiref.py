@@ -1,7 +1,7 @@
 """Tests for dior_cvae.training.multiref: multi-sample, multi-reference metrics on hand-made cases with known answers.
 
 BLEU is nltk's with method7 smoothing: an exact match of >= 4 tokens scores BLEU-1 400/3 (see
-dior_cvae.metrics.bleu), a hypothesis sharing no token with a reference scores 0.
+dior_cvae.training.metrics.bleu), a hypothesis sharing no token with a reference scores 0.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_bad_input_names_the_context():
 
 @has_minilm
 def test_minilm_relevance_and_sample_cosine():
-    from dior_cvae.metrics import load_embedding_model
+    from dior_cvae.training.metrics import load_embedding_model
 
     model = load_embedding_model()
     # the sample equals one reference: relevance to the best reference is 1, whatever the other reference is

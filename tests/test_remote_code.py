@@ -88,9 +88,10 @@ def test_save_and_load_as_remote_code_in_a_fresh_process(tiny_model, tmp_path):
     folder = tmp_path / "dior"
     model.save_pretrained(folder)
     files = set(os.listdir(folder))
-    code_files = {"configuration_dior.py", "modeling_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py",
-                  "dior_compat.py", "generation_dior.py"}
-    assert code_files | {"config.json", "generation_config.json", "model.safetensors"} <= files
+    code_files = {"configuration_dior.py", "modeling_dior.py", "attention_dior.py", "latent_dior.py", "prior_dior.py",
+                  "scheduling_dior.py", "generation_dior.py", "hub_dior.py", "pipeline_dior.py", "utils_dior.py"}
+    assert {f for f in files if f.endswith(".py")} == code_files  # every shipped module, and nothing else
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= files
     assert {f for f in files if not f.endswith((".py", ".json"))} == {"model.safetensors", "README.md"}  # + the card
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM"}

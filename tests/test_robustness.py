@@ -1,7 +1,12 @@
-"""Issue #14: bad inputs fail with an error that names the problem; nothing is lost, nothing from data is executed.
+"""Issues #14 and #34: bad inputs fail with an error that names the problem; nothing is lost, nothing from data is
+executed.
 
-- `test_bad_input` is the table (`BAD_INPUTS`): each row runs one bad input in-process and asserts the error names
-  the flag / argument / file:line / value, or checks the documented behaviour.
+- `test_bad_input` is the first table (`BAD_INPUTS`): each row runs one bad input in-process and asserts the error
+  names the flag / argument / file:line / value, or checks the documented behaviour.
+- `test_round_two` runs the second table (`robustness_cases.CASES`, by class: data lost, silently wrong, unbounded,
+  bare tracebacks, unclear errors): each row checks the outcome (files unchanged, the refusal naming the flag and
+  the path, the tokens a special token typed as text becomes, ...); two train.py processes on one folder and a
+  SIGKILL during the final merge run as subprocesses, over one shared trained folder.
 - kill-and-resume, NaN guard, output folder, Hub push and no-code-execution tests run train.py as a subprocess
   (tiny model, a few updates) where they must.
 """
@@ -20,9 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SUBPROCESS_HANG_S, tiny_config_kwargs
-from test_train import FAKE_HUB_RUNNER, REPO, SAMPLE, TINY, read_log, run_train
+from robustness_cases import CASES
+from test_train import FAKE_HUB_RUNNER, REPO, SAMPLE, TINY, WITH_HOOKS, read_log, run_train
 
-from dior_cvae.data import DataFormatError, load_dailydialog_dir, load_jsonl
+from dior_cvae.training import checkpointing, optimization, sources
+from dior_cvae.training.data import DataFormatError, load_dailydialog_dir, load_jsonl
 
 
 def _load_script(name: str):
@@ -114,7 +121,7 @@ def _dailydialog_empty_turns(model, tmp):
 def _empty_validation_file(model, tmp):
     args = train.parse_args(["--train_file", str(_write(tmp / "t.jsonl", _jsonl_rows(GOOD))),
                              "--validation_file", str(_write(tmp / "v.jsonl", b"\n")), "--tokenizer_name", "x"])
-    train.load_raw_splits(args)
+    sources.load_raw_splits(args)
 
 
 def _state_problem(mutate):
@@ -122,11 +129,11 @@ def _state_problem(mutate):
         folder = tmp / "step_2"
         (folder / "pretrained").mkdir(parents=True)
         _write(folder / "model.safetensors", b"0123456789")
-        files = {"model.safetensors": {"size": 10, "sha256": train._sha256(folder / "model.safetensors")}}
+        files = {"model.safetensors": {"size": 10, "sha256": checkpointing.sha256(folder / "model.safetensors")}}
         state = {"completed_steps": 2, "epoch": 0, "batches_in_epoch": 2, "lr_scheduler": {}, "files": files}
         (folder / "trainer_state.json").write_text(json.dumps(state))
         mutate(folder)
-        return train.checkpoint_problem(folder) or "intact"
+        return checkpointing.checkpoint_problem(folder) or "intact"
     return run
 
 
@@ -134,11 +141,12 @@ def _non_empty_output_dir(model, tmp):
     (tmp / "out").mkdir()
     (tmp / "out" / "model.safetensors").write_text("the first run's model")
     args = train.parse_args(TRAIN_ARGS + ["--output_dir", str(tmp / "out")])
-    train.prepare_output_dir(args, FakeAccelerator())
+    checkpointing.prepare_output_dir(FakeAccelerator(), Path(args.output_dir), args.resume_from_checkpoint,
+                                     args.overwrite_output_dir)
 
 
 def _truncated_model_for_generate(model, tmp):
-    from dior_cvae.data import train_tokenizer
+    from dior_cvae.training.data import train_tokenizer
 
     model.save_pretrained(tmp / "m")
     train_tokenizer(["hello there", "general kenobi"] * 5, 120).save_pretrained(tmp / "m")
@@ -149,8 +157,10 @@ def _truncated_model_for_generate(model, tmp):
 
 
 def _score_truncated_gz(model, tmp):
-    data = gzip.compress(b'{"context": "a", "reference": "b", "samples": ["c"]}\n' * 500)
-    score.main(["--input", str(_write(tmp / "g.jsonl.gz", data[:200])), "--no_semantic"])
+    rows = "".join(json.dumps({"context": f"a {i}", "reference": f"b {i * 7}", "samples": [f"c {i * 13}"]}) + "\n"
+                   for i in range(2000))
+    data = gzip.compress(rows.encode())
+    score.main(["--input", str(_write(tmp / "g.jsonl.gz", data[: len(data) // 2])), "--no_semantic"])
 
 
 # (id, callable(model, tmp_path), substrings the error must contain)
@@ -206,7 +216,7 @@ BAD_INPUTS = [
     ("generate prior temperature nan", _generate_args("--output", "o", "--input_file", "i", "--prior_temperature",
                                                       "nan"), ["--prior_temperature", "nan"]),
     ("generate truncated safetensors", _truncated_model_for_generate, ["cannot load", "/m:"]),
-    ("score truncated gz", _score_truncated_gz, ["--input", "g.jsonl.gz"]),
+    ("score truncated gz", _score_truncated_gz, ["--input", "g.jsonl.gz", "EOFError"]),
     # model.generate()
     ("generate() num_inference_steps 0", _generate(num_inference_steps=0), ["`num_inference_steps`", "0"]),
     ("generate() guidance nan", _generate(prior_guidance_scale=float("nan")), ["`prior_guidance_scale`", "nan"]),
@@ -243,8 +253,32 @@ def test_bad_input(case, tiny, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in message
 
 
-def test_table_has_at_least_30_bad_inputs():
-    assert len(BAD_INPUTS) >= 30
+def test_every_row_checks_something():
+    """A row with no expected text would pass on any message, and a repeated name would hide a row in the report."""
+    names = [name for name, _, _ in BAD_INPUTS]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    vacuous = [name for name, _, expected in BAD_INPUTS if not expected or not all(text.strip() for text in expected)]
+    assert not vacuous, vacuous
+
+
+@pytest.fixture(scope="module")
+def round_two_shared(tmp_path_factory):
+    """The trained folder that the second table's rows copy, built once (by the first row that needs it)."""
+    from robustness_cases import Context
+
+    Context.shared.clear()
+    Context.shared["dir"] = tmp_path_factory.mktemp("round-two-shared")
+    yield
+    Context.shared.clear()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_round_two(case, round_two_shared, tiny, tmp_path, monkeypatch):
+    from robustness_cases import Context
+
+    name, _, check = case
+    monkeypatch.chdir(tmp_path)
+    check(Context(tmp_path, tiny))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,12 +302,13 @@ def test_kill_and_resume_end_with_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     run_train(tmp_path, RUN + ["--output_dir", str(straight)])
     reference = _weights(straight)
-    for kill, resumed_from in (("update:3", "step_2"), ("checkpoint:step_4", "step_2")):
-        out = tmp_path / kill.replace(":", "_")
-        killed = run_train(tmp_path, RUN + ["--output_dir", str(out), "--debug_sigkill", kill], check=False)
+    for kill, resumed_from in (("kill_after_update=3", "step_2"), ("kill_saving=step_4", "step_2")):
+        out = tmp_path / kill.replace("=", "_")
+        killed = run_train(tmp_path, RUN + ["--output_dir", str(out)], check=False,
+                           launcher=[sys.executable, str(WITH_HOOKS), kill])
         assert killed.returncode == -9, killed.stderr[-2000:]
         assert not (out / "step_4").exists()
-        if kill.startswith("checkpoint"):
+        if kill.startswith("kill_saving"):
             assert (out / ".step_4.tmp").is_dir()  # the interrupted write, never renamed into place
         result = run_train(tmp_path, RUN + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
         assert f"Resuming from {out / resumed_from}" in result.stderr
@@ -290,16 +325,16 @@ def test_latest_falls_back_past_a_broken_checkpoint_of_this_run_only(tmp_path, c
     PartialState()  # accelerate's logger needs it
     out = tmp_path / "out"
     run_train(tmp_path, RUN + ["--max_train_steps", "4", "--output_dir", str(out)])
-    run_id = train.read_run_id(out)
+    run_id = checkpointing.read_run_id(out)
     args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(out))
-    assert train.find_checkpoint(args, run_id) == out / "step_4"
+    assert checkpointing.find_checkpoint(args.resume_from_checkpoint, args.output_dir, run_id) == out / "step_4"
     optimizer = out / "step_4" / "optimizer.bin"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # a truncated newest checkpoint
-    assert train.find_checkpoint(args, run_id) == out / "step_2"
+    assert checkpointing.find_checkpoint(args.resume_from_checkpoint, args.output_dir, run_id) == out / "step_2"
     assert f"skipping {out / 'step_4'}: {optimizer} is truncated" in caplog.text
-    assert train.find_checkpoint(args, "another-run") is None  # another run's checkpoints are never picked
+    assert checkpointing.find_checkpoint(args.resume_from_checkpoint, args.output_dir, "another-run") is None  # another run's checkpoints are never picked
     with pytest.raises(SystemExit, match="optimizer.bin is truncated"):
-        train.find_checkpoint(argparse.Namespace(resume_from_checkpoint=str(out / "step_4"), output_dir=str(out)), None)
+        checkpointing.find_checkpoint(str(out / "step_4"), out, None)
 
 
 def test_nan_loss_stops_with_the_step_and_saves_no_nonfinite_weights(tmp_path):
@@ -324,11 +359,11 @@ def test_output_dir_is_refused_or_written_into_without_deleting(tmp_path):
     out = tmp_path / "work"
     run_train(tmp_path, RUN + ["--max_train_steps", "2", "--output_dir", str(out)])
     first_model = (out / "model.safetensors").read_bytes()
-    first_run = train.read_run_id(out)
+    first_run = checkpointing.read_run_id(out)
 
     refused = run_train(tmp_path, RUN + ["--output_dir", str(out)], check=False)
     assert refused.returncode != 0 and "is not empty" in refused.stderr and "--overwrite_output_dir" in refused.stderr
-    assert (out / "model.safetensors").read_bytes() == first_model and train.read_run_id(out) == first_run
+    assert (out / "model.safetensors").read_bytes() == first_model and checkpointing.read_run_id(out) == first_run
 
     (out / "my_notes.txt").write_text("not the script's")
     # `--output_dir . --overwrite_output_dir` from inside the folder: writes, deletes nothing
@@ -337,10 +372,10 @@ def test_output_dir_is_refused_or_written_into_without_deleting(tmp_path):
                    capture_output=True, env=train_env(tmp_path), timeout=SUBPROCESS_HANG_S)
     assert (out / "my_notes.txt").read_text() == "not the script's"
     assert (out / "step_2" / "trainer_state.json").is_file()  # the first run's checkpoint is kept ...
-    second_run = train.read_run_id(out)
+    second_run = checkpointing.read_run_id(out)
     assert second_run != first_run
     args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(out))
-    assert train.find_checkpoint(args, second_run) == out / "step_1"  # ... but `latest` only picks this run's
+    assert checkpointing.find_checkpoint(args.resume_from_checkpoint, args.output_dir, second_run) == out / "step_1"  # ... but `latest` only picks this run's
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -363,7 +398,7 @@ class _Payload:
 def test_no_code_runs_from_checkpoints_tokenizers_or_model_folders(tmp_path, tiny, monkeypatch):
     from accelerate import Accelerator
 
-    from dior_cvae.data import train_tokenizer
+    from dior_cvae.training.data import train_tokenizer
 
     marker = tmp_path / "pwned"
     # 1. accelerate state as train.py saves it: a pickle in place of the RNG state or beside it is never executed
@@ -379,8 +414,9 @@ def test_no_code_runs_from_checkpoints_tokenizers_or_model_folders(tmp_path, tin
     torch.save(_Payload(marker), tmp_path / "ckpt" / "random_states_0.pkl")
     accelerator.load_state(str(tmp_path / "ckpt"))  # torch.load(weights_only=True) refuses the payload
     assert not marker.exists()
-    sources = "".join((REPO / p).read_text() for p in ("examples/train.py", "examples/generate.py"))
-    assert "register_for_checkpointing" not in sources and "weights_only=False" not in sources
+    code = "".join(p.read_text() for p in (REPO / "examples/train.py", REPO / "examples/generate.py",
+                                            *(REPO / "dior_cvae" / "training").glob("*.py")))
+    assert "register_for_checkpointing" not in code and "weights_only=False" not in code
 
     # 2. a model folder whose tokenizer and model code were replaced: loaded without running either
     folder = tmp_path / "model"
@@ -396,7 +432,7 @@ def test_no_code_runs_from_checkpoints_tokenizers_or_model_folders(tmp_path, tin
     args = generate.parse_args(["--model_name_or_path", str(folder), "--output", "o", "--input_file", "i"])
     loaded, tokenizer = generate.load_model_and_tokenizer(args, torch.device("cpu"))
     assert type(loaded).__module__ == "dior_cvae.modeling_dior"
-    train.load_tokenizer(str(folder))
+    sources.load_tokenizer(str(folder))
     assert not marker.exists()
 
 
@@ -412,7 +448,7 @@ def test_push_to_hub_creates_the_repo_before_training_and_fails_early_offline(tm
               launcher=[sys.executable, str(runner)])
     calls = json.loads((tmp_path / "fake_hub" / "calls.json").read_text())
     assert calls[0]["create_repo"] == "someone/dior-tiny" and calls[0]["trained"] is False
-    assert calls[1]["upload_folder"] == "someone/dior-tiny"
+    assert calls[-1]["upload_folder"] == "someone/dior-tiny"
 
     offline = tmp_path / "offline"  # the real HfApi under HF_HUB_OFFLINE=1
     failed = run_train(tmp_path, RUN + ["--output_dir", str(offline), "--push_to_hub", "--hub_model_id", "a/b"],
@@ -424,12 +460,12 @@ def test_push_to_hub_creates_the_repo_before_training_and_fails_early_offline(tm
 def test_every_transformers_schedule_works_and_its_state_is_json():
     from transformers import SchedulerType
 
-    assert {s.value for s in SchedulerType} <= set(train.LR_SCHEDULES)
+    assert {s.value for s in SchedulerType} <= set(optimization.LR_SCHEDULES)
     model = torch.nn.Linear(2, 2)
-    for name in train.LR_SCHEDULES:
+    for name in optimization.LR_SCHEDULES:
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         kwargs = {"min_lr_rate": 0.1} if "min_lr" in name else {"num_decay_steps": 2} if name == "warmup_stable_decay" else None
-        scheduler = train.create_lr_scheduler(name, optimizer, 2, 10, kwargs)
+        scheduler = optimization.create_lr_scheduler(name, optimizer, 2, 10, kwargs)
         state = json.loads(json.dumps(scheduler.state_dict()))  # trainer_state.json holds it as JSON
         scheduler.load_state_dict(state)
 

@@ -35,7 +35,11 @@ REMOTE = textwrap.dedent(
 )
 
 
-def check(got: dict, expected: dict):
+def check(got: dict, expected: dict, package: bool = False):
+    """`package`: outputs of the current package, whose evaluated diffusion KL changed on purpose after the folder
+    was written (`eval_loss_package`); the folder's frozen code keeps the recorded `eval_loss`."""
+    if package and "eval_loss_package" in expected:
+        expected = {**expected, "eval_loss": expected["eval_loss_package"]}
     assert got["sampled_tokens"] == expected["sampled_tokens"]
     assert got["greedy_tokens"] == expected["greedy_tokens"]
     torch.testing.assert_close(torch.tensor(got["prior_latents"]), torch.tensor(expected["prior_latents"]))
@@ -49,7 +53,7 @@ def test_a_saved_folder_loads_with_every_weight_and_generates_the_recorded_token
                                                                    output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched parameter names
     assert model.config.prior_type == prior_type
-    check(outputs(model), EXPECTED[prior_type])
+    check(outputs(model), EXPECTED[prior_type], package=True)
 
 
 @pytest.mark.parametrize("prior_type", ["diffusion"])  # the folder with code files

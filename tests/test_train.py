@@ -1,4 +1,4 @@
-"""Tests for examples/train.py (and dior_cvae.training_utils).
+"""Tests for examples/train.py and the `dior_cvae.training` parts it runs on.
 
 Every training run is a real subprocess on the shipped DailyDialog sample with a tiny model (d_model 32, 2 layers)
 and a few steps; HF_HUB_OFFLINE=1 everywhere, so any unmocked Hub call fails at once.
@@ -7,6 +7,7 @@ and a few steps; HF_HUB_OFFLINE=1 everywhere, so any unmocked Hub call fails at 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -21,21 +22,20 @@ import torch
 import yaml
 
 from conftest import SUBPROCESS_HANG_S
-from dior_cvae.dior_compat import compiled_training_problem
-from dior_cvae.training_utils import (
-    DeferredReadback,
-    complete_from_scratch_overrides,
-    kl_weight,
-    parse_config_overrides,
-)
+from dior_cvae.utils_dior import compiled_training_problem
+from dior_cvae.training.compiled import DeferredReadback
+from dior_cvae.training.optimization import kl_weight
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "train.py"
+# runs train.py with test hooks patched in (tests/train_with_hooks.py: a kill at a given point, per-rank checksums)
+WITH_HOOKS = REPO / "tests" / "train_with_hooks.py"
 SAMPLE_DIR = REPO / "data" / "dailydialog_sample"
 
 TINY = [
     "--train_tokenizer_vocab_size", "400",
-    "--config_overrides", "d_model=32,encoder_layers=2,latent_size=4,denoiser_hidden_size=32,max_position_embeddings=128",
+    "--d_model", "32", "--encoder_layers", "2", "--latent_size", "4", "--denoiser_hidden_size", "32",
+    "--max_position_embeddings", "128",
     "--max_source_length", "64",
     "--max_target_length", "16",
     "--max_eval_samples", "8",
@@ -74,6 +74,8 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 
 def run_train(tmp_path: Path, args: list[str], launcher: list[str] | None = None, check: bool = True):
+    """Run train.py (`launcher`: the command before the script, e.g. torchrun, or a runner whose first argument it
+    is) in a subprocess, offline."""
     command = (launcher or [sys.executable]) + [str(TRAIN), *args]
     result = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                             timeout=SUBPROCESS_HANG_S, stdin=subprocess.DEVNULL)
@@ -92,6 +94,14 @@ def load_in_fresh_process(tmp_path: Path, folder: Path) -> str:
     assert result.returncode == 0, result.stderr[-4000:]
     assert "LOADED DiorCVAEForConditionalGeneration" in result.stdout
     return result.stdout
+
+
+def train_script():
+    """examples/train.py, imported."""
+    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_log(folder: Path) -> list[dict]:
@@ -127,7 +137,7 @@ def test_end_to_end_output_loads_with_remote_code(tmp_path):
     assert {"loss", "rc_loss", "kl_loss", "neg_entropy", "prior_loss", "beta", "lr"} <= set(train_rows[0])
     results = json.loads((out / "eval_results.json").read_text())
     assert results["step"] == 3
-    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_bleu1", "eval_bleu2", "eval_distinct1",
+    for key in ("eval_loss", "eval_rc_loss", "eval_kl_loss", "eval_kl_loss_stderr", "eval_bleu1", "eval_bleu2", "eval_distinct1",
                 "eval_distinct2", "eval_entropy1", "eval_entropy2", "eval_entropy3", "test_loss"):
         assert key in results, key
     # the latent diagnostics of every evaluation, logged beside the losses (and to tensorboard with tracking)
@@ -208,7 +218,7 @@ def test_metric_for_best_model_picks_best_by_the_sampled_responses(tmp_path):
 
 
 def test_compiled_training_needs_a_transformers_without_the_layerdrop_branch():
-    from dior_cvae.dior_compat import compiled_training_problem
+    from dior_cvae.utils_dior import compiled_training_problem
 
     assert "transformers >= 5.23.0" in compiled_training_problem("5.17.0")
     assert compiled_training_problem("5.23.0") is None and compiled_training_problem("5.24.0.dev0") is None
@@ -279,12 +289,12 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path):
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     result = run_train(tmp_path, SAMPLE + TINY + [
         "--max_train_samples", "64", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--max_train_steps", "4", "--eval_steps", "2", "--output_dir", str(tmp_path / "out"),
-        "--debug_dump_rank_weights", str(dump)], launcher=launcher)
+        "--max_train_steps", "4", "--eval_steps", "2", "--output_dir", str(tmp_path / "out")],
+        launcher=launcher + [str(WITH_HOOKS), f"dump_rank_weights={dump}"])
     ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["num_processes"] == 2 and r["distributed_type"].endswith("MULTI_CPU") for r in ranks), ranks
-    assert all(r["completed_steps"] == 4 for r in ranks)
+    assert all(r["optimizer_steps"] == [4] for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 16" in result.stderr + result.stdout
 
@@ -343,11 +353,11 @@ def test_push_to_hub_mocked(tmp_path):
         "--hub_token", "hf_fake"], launcher=[sys.executable, str(runner)])
 
     calls = json.loads((fake / "calls.json").read_text())
-    assert calls[0] == {"create_repo": "someone/dior-tiny", "private": False, "token": "hf_fake"}
-    assert calls[1]["upload_folder"] == "someone/dior-tiny"
+    assert calls[0] == {"create_repo": "someone/dior-tiny", "private": False, "token": "hf_fake"}  # before training
+    assert calls[-1]["upload_folder"] == "someone/dior-tiny"  # through hub_dior.upload_model_folder
     repo = fake / "someone" / "dior-tiny"
     for name in ("README.md", "config.json", "generation_config.json", "model.safetensors", "modeling_dior.py",
-                 "configuration_dior.py", "dior_latent.py", "dior_prior.py", "scheduling_dior.py", "tokenizer.json",
+                 "configuration_dior.py", "latent_dior.py", "prior_dior.py", "scheduling_dior.py", "tokenizer.json",
                  "tokenizer_config.json", "eval_results.json"):
         assert (repo / name).is_file(), name
     assert not list(repo.glob("step_*")) and not (repo / "best").exists()
@@ -381,7 +391,7 @@ def test_push_to_hub_mocked(tmp_path):
 
 
 def test_jsonl_bad_line_fails_with_location_or_is_skipped(tmp_path):
-    from dior_cvae.data import load_dailydialog_dir
+    from dior_cvae.training.data import load_dailydialog_dir
 
     splits = load_dailydialog_dir(SAMPLE_DIR, ["train", "validation"])
     train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
@@ -410,7 +420,7 @@ def test_csv_with_custom_column_names_trains(tmp_path):
     turns."""
     import csv
 
-    from dior_cvae.data import load_dailydialog_dir
+    from dior_cvae.training.data import load_dailydialog_dir
 
     splits = load_dailydialog_dir(SAMPLE_DIR, ["train", "validation"])
     files = {}
@@ -472,22 +482,72 @@ def test_kl_weight_schedules():
     assert kl_weight(5, "cyclical", 4) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)  # half-cycle of 4 updates
 
 
-def test_config_overrides_are_typed_from_the_config_fields():
+def test_config_fields_are_flags_with_their_docs_and_types(capsys):
+    """Every DiorCVAEConfig hyper-parameter is a flag typed by its field and documented by the config's docstring;
+    only the flags given override the config (from scratch, completed as the model needs: equal layer counts, heads
+    and FFN sizes from d_model); a bad value is refused when the arguments are parsed."""
+    import argparse
+
     from dior_cvae import DiorCVAEConfig
+    from dior_cvae.training.model_config import add_config_arguments, complete_from_scratch, given_config_fields
 
-    parsed = parse_config_overrides(
-        "d_model=256,encoder_layers=4,latent_size=16,prior_type=gaussian,memory_dropout=0.5,ddim_eta=0.5",
-        DiorCVAEConfig)
-    assert parsed == {"d_model": 256, "encoder_layers": 4, "latent_size": 16, "prior_type": "gaussian",
-                      "memory_dropout": 0.5, "ddim_eta": 0.5}
-    with pytest.raises(ValueError, match="not a field"):
-        parse_config_overrides("no_such_field=1", DiorCVAEConfig)
-    with pytest.raises(ValueError, match="expects a number"):
-        parse_config_overrides("latent_size=big", DiorCVAEConfig)
-    completed, _ = complete_from_scratch_overrides(parsed)
-    config = DiorCVAEConfig(**completed)  # the brief's example builds a valid configuration
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--d_model", "256", "--encoder_layers", "4", "--latent_size", "16", "--prior_type",
+                              "gaussian", "--memory_dropout", "0.5", "--no-cross_attention_infusion"])
+    given = given_config_fields(args)
+    assert given == {"d_model": 256, "encoder_layers": 4, "latent_size": 16, "prior_type": "gaussian",
+                     "memory_dropout": 0.5, "cross_attention_infusion": False}
+    completed, _ = complete_from_scratch(given)
+    config = DiorCVAEConfig(**completed)
     assert (config.decoder_layers, config.encoder_attention_heads, config.decoder_ffn_dim) == (4, 4, 1024)
+    for bad in (["--latent_size", "big"], ["--prior_type", "vampprior"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+    assert "invalid int value: 'big'" in capsys.readouterr().err
+    help_text = " ".join(parser.format_help().split())
+    assert "--kl_free_bits KL_FREE_BITS Free bits (Kingma et al. 2016), in nats per latent dimension" in help_text
+    assert "(default: the loaded config's; 1.0 from scratch)" in help_text and "--vocab_size" not in help_text  # vocab: the tokenizer's
 
+
+def test_config_file_and_flags_build_the_model_and_bad_values_fail_at_parsing(tmp_path):
+    """--config_name (a config.json) with flags on top; an invalid combination is refused before any data is read."""
+    from dior_cvae import DiorCVAEConfig
+    from dior_cvae.training.model_config import build_model
+
+    train = train_script()
+
+    DiorCVAEConfig(d_model=64, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+                   encoder_ffn_dim=128, decoder_ffn_dim=128, latent_size=8, prior_type="gaussian",
+                   max_position_embeddings=64).save_pretrained(tmp_path / "cfg")
+    args = train.parse_args(SAMPLE + ["--config_name", str(tmp_path / "cfg" / "config.json"), "--latent_size", "4",
+                                      "--train_tokenizer_vocab_size", "100", "--max_source_length", "32",
+                                      "--max_target_length", "16"])
+    from dior_cvae.training.data import train_tokenizer
+
+    model = build_model(args, train_tokenizer(["a b c", "d e f"] * 5, 120))
+    assert (model.config.d_model, model.config.encoder_layers, model.config.latent_size, model.config.prior_type) == (
+        64, 3, 4, "gaussian")
+    with pytest.raises(SystemExit):
+        train.parse_args(SAMPLE + ["--train_tokenizer_vocab_size", "100", "--encoder_layers", "2", "--decoder_layers",
+                                   "3"])
+
+
+@pytest.mark.parametrize("missing, flags, expected", [
+    ("matplotlib", SAMPLE, "training_curves.png needs matplotlib"),
+    ("tensorboard", SAMPLE + ["--with_tracking"], "--with_tracking --report_to tensorboard needs tensorboard"),
+    ("datasets", ["--dataset_name", "daily_dialog"], "--dataset_name and JSON / CSV files are read with the `datasets`"),
+])
+def test_a_missing_training_extra_is_named_when_the_arguments_are_parsed(monkeypatch, capsys, missing, flags, expected):
+    train = train_script()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        train.parse_args(flags + ["--train_tokenizer_vocab_size", "100"])
+    err = capsys.readouterr().err
+    assert expected in err and 'pip install -e ".[train]"' in err
+    monkeypatch.undo()
+    train.parse_args(flags + ["--train_tokenizer_vocab_size", "100"])  # all installed: accepted
 
 
 def test_trainer_route_anneals_beta(tiny_model, tmp_path):
@@ -495,8 +555,8 @@ def test_trainer_route_anneals_beta(tiny_model, tmp_path):
     as a 0-d tensor (so that `torch_compile=True` does not recompile per β), logged as `beta`; evaluation at β = 1."""
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Seq2SeqTrainingArguments
 
-    from dior_cvae.data import encode_examples, load_dailydialog_dir, train_tokenizer
-    from dior_cvae.training_utils import DiorTrainer, KLAnnealingCallback
+    from dior_cvae.training.data import encode_examples, load_dailydialog_dir, train_tokenizer
+    from dior_cvae.training.trainer import DiorTrainer, KLAnnealingCallback
 
     examples = load_dailydialog_dir(SAMPLE_DIR, ["validation"])["validation"][:24]
     tokenizer: PreTrainedTokenizerFast = train_tokenizer(
@@ -533,3 +593,17 @@ def test_trainer_route_anneals_beta(tiny_model, tmp_path):
     assert used == [1.0] and math.isfinite(metrics["eval_loss"])
     with pytest.raises(ValueError, match="unknown KL annealing schedule"):
         KLAnnealingCallback("cosine")
+
+
+def test_batch_mean_stderr_is_the_standard_error_of_the_example_mean():
+    from dior_cvae.training.evaluation import batch_mean_stderr
+
+    means = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    equal = torch.stack([means, torch.full((4,), 8.0)], dim=1)
+    assert batch_mean_stderr(equal) == pytest.approx(means.std().item() / 2)  # s / √(number of batches)
+    # unequal batches (a last batch of 2 of 26 examples): the cluster formula term by term
+    sizes = torch.tensor([8.0, 8.0, 8.0, 2.0])
+    m = (sizes * means).sum() / sizes.sum()
+    by_hand = math.sqrt(4 / 3 * sum((n * (x - m)) ** 2 for n, x in zip(sizes.tolist(), means.tolist()))) / 26
+    assert batch_mean_stderr(torch.stack([means, sizes], dim=1)) == pytest.approx(by_hand)
+    assert math.isnan(batch_mean_stderr(equal[:1]))

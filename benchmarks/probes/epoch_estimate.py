@@ -12,7 +12,7 @@ its longest row, optionally rounded up to a multiple of `--pad_to_multiple_of`. 
 are padding, for the source (encoder), the target (decoder) and both.
 
 With `--measure`, the training step (forward + backward + AdamW) of Dior-CVAE with the quality recipe shape
-(examples/dailydialog_experiments.py: d_model 512, 6+6 layers, FFN 2048, latent 32, diffusion prior) is timed at a
+(experiments/dailydialog_experiments.py: d_model 512, 6+6 layers, FFN 2048, latent 32, diffusion prior) is timed at a
 few padded shapes; a fit t(S, T) = a + b·S + c·T gives every batch's time, and their sum is the epoch estimate.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import write_json  # noqa: E402
 
-from dior_cvae.data import LengthGroupedSampler, encode_examples, load_bart_tokenizer_files  # noqa: E402
+from dior_cvae.training.data import LengthGroupedSampler, encode_examples, load_bart_tokenizer_files  # noqa: E402
 
 RECIPE = dict(vocab_size=50265, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
               decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=320,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dior_cvae.data import DataFormatError, _decode, _find_split_file, _read_lines, dailydialog_line_to_utterances
+from .data import DataFormatError, _decode, _find_split_file, _read_lines, dailydialog_line_to_utterances
 
 from .tfidf import TfidfIndex
 
@@ -59,7 +59,7 @@ def normalize_text(text: str) -> str:
 
 
 def read_dailydialog_dialogues(dailydialog_dir: str | os.PathLike, split: str) -> list[tuple[int, list[str]]]:
-    """``(dialogue id, utterances)`` of one ijcnlp split, utterances as :func:`dior_cvae.data.load_dailydialog_dir`
+    """``(dialogue id, utterances)`` of one ijcnlp split, utterances as :func:`dior_cvae.training.data.load_dailydialog_dir`
     reads them (empty ones dropped), so the pairs of dialogue after dialogue are that function's pairs in order."""
     file = _find_split_file(Path(dailydialog_dir), split)
     dialogues = []
@@ -115,7 +115,7 @@ class CleanSplit:
     per DailyDialog++ split, one dict per context (file order) with ``sources`` (``[split, dialogue id, index of
     the context's first turn]`` of every source dialogue), ``kind`` (``exact`` / ``fuzzy``) and ``continuation``
     (the turn after the context in its first source, train before validation before test); ``pair_overlap``: per
-    DailyDialog validation/test, one bool per pair in :func:`dior_cvae.data.load_dailydialog_dir` order (True:
+    DailyDialog validation/test, one bool per pair in :func:`dior_cvae.training.data.load_dailydialog_dir` order (True:
     the pair's dialogue overlaps a training dialogue); ``report``: the counts.
     """
 

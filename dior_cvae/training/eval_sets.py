@@ -4,7 +4,7 @@
   contexts with their 5 human references, each row also with ``continuation`` (the turn that follows the context
   in its DailyDialog source dialogue, :class:`dior_cvae.training.clean_split.CleanSplit`). A model trained on the
   clean split has seen none of their source dialogues.
-* ``dailydialog_validation`` / ``dailydialog_test``: the paper's pairs (:func:`dior_cvae.data.load_dailydialog_dir`),
+* ``dailydialog_validation`` / ``dailydialog_test``: the paper's pairs (:func:`dior_cvae.training.data.load_dailydialog_dir`),
   one reference each, each row with ``overlap`` (True: its dialogue is, or near-duplicates, a training dialogue),
   so every metric can be reported on all, clean and overlapping pairs.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dior_cvae.data import load_dailydialog_dir
+from .data import load_dailydialog_dir
 
 from .clean_split import CleanSplit, build_clean_split, load_dailydialog_pp
 

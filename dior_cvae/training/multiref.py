@@ -11,12 +11,12 @@ The protocol of Zhao et al. (2017) and DialogWAE (Gu et al., 2019) on DailyDialo
   counts over the references, closest reference length), mean over samples: the expected score of one sample.
 * ``relevance_best_ref``: all-MiniLM-L6-v2 cosine of each sample with its closest reference, mean over samples.
 * within a context: ``sample_cosine`` (mean pairwise MiniLM cosine of its samples), ``self_bleu`` (BLEU-2 of each
-  sample against the others, :func:`dior_cvae.metrics.self_bleu`), ``distinct{n}_within`` (Distinct-n of its
+  sample against the others, :func:`dior_cvae.training.metrics.self_bleu`), ``distinct{n}_within`` (Distinct-n of its
   samples); each averaged over the contexts with >= 2 samples; and over the corpus ``distinct{n}`` and
   ``entropy{n}`` of all samples.
 
 BLEU is the paper's: nltk ``sentence_bleu``, weights (1,0,0,0) / (0.5,0.5,0,0), ``SmoothingFunction().method7``
-(an exact match of >= 4 tokens scores BLEU-1 400/3, see :func:`dior_cvae.metrics.bleu`); a hypothesis whose
+(an exact match of >= 4 tokens scores BLEU-1 400/3, see :func:`dior_cvae.training.metrics.bleu`); a hypothesis whose
 scoring raises scores 0. Every lexical metric here reads the texts through
 :func:`dior_cvae.training.clean_split.normalize_text` and splits on whitespace, so a pre-tokenised DailyDialog
 sample (``wrong ?``, ``I ' m``) and a DailyDialog++ reference (``wrong?``, ``I'm``) are compared token for
@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from dior_cvae.metrics import BLEU_WEIGHTS, distinct, entropy, load_embedding_model, self_bleu
+from .metrics import BLEU_WEIGHTS, distinct, entropy, load_embedding_model, self_bleu
 
 from .clean_split import normalize_text
 
@@ -42,7 +42,7 @@ def _sentence_bleu(hypothesis: list[str], references: list[list[str]], n: int) -
             warnings.simplefilter("ignore")  # nltk warns about empty n-gram overlaps; smoothing handles them
             return 100.0 * sentence_bleu(references, hypothesis, weights=BLEU_WEIGHTS[n],
                                          smoothing_function=SmoothingFunction().method7), False
-    except Exception:  # e.g. an empty hypothesis; scored 0 as in dior_cvae.metrics
+    except Exception:  # e.g. an empty hypothesis; scored 0 as in dior_cvae.training.metrics
         return 0.0, True
 
 
@@ -92,7 +92,7 @@ def multiref_bleu(samples: list[str], references: list[str], n: int) -> tuple[fl
 def relevance_best_reference(samples_per_context: list[list[str]], references_per_context: list[list[str]],
                              model: Any = None, batch_size: int = 64, show_progress: bool = False) -> float:
     """Mean over all samples of the MiniLM cosine with the closest reference of their context (in [-1, 1])."""
-    from dior_cvae.metrics import _encode
+    from dior_cvae.training.metrics import _encode
 
     _check(samples_per_context, references_per_context)
     model = model if model is not None else load_embedding_model()
@@ -144,7 +144,7 @@ def score_multiref(samples_per_context: list[list[str]], references_per_context:
     for n in (1, 2, 3):
         scores[f"entropy{n}"] = entropy(flat, n)
     if semantic:
-        from dior_cvae.metrics import sample_similarity
+        from dior_cvae.training.metrics import sample_similarity
 
         model = embedding_model if embedding_model is not None else load_embedding_model()
         subset = slice(0, semantic_contexts)

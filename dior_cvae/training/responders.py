@@ -79,12 +79,12 @@ def score_responder(responder: Responder, eval_set: str, rows: list[dict[str, An
 
     DailyDialog++ sets: ``num_samples`` responses per context, :func:`~.multiref.score_multiref` against the 5
     references. DailyDialog validation/test: the paper's protocol (one response per pair,
-    :func:`dior_cvae.metrics.score_generations` against the pair's reference) under ``all``, ``clean`` and
+    :func:`dior_cvae.training.metrics.score_generations` against the pair's reference) under ``all``, ``clean`` and
     ``overlapping`` (the pairs whose dialogue overlaps a training dialogue; ``{"num_contexts": 0}`` for a subset
     with no pair). ``semantic``: also the MiniLM metrics,
     on the first ``semantic_rows`` rows (of each subset; None: all).
     """
-    from dior_cvae.metrics import score_generations
+    from dior_cvae.training.metrics import score_generations
 
     from .eval_sets import EVAL_SETS, MULTIREF_SETS
     from .multiref import score_multiref

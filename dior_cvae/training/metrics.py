@@ -282,12 +282,14 @@ def score_generations(
 
 
 def read_generations(path: str | Path) -> list[dict]:
-    """Read a JSON Lines file of generation rows (blank lines skipped).
+    """Read a JSON Lines file (``.gz``: gzipped, as train.py and generate.py read) of generation rows (blank lines
+    skipped).
 
     Raises ValueError naming ``path:lineno`` and the reason for a malformed line.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -1,23 +1,17 @@
-"""Hierarchical latent variables: attention pooling, posterior and Gaussian priors (paper §3.1), and the attention
-module that infuses one latent per decoder layer (§3.2).
+"""Hierarchical latent variables (paper §3.1): attention pooling of every encoder layer, the layer-wise Gaussian
+posterior q(z_l | z_<l, c, r) with its aggregator over the layers, and free bits for the KL term of the loss.
 
 Shapes: B batch, S context length, L layers, d = d_model, ls = latent_size.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.bart.modeling_bart import ALL_ATTENTION_FUNCTIONS, BartAttention, eager_attention_forward
 
-from .dior_compat import pop_cache
-
-
-def rng(generator: torch.Generator | None) -> dict:
-    """`generator=` for torch.rand / randn, or nothing for the global RNG: torch.compile cannot trace an
-    explicit `generator=None` with dynamic sizes."""
-    return {} if generator is None else {"generator": generator}
+from .utils_dior import generator_kwargs
 
 # e^-7 ≤ σ ≤ 1, as soft bounds (softplus, so no entry ever sits on a bound without a gradient): posterior noise
 # never exceeds the unit scale of the prior's noise (the authors allow σ up to 12)
@@ -92,16 +86,6 @@ class LayerPooling(nn.Module):
         return pooled if attention_mask.ndim == 3 else pooled[:, 0]
 
 
-class LatentProjection(StackedLinear):
-    """Linear_l(z_l) for every decoder layer at once: latents (B, L, ls) → latent memory (B, L, d)."""
-
-    def __init__(self, config):
-        super().__init__(config.decoder_layers, config.latent_size, config.d_model)
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return super().forward(latents.transpose(0, 1)).transpose(0, 1)
-
-
 class DiagonalGaussian:
     """N(mean, exp(log_std)²) per dimension; entropies and KLs are summed over the last dimension."""
 
@@ -125,13 +109,14 @@ class DiagonalGaussian:
 
     def sample(self, generator=None, temperature: float = 1.0) -> torch.Tensor:
         """mean + temperature · std · ε (no extra multiply at 1: the posterior's sample is on the training path)."""
-        noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, **rng(generator))
+        noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, **generator_kwargs(generator))
         if temperature != 1.0:
             noise = temperature * noise
         return self.mean + self.log_std.exp() * noise
 
     def entropy(self) -> torch.Tensor:
-        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
+        """Summed in float32: a bf16 sum of 64 log σ ≈ −40 would round it to ±0.125 nats."""
+        return (self.log_std.float() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         standardized = (value - self.mean) * torch.exp(-self.log_std)
@@ -178,12 +163,32 @@ class GaussianHeads(nn.Module):
         return self.out_proj(torch.tanh(hidden)).transpose(0, 1)
 
 
-class HierarchicalLatents(nn.Module):
-    """Posterior q(z_l | z_<l, c, r) and, for `prior_type="gaussian"`, the prior p(z_l | z_<l, c).
+class PosteriorSample(NamedTuple):
+    """A draw of the posterior: the latents (B, L, ls), their distribution (a `DiagonalGaussian` over (B, L, ls)) and
+    the aggregator's layer summaries h_l (B, L, ls), which the learned Gaussian prior conditions on."""
 
-    z_<l is summarised by the aggregator of Eq. 9, h_l = tanh(W_h h_{l-1} + W_z z_{l-1}) with h_1 = 0, shared by
-    the posterior and the Gaussian prior (as in the authors' code). Every per-layer weight is stacked over the layer
-    axis (`StackedLinear`); whatever does not depend on z_<l is computed for all layers in one batched matmul.
+    latents: torch.Tensor
+    distribution: DiagonalGaussian
+    summaries: torch.Tensor
+
+
+class KLEstimate(NamedTuple):
+    """A prior's `kl` of a posterior draw, per example (B,): the KL estimate; for the diffusion prior also its two
+    parts, E[log q(z | c, r)] (`neg_entropy`) and the bound on −log p(z | c) (`prior_nll`), None otherwise."""
+
+    kl: torch.Tensor
+    neg_entropy: torch.Tensor | None
+    prior_nll: torch.Tensor | None
+
+
+class HierarchicalLatents(nn.Module):
+    """Posterior q(z_l | z_<l, c, r), layer by layer, and the aggregator of z_<l that it shares with the learned
+    Gaussian prior (`prior_dior.GaussianPrior`, held here as `prior` so that its weights are named
+    `hierarchy.prior.*`).
+
+    z_<l is summarised by the aggregator of Eq. 9, h_l = tanh(W_h h_{l-1} + W_z z_{l-1}) with h_1 = 0 (as in the
+    authors' code). Every per-layer weight is stacked over the layer axis (`StackedLinear`); whatever does not depend
+    on z_<l is computed for all layers in one batched matmul.
     """
 
     def __init__(self, config):
@@ -195,9 +200,7 @@ class HierarchicalLatents(nn.Module):
         self.aggregate_latent = StackedLinear(num_layers - 1, ls, ls) if num_layers > 1 else None
         self.aggregate_hidden = StackedLinear(num_layers - 2, ls, ls, bias=False) if num_layers > 2 else None
         self.posterior = GaussianHeads(num_layers, ls, 2 * d, d, ls)
-        self.prior = None
-        if config.prior_type == "gaussian":
-            self.prior = GaussianHeads(num_layers, ls, d, d, ls)
+        self.prior = None  # the Gaussian priors, set by the model
 
     def _transitions(self):
         """A function (layer, h_l or None, z_l) → h_{l+1}, for a loop over the layers."""
@@ -212,9 +215,10 @@ class HierarchicalLatents(nn.Module):
 
         return next_summary
 
-    def _ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None, temperature: float = 1.0):
-        """z_l ~ head_l(h_l, condition_l) for l = 1..L in order (noise scaled by `temperature`); returns latents,
-        [mean; log_std] and summaries, each (B, L, ·)."""
+    def ancestral(self, heads: GaussianHeads, conditions: torch.Tensor, generator=None,
+                  temperature: float = 1.0) -> PosteriorSample:
+        """z_l ~ heads_l(h_l, condition_l) for l = 1..L in order (noise scaled by `temperature`): the latents, their
+        distribution and the summaries, each over (B, L, ·)."""
         condition_parts = heads.condition(conditions).unbind(0)  # every layer's condition term at once
         head, next_summary = heads.layers(), self._transitions()
         summary, latents, params, summaries = None, [], [], []
@@ -225,14 +229,12 @@ class HierarchicalLatents(nn.Module):
             summaries.append(latent.new_zeros(latent.shape) if summary is None else summary)
             if layer + 1 < self.num_layers:
                 summary = next_summary(layer, summary, latent)
-        return torch.stack(latents, dim=1), torch.stack(params, dim=1), torch.stack(summaries, dim=1)
+        return PosteriorSample(torch.stack(latents, dim=1), DiagonalGaussian.from_params(torch.stack(params, dim=1)),
+                               torch.stack(summaries, dim=1))
 
-    def posterior_sample(self, context_vectors, response_vectors, generator=None):
-        """Returns the posterior sample (B, L, ls), its distribution (a `DiagonalGaussian` over (B, L, ls)), and the
-        layer summaries h_l (B, L, ls)."""
-        conditions = torch.cat([context_vectors, response_vectors], dim=-1)
-        latents, params, summaries = self._ancestral(self.posterior, conditions, generator)
-        return latents, DiagonalGaussian.from_params(params), summaries
+    def posterior_sample(self, context_vectors, response_vectors, generator=None) -> PosteriorSample:
+        """A draw of q(z | c, r) given the pooled context and response vectors (B, L, d) each."""
+        return self.ancestral(self.posterior, torch.cat([context_vectors, response_vectors], dim=-1), generator)
 
     def posterior_log_density_matrix(self, latents, context_vectors, response_vectors) -> torch.Tensor:
         """log q(z_i | c_j, r_j) for every pair of the batch's latents (B, L, ls) and conditions (B, L, d) each: (B, B),
@@ -252,117 +254,76 @@ class HierarchicalLatents(nn.Module):
         per_layer = DiagonalGaussian.from_params(params).log_prob(latents.float().transpose(0, 1)[:, :, None])
         return per_layer.sum(0)
 
-    def prior_dist(self, summaries: torch.Tensor, context_vectors: torch.Tensor) -> DiagonalGaussian:
-        """The learned Gaussian prior of every layer at once, given the summaries (B, L, ls): over (B, L, ls)."""
-        return DiagonalGaussian.from_params(self.prior(summaries, context_vectors))
 
-    def prior_kl(self, posterior: DiagonalGaussian, summaries, context_vectors) -> torch.Tensor:
-        """Σ_l KL(q_l || p_l) per example (B,), with p_l the learned prior, or N(0, I) when there is none."""
-        if self.prior is None:
-            prior = DiagonalGaussian.standard(posterior.mean)
-        else:
-            prior = self.prior_dist(summaries, context_vectors)
-        return posterior.kl(prior).sum(-1)
+class KLLoss(NamedTuple):
+    """The KL part of the loss, as batch means: `kl` the estimate of KL(q ‖ p) (reported as `kl_loss`), `objective`
+    what the loss adds (see `kl_loss`), and the diffusion prior's two parts of `kl` (None for the Gaussian priors)."""
 
-    def prior_sample(self, context_vectors: torch.Tensor, generator=None, temperature: float = 1.0) -> torch.Tensor:
-        """Ancestral sample of the Gaussian prior (learned, or N(0, I) when there is none), its noise scaled by
-        `temperature`: (B, L, ls)."""
-        batch, num_layers = context_vectors.shape[:2]
-        if self.prior is None:
-            shape = (batch, num_layers, self.latent_size)
-            noise = torch.randn(shape, device=context_vectors.device, dtype=context_vectors.dtype, **rng(generator))
-            return temperature * noise
-        return self._ancestral(self.prior, context_vectors, generator, temperature)[0]
+    kl: torch.Tensor
+    objective: torch.Tensor
+    neg_entropy: torch.Tensor | None
+    prior_loss: torch.Tensor | None
 
 
-def _prepend_visible_column(attention_mask, query_length: int, key_length: int, reference):
-    """Make room in a prepared causal self-attention mask for the latent key/value, which every query may see."""
-    if attention_mask is None:
-        if query_length == 1:
-            return None
-        # sdpa relied on `is_causal`, which no longer lines up once a column is prepended: build the mask
-        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=reference.device)
-        attention_mask = attention_mask.tril(key_length - query_length)[None, None]
-    if attention_mask.dtype == torch.bool:
-        slot = torch.ones_like(attention_mask[..., :1])
+def kl_loss(prior, posterior: PosteriorSample, context_vectors: torch.Tensor, kl_weight, free_bits: float,
+            training: bool) -> KLLoss:
+    """The KL term of the ELBO for the posterior draw `posterior`, against `prior` (a `prior_dior.LatentPrior`).
+
+    In evaluation `objective = kl_weight · kl`: the negative ELBO at β = 1. In training (`free_bits_kl_objective`)
+    its value is `kl_weight · max(kl, free_bits)` and the prior's weights are fit to the posterior samples at
+    weight 1: the prior's `kl` also runs on a detached copy of the draw, in one batch of 2B rows, interleaved (row
+    2i: example i, row 2i+1: its detached copy) so that the diffusion bound's λ, stratified over consecutive rows,
+    stays stratified within each half."""
+    prior_fit = None
+    if training and prior.has_weights:
+        def with_copy(tensor):
+            return torch.stack([tensor, tensor.detach()], dim=1).flatten(0, 1)
+
+        distribution = posterior.distribution
+        both = PosteriorSample(with_copy(posterior.latents),
+                               DiagonalGaussian(with_copy(distribution.mean), with_copy(distribution.log_std)),
+                               with_copy(posterior.summaries))
+        estimate = prior.kl(both, with_copy(context_vectors))
+        kl, prior_fit = estimate.kl.view(-1, 2).unbind(1)
+        estimate = KLEstimate(kl, *(None if t is None else t[0::2] for t in estimate[1:]))
+        prior_fit = prior_fit.mean()
     else:
-        slot = torch.zeros_like(attention_mask[..., :1])
-    return torch.cat([slot, attention_mask], dim=-1)
+        estimate = prior.kl(posterior, context_vectors)
+    kl = estimate.kl.mean()
+    neg_entropy, prior_loss = (None, None) if estimate.neg_entropy is None else (
+        estimate.neg_entropy.mean(), estimate.prior_nll.mean())
+    objective = free_bits_kl_objective(kl, prior_fit, kl_weight, free_bits) if training else kl_weight * kl
+    return KLLoss(kl, objective, neg_entropy, prior_loss)
 
 
-class LatentSlotAttention(BartAttention):
-    """BART attention that, when `infuse` is set, adds the key and value of the layer's latent slot (k_proj / v_proj
-    of Linear_l(z_l), precomputed for every layer by `DiorCVAEForConditionalGeneration.latent_slots`: `latent_slots`
-    (B, L, 2·A, heads, head_dim), this attention's pair at `slot_index`) as one extra key/value that every query sees.
+@torch.compiler.disable  # kept out of compiled graphs: inductor cannot generate the kernel fusing it with the mean
+def above_floor(kl_loss: torch.Tensor, floor: float) -> torch.Tensor:
+    """1.0 where the (0-d) KL is above the free-bits floor, else 0.0. NaN counts as above (it reaches the loss);
+    with no floor (0) every value is above, so a diffusion estimate below 0 keeps its gradient."""
+    if floor == 0:
+        return torch.ones_like(kl_loss)
+    return (~(kl_loss <= floor)).to(kl_loss.dtype)
 
-    This is exactly the authors' decoder (a slot at position 0 replaced by Linear_l(z_l) before every layer and
-    prepended to the cross-attention memory), without materialising the slot: its own query output was discarded.
-    The cache holds what BART's holds: self-attention keys of real tokens only (so token positions are BART's), and
-    the cross-attention keys of [slot; encoder states], projected once at the first step. The self-attention slot is
-    concatenated at every step from `latent_slots`, which `forward` always passes; the cross-attention mask comes
-    with the slot's column (`forward` prepends it to the encoder mask once). The weights keep BART's names, so BART
-    checkpoints load unchanged.
+
+def free_bits_kl_objective(kl_loss: torch.Tensor, prior_fit: torch.Tensor | None, kl_weight, floor: float):
+    """What a training loss adds for the KL: value `kl_weight · max(kl_loss, floor)`, gradient split between the
+    KL's two sides.
+
+    - the posterior (and the response encoding) gets β times the floored KL's gradient: below the floor the latent
+      carries information for free (free bits, Kingma et al. 2016), so the decoder learns to use it before the KL
+      pressure closes it;
+    - the prior's weights get the gradient of `prior_fit` (the same KL with the posterior samples detached) at
+      weight 1, always: maximum likelihood on the posterior samples, so that the prior keeps following the posterior
+      while β is annealed or the floor holds. `prior_fit` is None for a prior without weights (N(0, I)).
+    At β = 1 above the floor this is the ELBO's exact gradient.
     """
+    above = above_floor(kl_loss.detach(), floor)
+    objective = kl_weight * (above * kl_loss + (1 - above) * floor)  # no gradient below the floor
+    if prior_fit is None:
+        return objective
+    prior_share = 1 - kl_weight * above  # what `objective` left to give the prior, so that it gets weight 1
+    return objective + prior_share * (prior_fit - prior_fit.detach())  # gradient only
 
-    def __init__(self, *args, infuse: bool = True, slot_index: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.infuse = infuse
-        self.slot_index = slot_index
 
-    def _heads(self, states: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        batch = states.shape[0]
-        return proj(states).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, len, hd)
-
-    def _with_slot(self, latent_slots, key_states, value_states):
-        """[slot; keys] and [slot; values]: this attention's pair of `latent_slots` (B, L, 2·A, heads, hd) prepended
-        on the length axis of (B, heads, len, hd). Only where it is used: a cached cross-attention already holds it."""
-        pair = latent_slots[:, self.layer_idx, 2 * self.slot_index : 2 * self.slot_index + 2]  # (B, 2, heads, hd)
-        slot_key, slot_value = pair.to(key_states.dtype).unsqueeze(3).unbind(1)  # (B, heads, 1, hd) each
-        return torch.cat([slot_key, key_states], dim=2), torch.cat([slot_value, value_states], dim=2)
-
-    def forward(self, hidden_states, key_value_states=None, attention_mask=None, latent_slots=None, **kwargs):
-        cache = pop_cache(kwargs)  # EncoderDecoderCache or None
-        is_cross_attention = key_value_states is not None
-        batch, query_length = hidden_states.shape[:2]
-        if self.infuse and latent_slots is None:
-            raise ValueError(f"decoder layer {self.layer_idx} infuses a latent: `latent_slots` is required")
-
-        query_states = self._heads(hidden_states, self.q_proj)
-        if is_cross_attention:
-            if cache is not None and cache.is_updated.get(self.layer_idx):
-                layer_cache = cache.cross_attention_cache.layers[self.layer_idx]
-                key_states, value_states = layer_cache.keys, layer_cache.values  # [slot; memory], from step one
-            else:
-                key_states = self._heads(key_value_states, self.k_proj)
-                value_states = self._heads(key_value_states, self.v_proj)
-                if self.infuse:
-                    key_states, value_states = self._with_slot(latent_slots, key_states, value_states)
-                if cache is not None:
-                    key_states, value_states = cache.cross_attention_cache.update(
-                        key_states, value_states, self.layer_idx
-                    )
-                    cache.is_updated[self.layer_idx] = True
-        else:
-            key_states, value_states = self._heads(hidden_states, self.k_proj), self._heads(hidden_states, self.v_proj)
-            if cache is not None:
-                key_states, value_states = cache.self_attention_cache.update(key_states, value_states, self.layer_idx)
-            if self.infuse:
-                key_states, value_states = self._with_slot(latent_slots, key_states, value_states)
-                attention_mask = _prepend_visible_column(attention_mask, query_length, key_states.shape[2] - 1,
-                                                         hidden_states)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(batch, query_length, -1).contiguous()
-        return self.out_proj(attn_output), attn_weights
+__all__ = ["DiagonalGaussian", "GaussianHeads", "HierarchicalLatents", "KLEstimate", "KLLoss", "LayerPooling",
+           "PosteriorSample", "StackedLinear", "free_bits_kl_objective", "kl_loss"]

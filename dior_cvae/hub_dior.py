@@ -1,9 +1,11 @@
-"""The Dior-CVAE model card (README.md), rendered with huggingface_hub's `ModelCard` / `ModelCardData`.
+"""The Hub side of a saved model: the Dior-CVAE model card (README.md, rendered with huggingface_hub's `ModelCard` /
+`ModelCardData`), saving with the card and the pipeline, and uploading.
 
-Shipped with the model's remote code: `save_pretrained` writes `model_card(config)` into every folder that has no
-README.md yet, `push_to_hub` uploads that card instead of transformers' generic one, and `examples/train.py` writes
-the full card (data, training procedure, results, samples) through the same function. Imports only transformers'
-own dependencies (huggingface_hub).
+`save_pretrained` (`save_with_card`) writes `model_card(config)` into every folder that has no README.md yet and
+names the `dialog-generation` pipeline in config.json; `push_to_hub` (`push_model`) uploads that card instead of
+transformers' generic one; `examples/train.py` writes the full card (data, training procedure, results, samples)
+through `model_card` and uploads through `upload_model_folder`. Imports only transformers' own dependencies
+(huggingface_hub).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import EntryNotFoundError
 
-from .pipeline_dior import HUB_TASK
+from .pipeline_dior import CUSTOM_PIPELINES, HUB_TASK
 
 TAGS = ["dior-cvae", "dialog", "cvae", "diffusion", "dialog-generation"]
 
@@ -158,20 +160,54 @@ def write_model_card_if_missing(config, folder) -> None:
         model_card(config).save(readme)
 
 
+def save_with_card(save_pretrained, config, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    """`save_pretrained` (transformers') into `save_directory` with config.json naming the `dialog-generation`
+    pipeline and README.md the Dior card (unless the folder has one); with `push_to_hub`, then uploaded
+    (`repo_id`, `token`, `commit_message`, `private`, `create_pr`)."""
+    config.custom_pipelines = {**(getattr(config, "custom_pipelines", None) or {}), **CUSTOM_PIPELINES}
+    hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
+                  if k in kwargs}
+    save_pretrained(save_directory, *args, **kwargs)
+    give_weights_umask_permissions(save_directory)
+    write_model_card_if_missing(config, save_directory)
+    if push_to_hub:
+        return upload_model_folder(save_directory, **hub_kwargs)
+    return None
+
+
+def give_weights_umask_permissions(folder) -> None:
+    """The safetensors files `save_pretrained` just wrote get the permissions of any new file (0o666 less the umask):
+    safetensors writes them through a private temporary file, mode 0o600, which other users could not read."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = set(json.load(f)["weight_map"].values())
+    else:
+        names = {"model.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
 def upload_model_folder(folder, repo_id: str | None = None, *, keep_hub_card: bool = False, token=None, private=None,
-                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False):
+                        commit_message=None, commit_description=None, revision=None, create_pr: bool = False,
+                        ignore_patterns=None):
     """Create the Hub repo if needed (default name: the folder's) and upload `folder` with its README.md; with
-    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded."""
+    `keep_hub_card`, a Dior card already in the repo (tag "dior-cvae") is kept and the folder's is not uploaded.
+    `ignore_patterns`: files of `folder` not to upload (e.g. a training run's checkpoints)."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
                               exist_ok=True).repo_id
-    ignore = None
+    ignore = list(ignore_patterns or [])
     if keep_hub_card:
         try:
-            ignore = ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else None
+            ignore += ["README.md"] if "dior-cvae" in (ModelCard.load(repo_id, token=token).data.tags or []) else []
         except EntryNotFoundError:
             pass
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore, revision=revision,
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=ignore or None, revision=revision,
                              commit_message=commit_message or "Upload Dior-CVAE model", create_pr=create_pr,
                              commit_description=commit_description)
 

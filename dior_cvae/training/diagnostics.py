@@ -10,9 +10,13 @@
   posterior is.
 """
 
+import io
 import math
 
 import torch
+
+from ..latent_dior import DiagonalGaussian
+from .outputs import write_atomic
 
 
 @torch.no_grad()
@@ -24,17 +28,18 @@ def latent_statistics(model, batches, num_inference_steps=None, generator=None, 
     if not model.config.has_latent:
         raise ValueError('latent diagnostics need a latent model (prior_type is "none")')
     model.eval()
-    gaussian_prior = model.diffusion_prior is None and model.hierarchy.prior is not None
+    gaussian_prior = model.config.prior_type == "gaussian"
     means, log_stds, samples, priors, kls, mi_terms, layer_kls = [], [], [], [], [], [], []
     for batch in batches:
         batch = {k: v.to(model.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         _, context_vectors = model.encode(batch["input_ids"], batch["attention_mask"])
         response_vectors = model.encode_response(batch["labels"])
-        latents, posterior, summaries = model.hierarchy.posterior_sample(context_vectors, response_vectors)
+        draw = model.hierarchy.posterior_sample(context_vectors, response_vectors)
+        latents, posterior, summaries = draw
         if gaussian_prior:
-            prior = model.hierarchy.prior_dist(summaries, context_vectors)
+            prior = DiagonalGaussian.from_params(model.prior(summaries, context_vectors))
             layer_kls.append(posterior.kl(prior).float().mean(0).cpu())  # (L,)
-        kl = model.kl_divergence(latents, posterior, summaries, context_vectors, generator)[0]
+        kl = model.prior.kl(draw, context_vectors, generator).kl
         kls.append(kl.float().cpu())
         means.append(posterior.mean.float().cpu())
         log_stds.append(posterior.log_std.float().cpu())
@@ -99,8 +104,10 @@ def plot_latents(stats: dict, path, title: str = "") -> None:
     ax.set_title(f"{title} norm ratio {stats['prior_posterior_norm_ratio']:.2f}".strip())
     ax.legend(markerscale=4)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 __all__ = ["latent_statistics", "mutual_information", "plot_latents"]

@@ -49,6 +49,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..pipeline_dior import tokenize_contexts
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -207,7 +209,7 @@ def load_dailydialog_dir(
     """Load DailyDialog (context, response) pairs from a folder.
 
     For each split the folder must hold one of ``dialogues_{split}.txt``,
-    ``dialogues_{split}.txt.gz`` (the ijcnlp release names) or ``{split}.txt``,
+    ``dialogues_{split}.txt.gz`` (the names in the ijcnlp archive) or ``{split}.txt``,
     ``{split}.txt.gz`` (tried in that order); one dialogue per line, utterances
     separated by ``__eou__``.
 
@@ -575,7 +577,9 @@ def encode_example(
     LEFT to ``max_source_length`` (the most recent turns are kept; ``<s>`` stays
     first and ``</s>`` last). ``labels`` = ``<s> response </s>``, truncated from
     the right to ``max_target_length`` (``</s>`` stays last). Special tokens are
-    the tokenizer's bos/eos. ``labels`` is left out if the example has no
+    the tokenizer's bos/eos and the turn separator: a special token typed in the
+    text ("</s>", "<pad>", ...) is tokenized as its characters
+    (``pipeline_dior.tokenize_contexts``). ``labels`` is left out if the example has no
     ``"response"`` (or it is None), e.g. at inference time.
 
     ``turn_separator`` defaults to the tokenizer's eos token (``</s>``).
@@ -625,12 +629,15 @@ def encode_examples(
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress or len(examples) == 0):
         batch = examples[start : start + batch_size]
-        sources = [format_context(ex, separator) for ex in batch]
-        source_ids = tokenizer(sources, add_special_tokens=False, verbose=False)["input_ids"]
+        # user text is text: special tokens typed in the data are tokenized as characters (tokenize_contexts)
+        source_ids = tokenize_contexts(
+            tokenizer, [list(ex.get("persona") or []) + list(ex["context"]) for ex in batch], separator
+        )
         has_target = [ex.get("response") is not None for ex in batch]
         targets = [ex["response"] for ex, has in zip(batch, has_target) if has]
         target_ids = iter(
-            tokenizer(targets, add_special_tokens=False, verbose=False)["input_ids"] if targets else []
+            tokenizer(targets, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            if targets else []
         )
         for src, has in zip(source_ids, has_target):
             item = {"input_ids": _wrap_left_truncated(src, bos, eos, max_source_length)}

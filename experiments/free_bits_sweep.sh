@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # The kl_free_bits sweep of docs/results.md on one GPU: three diffusion runs side by side, 3 minutes each, then
 # validation generations (1,000 contexts, sampling) and latent diagnostics; score them with examples/score.py.
-#   bash examples/free_bits_sweep.sh DATA_DIR TOKENIZER_DIR OUT_DIR
+#   bash experiments/free_bits_sweep.sh DATA_DIR TOKENIZER_DIR OUT_DIR
 set -uo pipefail
 data=$1; tok=$2; OUT=$3
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-# the recipe of examples/dailydialog_experiments.py (model shape, training arguments); later flags override earlier
+# the recipe of experiments/dailydialog_experiments.py (model shape, training arguments); later flags override earlier
 # ones: a shorter KL annealing for 3 minutes, no validation passes during training, fewer validation examples
-read -r B < <(python3 -c "import sys; sys.path.insert(0, 'examples'); import dailydialog_experiments as e; print(e.BASE_CONFIG)")
-mapfile -t RECIPE < <(python3 -c "import sys; sys.path.insert(0, 'examples'); import dailydialog_experiments as e; print(*e.TRAIN_ARGS, sep='\n')")
+mapfile -t MODEL < <(python3 -c "import sys; sys.path.insert(0, 'experiments'); import dailydialog_experiments as e; print(*e.config_flags(e.BASE_CONFIG), sep='\n')")
+mapfile -t RECIPE < <(python3 -c "import sys; sys.path.insert(0, 'experiments'); import dailydialog_experiments as e; print(*e.TRAIN_ARGS, sep='\n')")
 for fb in 1.0 0.25 0.1; do
   python3 -m accelerate.commands.launch --num_processes 1 --mixed_precision bf16 --dynamo_backend no examples/train.py \
     --dataset_dir "$data" --tokenizer_name "$tok" --overwrite_output_dir \
-    --config_overrides "$B,prior_type=diffusion,kl_free_bits=$fb" --max_train_minutes 3 --output_dir "$OUT/fb$fb" \
+    "${MODEL[@]}" --prior_type diffusion --kl_free_bits "$fb" --max_train_minutes 3 --output_dir "$OUT/fb$fb" \
     "${RECIPE[@]}" --kl_annealing_steps 1000 --num_eval_generation_samples 0 --eval_steps 100000 \
     --num_sample_contexts 0 --max_eval_samples 500 > "$OUT/train_$fb.log" 2>&1 &
 done
