@@ -13,9 +13,13 @@ random draws undone: see `decode`).
 It serves greedy search and multinomial sampling with the processors listed in `processor_specs` (temperature,
 top-k, top-p, min-p, forced EOS, minimum lengths: those of the default generation config and of the paper's
 top-k / top-p sampling) and the max-length / EOS stopping criteria. Anything else — streamers, `output_scores`,
-repetition penalties, `synced_gpus`, custom criteria — goes through transformers' own loop, unchanged. The tokens
-are those of transformers' loop under the same seed: the processors below are transformers' arithmetic, and the
-token choice is the same `torch.multinomial` / `argmax` on the same probabilities.
+repetition penalties, `synced_gpus`, custom criteria, a cache passed in — goes through transformers' own loop as
+transformers sets it up. The processors below are transformers' arithmetic and the token choice is the same
+`torch.multinomial` / `argmax`, drawing the same random numbers; what that guarantees: in float32, with given
+latents and the same seed, the tokens equal transformers' loop's (tested on the CPU, eager and compiled, and on
+CUDA by tests/test_cuda.py), and so does the global RNG state after the call. In bf16 the compiled kernels round
+differently from eager ones, and a sampled row parts from transformers' loop after a near tie: the share of equal
+rows was measured (docs/performance.md, results/graph_decoding_check_h200.json), not guaranteed.
 """
 
 import copy

@@ -168,10 +168,28 @@ def save_with_card(save_pretrained, config, save_directory, *args, push_to_hub: 
     hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "commit_message", "private", "create_pr")
                   if k in kwargs}
     save_pretrained(save_directory, *args, **kwargs)
+    give_weights_umask_permissions(save_directory)
     write_model_card_if_missing(config, save_directory)
     if push_to_hub:
         return upload_model_folder(save_directory, **hub_kwargs)
     return None
+
+
+def give_weights_umask_permissions(folder) -> None:
+    """The safetensors files `save_pretrained` just wrote get the permissions of any new file (0o666 less the umask):
+    safetensors writes them through a private temporary file, mode 0o600, which other users could not read."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = set(json.load(f)["weight_map"].values())
+    else:
+        names = {"model.safetensors"}
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
 
 
 def upload_model_folder(folder, repo_id: str | None = None, *, keep_hub_card: bool = False, token=None, private=None,

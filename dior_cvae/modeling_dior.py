@@ -67,7 +67,9 @@ class DiorCVAEOutput(Seq2SeqLMOutput):
             `latents` are given too: the KL is a property of the posterior, not of given latents).
         rc_loss (`torch.FloatTensor`): reconstruction cross-entropy, summed over tokens, averaged over examples.
         kl_loss (`torch.FloatTensor`): KL term per example, averaged; for the diffusion prior it is
-            `neg_entropy + prior_loss` (Eq. 16).
+            `neg_entropy + prior_loss` (Eq. 16), a one-sample Monte-Carlo estimate (one posterior sample, one noise
+            level and noise draw per example): its expectation is the KL, ≥ 0, but one example's value, and so a
+            single example's `loss`, can be negative. Average over many examples (an evaluation set) to read it.
         neg_entropy (`torch.FloatTensor`): E[log q(z | c, r)] = −entropy of the posterior (diffusion prior only).
         prior_loss (`torch.FloatTensor`): the bound on −log p(z | c) of the posterior samples (diffusion prior only).
         latents (`torch.FloatTensor` of shape `(batch_size, num_layers, latent_size)`): the latents decoded with.

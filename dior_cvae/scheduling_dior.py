@@ -20,8 +20,9 @@ Solvers (`sampler`), all in terms of the denoiser's x̂0 and ε̂ at the current
 
 Every per-step coefficient is precomputed by `set_timesteps` into one device tensor, so `step` issues only tensor
 arithmetic (no host syncs: the loop can be captured in a CUDA graph). `tests/test_prior.py` checks DDIM against
-diffusers' `DDIMScheduler` on the same α, σ grid (when diffusers is installed) and every solver against the exact
-probability-flow ODE solution of Gaussian data (DPM-Solver++ second order, DDIM first order).
+diffusers' `DDIMScheduler` on the same α, σ grid (when diffusers is installed), the noise-free solvers against the
+exact probability-flow ODE solution of Gaussian data (DPM-Solver++ second order, DDIM first order), and DDPM (a
+stochastic sampler, with no ODE path to compare) by the mean and spread of its samples of Gaussian data.
 Not diffusers itself: this file is remote code, and every import here would become a requirement of *loading* a
 checkpoint (diffusers is in neither the usual transformers install nor our GPU image).
 """

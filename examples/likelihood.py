@@ -54,8 +54,9 @@ def main(argv=None):
     p.add_argument("--max_samples", type=int, help="only the first N contexts (--input_file) or pairs (--dataset_dir)")
     p.add_argument("--num_samples", type=int, default=50, help="posterior samples K per response (>= 50 recommended)")
     p.add_argument("--samples_per_pass", type=int, default=None, help="posterior samples decoded per pass (memory)")
-    p.add_argument("--prior_bound_samples", type=int, default=16,
-                   help="diffusion prior: (λ, ε) draws averaged into each latent's bound on -log p(z | c)")
+    p.add_argument("--prior_bound_samples", type=int, default=1,
+                   help="diffusion prior: evaluations of each latent's bound on -log p(z | c) averaged (each already "
+                        "averages 16 stratified noise levels)")
     p.add_argument("--batch_size", type=int, default=16, help="responses per pass")
     p.add_argument("--max_source_length", type=int, default=256)
     p.add_argument("--max_target_length", type=int, default=64)

@@ -31,16 +31,22 @@ from score import load_train_responses, score_rows, trivial_rows  # noqa: E402
 from dior_cvae import DiorCVAEConfig  # noqa: E402
 from dior_cvae.training.metrics import read_generations  # noqa: E402
 
+# DailyDialog++ test rows (k samples, 5 references) add dior_cvae.training.multiref.score_multiref's fields
+MULTISAMPLE = ("bleu1_precision", "bleu1_recall", "bleu1_f1", "bleu2_precision", "bleu2_recall", "bleu2_f1",
+               "bleu1_multiref", "bleu2_multiref", "self_bleu", "distinct1_within", "distinct2_within",
+               "relevance_best_ref", "sample_cosine")
 METRICS = ("bleu1", "bleu2", "distinct1", "distinct2", "entropy1", "entropy2", "entropy3", "relevance", "self_bleu5",
-           "sample_cosine5", "multiref_bleu1", "multiref_bleu2", "multiref_matched")
+           "sample_cosine5", "multiref_bleu1", "multiref_bleu2", "multiref_matched", *MULTISAMPLE)
 SOLVER_RE = re.compile(r"^(dpmsolverpp|ddim|ddpm)(\d+)$")
-TEMPERATURE_RE = re.compile(r"^(sampling|5samples)_(tau|T)(\d+(?:\.\d+)?)$")  # prior (tau) / token (T) temperature
+# prior (tau) / token (T) temperature of `sampling`, `5samples` (older work folders) or `{k}samples` generations
+TEMPERATURE_RE = re.compile(r"^(sampling|\d+samples)_(tau|T)(\d+(?:\.\d+)?)$")
 KNOBS = {"tau": "prior_temperature", "T": "token_temperature"}
-CACHE_VERSION = 2
+DDPP_SPLIT = "ddpptest"  # {run}__ddpptest__{k}samples*.jsonl: the held-out DailyDialog++ test contexts
+CACHE_VERSION = 3
 DEFAULTS = DiorCVAEConfig()  # what a run without an override of a field trained with
 
 
-CASE_STUDY_RUNS = ("diffusion", "gaussian", "none")  # the case study: the default, a Gaussian prior, the control
+CASE_STUDY_RUNS = ("diffusion", "gaussian", "standard", "none")  # the case study: the default, the Gaussian priors, the control
 
 
 def parse_overrides(command: str) -> dict:
@@ -120,10 +126,12 @@ class Scorer:
             self._model = load_embedding_model()
         return self._model
 
-    def score(self, job: str, rows_fn, stamp: dict, multiref: bool) -> dict:
+    def score(self, job: str, rows_fn, stamp: dict, multiref: bool, multisample: bool = False) -> dict:
+        """score.py's metrics of the rows; `multisample` (rows with k samples and a list of references): also
+        `score_multiref`'s multi-sample, multi-reference metrics (their names win where both have one)."""
         cache = self.cache_dir / f"{job}.json"
         key = {**stamp, "semantic": self.semantic, "semantic_rows": self.semantic_rows, "multiref_file": self.multiref_file if multiref else None,
-               "version": CACHE_VERSION}
+               "multisample": multisample, "version": CACHE_VERSION}
         if cache.is_file():
             cached = json.loads(cache.read_text())
             if cached.get("_cache_key") == key:
@@ -132,6 +140,13 @@ class Scorer:
                             multiref_file=self.multiref_file if multiref else None,
                             multiref_min_fraction=self.min_fraction, source=job, show_progress=False,
                             semantic_rows=self.semantic_rows)
+        if multisample:
+            from dior_cvae.training.multiref import score_multiref
+
+            rows = rows_fn()
+            scores.update(score_multiref([r["samples"] for r in rows], [r["reference"] for r in rows],
+                                         embedding_model=self.model, semantic=self.semantic,
+                                         semantic_contexts=self.semantic_rows))
         scores["_cache_key"] = key
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(scores, indent=2) + "\n")
@@ -150,10 +165,17 @@ def main(argv=None):
     p.add_argument("--dataset_dir", help="DailyDialog folder: training responses for the random_train responder")
     p.add_argument("--multiref_file", help="DailyDialog++ test (.json.gz): multiref BLEU of the test-split rows")
     p.add_argument("--multiref_min_fraction", type=float, default=0.01)
+    p.add_argument("--ddpp_dir", help="DailyDialog++ folder: with --dataset_dir, DailyDialog validation/test rows are "
+                   "also scored on their clean and overlapping pairs (dior_cvae.training.clean_split)")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     scorer = Scorer(work, not args.no_semantic, args.multiref_file, args.multiref_min_fraction, args.semantic_rows)
+    overlap = {}
+    if args.ddpp_dir and args.dataset_dir:
+        from dior_cvae.training.clean_split import build_clean_split
+
+        overlap = build_clean_split(args.dataset_dir, args.ddpp_dir).pair_overlap  # {split: [bool per pair]}
 
     commands = {row["name"]: row["command"] for row in read_jsonl(work / "commands.jsonl")}
     minutes = {row["name"]: round(row["seconds"] / 60, 1) for row in read_jsonl(work / "timings.jsonl")}
@@ -170,11 +192,26 @@ def main(argv=None):
             print(f"skipping {gen_file.name}: not {{run}}__{{split}}__{{decoding}}.jsonl", file=sys.stderr)
             continue
         name, split, decoding = parts
-        base_split = "validation" if split.startswith("validation") else "test" if split.startswith("test") else split
+        base_split = ("ddpp_test" if split == DDPP_SPLIT else "validation" if split.startswith("validation")
+                      else "test" if split.startswith("test") else split)
         stat = gen_file.stat()
-        scores = scorer.score(job, lambda f=gen_file: read_generations(f), {"size": stat.st_size, "mtime": stat.st_mtime},
-                              multiref=base_split == "test")
+        stamp = {"size": stat.st_size, "mtime": stat.st_mtime}
+        scores = scorer.score(job, lambda f=gen_file: read_generations(f), stamp,
+                              multiref=base_split == "test" and args.multiref_file is not None,
+                              multisample=split == DDPP_SPLIT)
+        subsets = []  # (subset name, scores) of the clean and the overlapping pairs of a DailyDialog split
+        if split in overlap and decoding == "sampling":
+            for subset, flag in ((f"{split}_clean", False), (f"{split}_overlap", True)):
+                def subset_rows(f=gen_file, flag=flag, flags=overlap[split]):
+                    rows = read_generations(f)
+                    if len(rows) > len(flags):
+                        raise SystemExit(f"{f}: {len(rows)} rows, more than the {len(flags)} pairs of the split")
+                    return [row for row, overlapping in zip(rows, flags) if overlapping == flag]
+                if subset_rows():
+                    subsets.append((subset, scorer.score(f"{job}__{subset}", subset_rows, stamp, multiref=False)))
         if split in ("validation", "test") and split not in references and decoding in ("sampling", "beam5"):
+            references[split] = gen_file
+        if split == DDPP_SPLIT and split not in references and TEMPERATURE_RE.match(decoding) is None:
             references[split] = gen_file
         solver = SOLVER_RE.match(decoding)
         if solver:
@@ -196,14 +233,16 @@ def main(argv=None):
         diag = diagnostics(f"{name}__diagnostics")
         history = read_jsonl(work / "models" / name / "log_history.jsonl")
         epochs = max((r["epoch"] for r in history if "epoch" in r), default=None)
-        runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout, "seed": train_seed(train_command),
-                     "kl_free_bits": free_bits(prior, overrides), "split": base_split,
-                     "subset": split, "decoding": decoding, **{m: scores.get(m) for m in METRICS},
-                     "num_contexts": scores.get("num_contexts"),
-                     "active_units": diag.get("active_units"),
-                     "prior_posterior_norm_ratio": diag.get("prior_posterior_norm_ratio"),
-                     "train_minutes": minutes.get(name), "epochs": round(epochs, 2) if epochs is not None else None,
-                     "gpu": args.gpu, "command": train_command or None})
+        for subset, subset_scores in [(split, scores), *subsets]:
+            runs.append({"name": name, "prior": prior, "memory_dropout": memory_dropout,
+                         "seed": train_seed(train_command), "kl_free_bits": free_bits(prior, overrides),
+                         "split": base_split, "subset": subset, "decoding": decoding,
+                         **{m: subset_scores.get(m) for m in METRICS}, "num_contexts": subset_scores.get("num_contexts"),
+                         "active_units": diag.get("active_units"),
+                         "prior_posterior_norm_ratio": diag.get("prior_posterior_norm_ratio"),
+                         "train_minutes": minutes.get(name), "epochs": round(epochs, 2) if epochs is not None else None,
+                         "clean_split": "--clean_split" in train_command, "gpu": args.gpu,
+                         "command": train_command or None})
 
     train = load_train_responses(args.dataset_dir) if args.dataset_dir else None
     for split, gen_file in sorted(references.items()):
@@ -212,26 +251,33 @@ def main(argv=None):
             scores = scorer.score(f"trivial__{split}__{kind}",
                                   lambda f=gen_file, k=kind: trivial_rows(read_generations(f)[:], k, train, args.seed),
                                   {"source": gen_file.name, "size": stat.st_size, "mtime": stat.st_mtime,
-                                   "seed": args.seed}, multiref=split == "test")
+                                   "seed": args.seed}, multiref=split == "test" and args.multiref_file is not None,
+                                  multisample=split == DDPP_SPLIT)
             runs.append({"name": kind, "prior": "trivial", "memory_dropout": None, "seed": None, "kl_free_bits": None,
-                         "split": split, "subset": split, "decoding": kind, **{m: scores.get(m) for m in METRICS},
+                         "split": "ddpp_test" if split == DDPP_SPLIT else split, "subset": split, "decoding": kind,
+                         **{m: scores.get(m) for m in METRICS},
                          "num_contexts": scores.get("num_contexts"), "active_units": None,
                          "prior_posterior_norm_ratio": None, "train_minutes": None, "epochs": None, "gpu": None,
                          "command": None})
 
     knob_of = {r["name"]: r["knob"] for r in sweep}  # one knob per run
     for run in runs:  # the main rows are the sweeps' temperature-1 points
-        if run["name"] in knob_of and run["subset"] in ("validation", "test") and run["decoding"] in ("sampling",
-                                                                                                     "5samples"):
+        if run["name"] in knob_of and run["subset"] in ("validation", "test", DDPP_SPLIT) and (
+                run["decoding"] == "sampling" or run["decoding"].endswith("samples")):
             sweep.append({"name": run["name"], "split": run["subset"], "decoding": run["decoding"],
                           "knob": knob_of[run["name"]], "value": 1.0, **{m: run.get(m) for m in METRICS},
                           "num_contexts": run["num_contexts"]})
     sweep.sort(key=lambda r: (r["name"], r["split"], r["decoding"], r["value"]))
     solvers.sort(key=lambda r: (r["solver"], r["steps"]))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"runs": runs, "solvers": solvers, "temperature_sweep": sweep},
-                                             indent=2) + "\n")
-    print(markdown_table(runs, solvers, sweep))
+    likelihood = []  # examples/likelihood.py's estimates, one per run
+    for path in sorted((work / "likelihood").glob("*__likelihood.json")):
+        name = path.name.split("__")[0]
+        likelihood.append({"name": name, "prior": prior_and_dropout(name, parse_overrides(commands.get(f"train:{name}", "")))[0],
+                           **json.loads(path.read_text()), "command": commands.get(f"likelihood.py:{path.stem}")})
+    Path(args.results).write_text(json.dumps({"runs": runs, "solvers": solvers, "temperature_sweep": sweep,
+                                              "likelihood": likelihood}, indent=2) + "\n")
+    print(markdown_table(runs, solvers, sweep, likelihood))
     written = plot(runs, solvers, work, Path(args.plots_dir), sweep)
     study = case_study(work, CASE_STUDY_RUNS)
     if study:
@@ -240,18 +286,21 @@ def main(argv=None):
     print(f"wrote {args.results}" + "".join(f", {p}" for p in written), file=sys.stderr)
 
 
-def case_study(work: Path, names, contexts: int = 5) -> str:
-    """Markdown: the first `contexts` test contexts of each run's 5-sample file, every sample as it came out (the
-    files' order, nothing picked). Runs without a 5-sample file are left out; "" when none has one."""
+def case_study(work: Path, names, contexts: int = 5, samples: int = 5) -> str:
+    """Markdown: the first `contexts` DailyDialog++ test contexts of each run's k-sample file (prior / token
+    temperature 1) with their references and the first `samples` samples, as they came out (the files' order,
+    nothing picked). Runs without such a file are left out; "" when none has one."""
     parts = []
     for name in names:
-        path = work / "generations" / f"{name}__test__5samples.jsonl"
-        if not path.is_file():
+        paths = sorted((work / "generations").glob(f"{name}__{DDPP_SPLIT}__*samples.jsonl"))
+        if not paths:
             continue
         parts.append(f"**{name}**\n")
-        for i, row in enumerate(read_jsonl(path)[:contexts], start=1):
-            lines = [f"{i}. context: {' __eou__ '.join(row['context'])}  ", f"   reference: {row['reference']}"]
-            lines += [f"   - {sample}" for sample in row["samples"]]
+        for i, row in enumerate(read_jsonl(paths[0])[:contexts], start=1):
+            references = row["reference"] if isinstance(row["reference"], list) else [row["reference"]]
+            lines = [f"{i}. context: {' __eou__ '.join(row['context'])}  "]
+            lines += [f"   reference: {reference}  " for reference in references]
+            lines += [f"   - {sample}" for sample in row["samples"][:samples]]
             parts.append("\n".join(lines))
         parts.append("")
     return "\n".join(parts)
@@ -264,11 +313,27 @@ def _fmt(value) -> str:
         f"{value:.2f}" if isinstance(value, float) else str(value))
 
 
-def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()) -> str:
-    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "split", "decoding", "bleu1", "bleu2", "distinct1",
+def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = (), likelihood: list[dict] = ()) -> str:
+    lines = []
+    ddpp = [r for r in runs if r["split"] == "ddpp_test"]
+    if ddpp:  # the clean protocol's table first: k samples per held-out DailyDialog++ test context, 5 references
+        dcols = ("name", "prior", "decoding", "bleu1_precision", "bleu1_recall", "bleu1_f1", "bleu2_precision",
+                 "bleu2_recall", "bleu2_f1", "bleu1_multiref", "bleu2_multiref", "relevance_best_ref", "sample_cosine",
+                 "self_bleu", "distinct2_within", "distinct1", "distinct2", "epochs")
+        lines += ["| " + " | ".join(dcols) + " |", "|" + "---|" * len(dcols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in dcols) + " |" for r in ddpp]
+        lines.append("")
+    if likelihood:
+        lcols = ("name", "prior", "nll_per_response", "neg_elbo_per_response", "nll_per_token", "num_samples",
+                 "responses", "estimator")
+        lines += ["| " + " | ".join(lcols) + " |", "|" + "---|" * len(lcols)]
+        lines += ["| " + " | ".join(_fmt(r.get(c)) for c in lcols) + " |" for r in likelihood]
+        lines.append("")
+    runs = [r for r in runs if r["split"] != "ddpp_test"]
+    cols = ("name", "prior", "memory_dropout", "kl_free_bits", "subset", "decoding", "bleu1", "bleu2", "distinct1",
             "distinct2", "entropy3", "relevance", "self_bleu5", "sample_cosine5", "multiref_bleu1", "multiref_bleu2",
             "multiref_matched", "active_units", "prior_posterior_norm_ratio", "train_minutes", "epochs")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in runs]
     if solvers:
         scols = ("solver", "steps", "bleu1", "bleu2", "distinct2", "prior_posterior_norm_ratio", "active_units")
@@ -276,7 +341,7 @@ def markdown_table(runs: list[dict], solvers: list[dict], sweep: list[dict] = ()
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in scols) + " |" for r in solvers]
     if sweep:
         tcols = ("name", "split", "decoding", "knob", "value", "bleu1", "bleu2", "distinct1", "distinct2", "relevance",
-                 "self_bleu5", "sample_cosine5")
+                 "self_bleu5", "sample_cosine5", "bleu2_precision", "bleu2_recall", "relevance_best_ref")
         lines += ["", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols)]
         lines += ["| " + " | ".join(_fmt(r.get(c)) for c in tcols) + " |" for r in sweep]
     return "\n".join(lines)
@@ -327,7 +392,8 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, swe
         written.append(plots_dir / "metrics_vs_steps.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
-    five = [r for r in sweep if r["decoding"] == "5samples" and r["split"] == "test" and r["relevance"] is not None]
+    five = [r for r in sweep if r["decoding"].endswith("samples") and r["split"] in ("test", DDPP_SPLIT)
+            and r["relevance"] is not None]
     if five:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
         for name in sorted({r["name"] for r in five}):
@@ -339,14 +405,14 @@ def plot(runs: list[dict], solvers: list[dict], work: Path, plots_dir: Path, swe
                     ax.plot(*zip(*points), marker="o", label=f"{name} ({tag})")
                     for r, point in zip(rows, points):
                         ax.annotate(f"{r['value']:g}", point, fontsize=7, xytext=(3, 3), textcoords="offset points")
-        titles = ("MiniLM cosine between a context's 5 samples (lower = more diverse)",
-                  "self-BLEU of the 5 samples (lower = more diverse)", "Distinct-2 (higher = more diverse)")
+        titles = ("MiniLM cosine between a context's samples (lower = more diverse)",
+                  "self-BLEU of a context's samples (lower = more diverse)", "Distinct-2 (higher = more diverse)")
         for ax, title in zip(axes, titles):
             ax.set_xlabel(title, fontsize=8)
             ax.set_ylabel("relevance (MiniLM cosine to the reference)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle("relevance against diversity, DailyDialog test (first 1,000 contexts × 5 samples): "
+        fig.suptitle(f"relevance against diversity, {'DailyDialog++ test, k samples' if five[0]['split'] == DDPP_SPLIT else 'DailyDialog test'}: "
                      "prior temperature τ (latent runs), token temperature T (plain seq2seq)")
         fig.tight_layout()
         written.append(plots_dir / "relevance_vs_diversity.png")

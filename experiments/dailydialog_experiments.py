@@ -1,20 +1,29 @@
-"""DailyDialog from scratch on one GPU: the paper's "w/o PLM" setting and its ablations, end to end.
+"""DailyDialog from scratch on one GPU, on the clean protocol: train on the clean split, select on DailyDialog++ dev,
+sample k responses per held-out DailyDialog++ test context.
 
-    python experiments/dailydialog_experiments.py --dataset_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \\
-        --phase train --runs diffusion,gaussian --train_minutes 20
-    python experiments/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian
+    python experiments/dailydialog_experiments.py --dataset_dir DIR --ddpp_dir DIR --tokenizer_name DIR --work_dir /tmp/dd \\
+        --phase train --runs diffusion,gaussian,standard,none --train_minutes 12
+    python experiments/dailydialog_experiments.py ... --phase eval --runs diffusion,gaussian,standard,none
 
-`--phase train` starts the runs' `accelerate launch examples/train.py` commands side by side (they share the GPU;
-each stops after `--train_minutes`), `--phase eval` samples responses from the trained models with
-`examples/generate.py` (validation and test, top-k/top-p sampling and beam 5, 5 prior draws for 1,000 test contexts,
-a solver × steps sweep for the diffusion run, and a temperature sweep: the prior's for the latent runs, the tokens'
-for the plain seq2seq; and, for the latent runs, test responses decoded with latents drawn from the posterior of the
-reference, `--latents posterior`: the oracle that separates what the prior loses from what the decoder does) and
-writes their latent diagnostics with `examples/diagnose.py`.
+Both phases first write WORK_DIR/data/ (once): `ddpp_dev_pairs.jsonl`, DailyDialog++ dev as (context, response) pairs,
+every context with its first reference, then every context with its second, ... (so that train.py's first N
+validation pairs are N different contexts), and `ddpp_test.jsonl`, the DailyDialog++ test contexts with their 5
+references. `--phase train` starts the runs' `accelerate launch examples/train.py` commands side by side (they share
+the GPU; each stops after `--train_minutes`): with `--clean_split` (the default) on the training split without any
+dialogue of the evaluation sets (`dior_cvae.training.clean_split`), validated on DailyDialog++ dev (`best/` = the
+highest BLEU-2 of sampled dev responses). `--phase eval` runs, per trained model, `examples/generate.py` for
+`--num_samples` (k = 10) top-k/top-p samples per DailyDialog++ test context (`{run}__ddpptest__10samples`), the same
+at each point of the temperature sweep (the prior's τ for the latent runs, the tokens' T for the plain seq2seq:
+`{run}__ddpptest__10samples_tau0.5`, `..._T0.7`), the paper protocol's single sample on DailyDialog validation and
+test (`{run}__{split}__sampling`), `examples/likelihood.py` (the importance-weighted NLL per DailyDialog++ test
+response, `--likelihood_samples` posterior samples; exact for the seq2seq) and, for the latent runs, the latent
+diagnostics (`examples/diagnose.py`). `--sweeps` adds older extras: beam (beam 5 on DailyDialog validation/test),
+posterior (the oracle: test responses decoded with latents from the posterior of the reference), solver (diffusion:
+solver × steps on 1,000 validation contexts).
 A run name with a seed suffix, `NAME-sN` (e.g. `memdrop0.5-s2`), is a replica of NAME trained with `--seed N`, for
-seed spreads. Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (`examples/score.py`: paper metrics, MiniLM
-relevance, DailyDialog++ multi-reference BLEU, trivial responders) runs where the embedding model is, and
-`experiments/collect_results.py` turns the scores into `results/dailydialog.json`, `docs/results.md` and the plots.
+seed spreads. Every command is recorded in `WORK_DIR/commands.jsonl`. Scoring (MiniLM relevance, multi-reference
+metrics) runs on a CPU afterwards: `experiments/collect_results.py` turns the work folder into `results/*.json`,
+`docs/results.md`'s tables and the plots. `--smoke`: the whole path on a CPU in a minute (tiny model, few contexts).
 """
 
 import argparse
@@ -28,8 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 76 k pairs
-# and 15 minutes with six to eight runs sharing one GPU (docs/results.md says why this size).
+# A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 64 k clean
+# pairs; four runs sharing one GPU converge inside 12 minutes compiled (docs/results.md says why this size).
 BASE_CONFIG = (
     "d_model=256,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,"
     "encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=320,latent_size=16,denoiser_hidden_size=512,"
@@ -58,9 +67,10 @@ TRAIN_ARGS = [
     "--learning_rate", "7e-4", "--weight_decay", "0.01", "--adam_beta2", "0.98",
     "--lr_scheduler_type", "inverse_sqrt", "--num_warmup_steps", "500",
     "--kl_annealing", "linear", "--kl_annealing_steps", "2500",
-    # best/ is the evaluation with the highest BLEU-2 of 1,000 sampled validation responses: the goal's metric (the
-    # loss-best model is an earlier one, and a fifth of the validation pairs also occur in the training split)
-    "--num_train_epochs", "100", "--num_eval_generation_samples", "1000", "--metric_for_best_model", "bleu2",
+    # best/ is the evaluation with the highest BLEU-2 of 500 sampled DailyDialog++ dev responses (500 different
+    # contexts, each against its first reference): the models are compared on generation, and the dev contexts share
+    # no dialogue with the clean training split
+    "--num_train_epochs", "100", "--num_eval_generation_samples", "500", "--metric_for_best_model", "bleu2",
     "--eval_steps", "2000",
     "--logging_steps", "100", "--seed", "1234", "--num_sample_contexts", "3", "--max_eval_samples", "2000",
 ]
@@ -73,6 +83,9 @@ SOLVERS = ("dpmsolver++", "ddim", "ddpm")
 PRIOR_TEMPERATURES = (0.0, 0.25, 0.5, 0.75)
 TOKEN_TEMPERATURES = (0.7, 0.85, 1.15, 1.3)
 TEMPERATURE_RUNS = ("diffusion", "gaussian", "standard", "none")
+SWEEPS = ("temperature", "beam", "posterior", "solver")
+DDPP_DEV_PAIRS = "ddpp_dev_pairs.jsonl"  # under WORK_DIR/data: train.py's --validation_file
+DDPP_TEST = "ddpp_test.jsonl"  # under WORK_DIR/data: generate.py's / likelihood.py's --input_file
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -99,6 +112,33 @@ def split_seed(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def write_jsonl(path: Path, rows: list[dict]):
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_data(args) -> dict[str, Path]:
+    """WORK_DIR/data/: DailyDialog++ dev as validation pairs (reference-major) and DailyDialog++ test as generation
+    input (each context with its 5 references). Written once; an existing file is this script's and is kept."""
+    from dior_cvae.training.clean_split import load_dailydialog_pp
+
+    folder = Path(args.work_dir) / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"dev": folder / DDPP_DEV_PAIRS, "test": folder / DDPP_TEST}
+    if not paths["dev"].is_file():
+        dev = load_dailydialog_pp(args.ddpp_dir, "dev")
+        depth = max(len(r["references"]) for r in dev)
+        write_jsonl(paths["dev"], [{"context": r["context"], "response": r["references"][i]}
+                                   for i in range(depth) for r in dev if i < len(r["references"])])
+    if not paths["test"].is_file():
+        write_jsonl(paths["test"], [{"context": r["context"], "reference": r["references"]}
+                                    for r in load_dailydialog_pp(args.ddpp_dir, "test")])
+    return paths
+
+
 def config_flags(fields: str) -> list[str]:
     """`"d_model=256,prior_type=gaussian"` as train.py's config flags: `--d_model 256 --prior_type gaussian`."""
     return [word for item in fields.split(",") for word in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
@@ -106,62 +146,71 @@ def config_flags(fields: str) -> list[str]:
 
 def train_command(args, name: str) -> list[str]:
     base, seed = split_seed(name)
+    data = Path(args.work_dir) / "data"
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+        "--mixed_precision", "bf16" if args.bf16 else "no", "--dynamo_backend", "no",
         str(REPO / "examples/train.py"),
         "--dataset_dir", args.dataset_dir, "--tokenizer_name", args.tokenizer_name, "--overwrite_output_dir",
+        *(["--clean_split", args.ddpp_dir] if args.clean_split else []),
+        "--validation_file", str(data / DDPP_DEV_PAIRS),
         *config_flags(f"{BASE_CONFIG},{RUNS[base]}"),
         "--max_train_minutes", str(args.train_minutes),
         "--output_dir", str(Path(args.work_dir) / "models" / name),
         *TRAIN_ARGS,
         *(["--seed", str(seed)] if seed is not None else []),  # after TRAIN_ARGS' --seed: the last one counts
-        *(["--torch_compile"] if getattr(args, "torch_compile", False) else []),
+        *(["--torch_compile"] if args.torch_compile else []),
+        *(["--cpu"] if args.smoke else []),
     ]
 
 
 def model_folder(args, name: str) -> str:
-    """The run's `best/` (the highest validation BLEU-2 of TRAIN_ARGS' --metric_for_best_model), else its final
+    """The run's `best/` (the highest DailyDialog++ dev BLEU-2 of TRAIN_ARGS' --metric_for_best_model), else its final
     model."""
     folder = Path(args.work_dir) / "models" / name
     return str(folder / "best" if (folder / "best" / "config.json").exists() else folder)
 
 
-def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
-    """(job name, script, arguments) for one trained model: generations and latent diagnostics."""
+def eval_jobs(args, name: str) -> list[tuple[str, str, list[str]]]:
+    """(job name, script, arguments) for one trained model: generations, likelihood and latent diagnostics."""
     model = model_folder(args, name)
     base, _ = split_seed(name)
-    common = ["--model_name_or_path", model, "--dataset_dir", args.dataset_dir, "--batch_size", "512",
-              "--max_new_tokens", "40", "--dtype", "bfloat16", "--seed", "1234",
+    ddpp_test = str(Path(args.work_dir) / "data" / DDPP_TEST)
+    common = ["--model_name_or_path", model, "--batch_size", "256" if args.num_samples > 5 else "512",
+              "--max_new_tokens", "40", "--dtype", "bfloat16" if args.bf16 else "float32", "--seed", "1234",
               # thousands of contexts sorted by length: many batch shapes, each a minute of compiling on CUDA
               "--disable_compile"]
     if args.smoke:
-        common += ["--max_samples", "32"]
-    jobs = []
-    for split in ("validation", "test"):
-        jobs.append((f"{name}__{split}__sampling", "generate.py", [*common, "--split", split, *SAMPLING]))
-        jobs.append((f"{name}__{split}__beam5", "generate.py", [*common, "--split", split, *BEAM]))
-    five = ["--split", "test", "--max_samples", "1000", "--num_samples", "5", *SAMPLING]
-    jobs.append((f"{name}__test__5samples", "generate.py", [*common, *five]))
+        common += ["--max_samples", "8", "--device", "cpu"]
+    dd = [*common, "--dataset_dir", args.dataset_dir]
+    k = f"{args.num_samples}samples"
+    ddpp = [*common, "--input_file", ddpp_test, "--num_samples", str(args.num_samples), *SAMPLING]
+    jobs = [(f"{name}__ddpptest__{k}", "generate.py", ddpp)]
+    for split in ("validation", "test"):  # the paper's protocol: one sample per pair
+        jobs.append((f"{name}__{split}__sampling", "generate.py", [*dd, "--split", split, *SAMPLING]))
     if "temperature" in args.sweeps and name in args.temperature_runs:  # the seed-1234 runs only
-        flag, values, tag = (("--temperature", args.token_temperatures, "T") if name == "none" else
+        flag, values, tag = (("--temperature", args.token_temperatures, "T") if base == "none" else
                              ("--prior_temperature", args.prior_temperatures, "tau"))
         for value in values:
-            knob = [flag, str(value)]
-            jobs.append((f"{name}__validation__sampling_{tag}{value}", "generate.py",
-                         [*common, "--split", "validation", *SAMPLING, *knob]))
-            jobs.append((f"{name}__test__sampling_{tag}{value}", "generate.py",
-                         [*common, "--split", "test", *SAMPLING, *knob]))
-            jobs.append((f"{name}__test__5samples_{tag}{value}", "generate.py", [*common, *five, *knob]))
+            jobs.append((f"{name}__ddpptest__{k}_{tag}{value}", "generate.py", [*ddpp, flag, str(value)]))
+    likelihood = ["--model_name_or_path", model, "--input_file", ddpp_test, "--num_samples",
+                  str(args.likelihood_samples), "--batch_size", "64", "--seed", "1234"]
+    if args.smoke:
+        likelihood += ["--max_samples", "2", "--device", "cpu"]
+    jobs.append((f"{name}__likelihood", "likelihood.py", likelihood))
+    if "beam" in args.sweeps:
+        for split in ("validation", "test"):
+            jobs.append((f"{name}__{split}__beam5", "generate.py", [*dd, "--split", split, *BEAM]))
     if base == "none":
         return jobs
-    # the oracle: latents from the posterior of the reference, to tell what the prior loses from what the decoder does
-    jobs.append((f"{name}__test__sampling_posterior", "generate.py",
-                 [*common, "--split", "test", *SAMPLING, "--latents", "posterior"]))
+    if "posterior" in args.sweeps:  # the oracle: what the prior loses against what the decoder does
+        jobs.append((f"{name}__test__sampling_posterior", "generate.py",
+                     [*dd, "--split", "test", *SAMPLING, "--latents", "posterior"]))
     diag = ["--model_name_or_path", model, "--dataset_dir", args.dataset_dir, "--split", "validation",
-            "--max_samples", "2000"]
+            "--max_samples", "32" if args.smoke else "2000"]
     jobs.append((f"{name}__diagnostics", "diagnose.py", diag))
     if name == "diffusion" and "solver" in args.sweeps:
-        subset = [*common, "--split", "validation", "--max_samples", "1000", *SAMPLING]
+        subset = [*dd, "--split", "validation", "--max_samples", "1000", *SAMPLING]
         for sampler in SOLVERS:
             for steps in SOLVER_STEPS:
                 tag = f"{sampler.replace('+', 'p')}{steps}"
@@ -172,10 +221,14 @@ def eval_jobs(args, name: str) -> list[tuple[str, list[str]]]:
     return jobs
 
 
-def run_parallel(commands: list[tuple[str, list[str], Path]], max_parallel: int):
-    """Run (name, command, log file) jobs, at most `max_parallel` at a time; return {name: exit code}."""
+OUTPUT_FOLDERS = {"generate.py": ("generations", ".jsonl"), "diagnose.py": ("diagnostics", ".json"),
+                  "likelihood.py": ("likelihood", ".json")}
+
+
+def run_parallel(commands: list[tuple[str, list[str], Path]], max_parallel: int, work_dir: Path):
+    """Run (name, command, log file) jobs, at most `max_parallel` at a time; return {name: exit code}. Each finished
+    job appends its line to WORK_DIR/timings.jsonl at once (a job polling the folder sees progress)."""
     pending, running, codes, started = list(commands), {}, {}, {}
-    timings_file = commands[0][2].parent.parent / "timings.jsonl" if commands else None
     while pending or running:
         while pending and len(running) < max_parallel:
             name, command, log = pending.pop(0)
@@ -188,86 +241,115 @@ def run_parallel(commands: list[tuple[str, list[str], Path]], max_parallel: int)
                 codes[name] = proc.returncode
                 del running[name]
                 seconds = time.time() - started[name]
-                with open(timings_file, "a") as f:
+                with open(work_dir / "timings.jsonl", "a") as f:
                     f.write(json.dumps({"name": name, "seconds": seconds, "exit": proc.returncode,
                                         "concurrent": min(max_parallel, len(commands))}) + "\n")
                 print(f"[{time.strftime('%H:%M:%S')}] finished {name}: exit {proc.returncode}", flush=True)
-        time.sleep(2)
+        time.sleep(0.5 if len(commands) < 20 else 2)
     return codes
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset_dir", required=True)
+    p.add_argument("--dataset_dir", required=True, help="the ijcnlp DailyDialog folder")
+    p.add_argument("--ddpp_dir", required=True, help="the DailyDialog++ folder (dev.json.gz, test.json.gz)")
     p.add_argument("--tokenizer_name", required=True)
     p.add_argument("--work_dir", required=True)
     p.add_argument("--phase", choices=["train", "eval"], required=True)
-    p.add_argument("--runs", default="diffusion,gaussian,standard,none,memdrop0,memdrop0.3,memdrop0.5,memdrop0.9",
+    p.add_argument("--runs", default="diffusion,gaussian,standard,none",
                    help="comma-separated run names; NAME-sN is a replica of NAME trained with --seed N")
-    p.add_argument("--train_minutes", type=float, default=15.0)
+    p.add_argument("--train_minutes", type=float, default=12.0)
+    p.add_argument("--clean_split", action=argparse.BooleanOptionalAction, default=True,
+                   help="train without the dialogues of the evaluation sets (train.py --clean_split)")
+    p.add_argument("--num_samples", type=int, default=10, help="samples per DailyDialog++ test context (k)")
+    p.add_argument("--likelihood_samples", type=int, default=50,
+                   help="posterior samples of the importance-weighted NLL (examples/likelihood.py)")
     p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train with train.py --torch_compile (default: on where CUDA is available; it needs "
                         "transformers >= 5.23). On one H200 the recipe's model made 3.0x the updates/s of eager "
                         "(68.3 vs 23.2, docs/performance.md); the compile (about a minute) counts in --train_minutes")
-    p.add_argument("--max_parallel", type=int, default=4, help="concurrent generation jobs in --phase eval")
-    p.add_argument("--sweeps", default="solver,temperature",
-                   help="extra --phase eval generations, comma-separated: solver (diffusion: solver x steps), "
-                        "temperature (prior / token temperature of the --temperature_runs)")
-    p.add_argument("--smoke", action="store_true", help="a CPU check of the whole pipeline: tiny shapes, 32 contexts")
+    p.add_argument("--max_parallel", type=int, default=4, help="concurrent jobs in --phase eval")
+    p.add_argument("--sweeps", default="temperature",
+                   help=f"extra --phase eval jobs, comma-separated, from {', '.join(SWEEPS)}: temperature (prior / "
+                        "token temperature of the --temperature_runs on DailyDialog++ test), beam (beam 5 on "
+                        "DailyDialog validation/test), posterior (the oracle), solver (diffusion: solver x steps)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a CPU check of the whole path: tiny shapes, 3 updates, 8 contexts, fp32, every other sweep point")
     p.add_argument("--prior_temperatures", type=floats, default=PRIOR_TEMPERATURES,
                    help="comma-separated prior temperatures of the latent runs' sweep")
     p.add_argument("--token_temperatures", type=floats, default=TOKEN_TEMPERATURES,
                    help="comma-separated token temperatures of the plain seq2seq's sweep")
     p.add_argument("--temperature_runs", default=",".join(TEMPERATURE_RUNS),
                    help="comma-separated runs of the temperature sweep (token temperature for none, prior for the rest)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    for flag in ("num_samples", "likelihood_samples", "max_parallel"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not 0 < args.train_minutes < float("inf"):
+        p.error(f"--train_minutes must be a finite number > 0, got {args.train_minutes}")
+    for flag in ("dataset_dir", "ddpp_dir"):
+        if not Path(getattr(args, flag)).is_dir():
+            p.error(f"--{flag}: no such folder: {getattr(args, flag)}")
     args.temperature_runs = set(filter(None, args.temperature_runs.split(",")))
-    if args.torch_compile is None:
-        import torch
+    args.sweeps = set(filter(None, args.sweeps.split(",")))
+    bad_sweeps = args.sweeps - set(SWEEPS)
+    if bad_sweeps:
+        p.error(f"--sweeps: unknown {sorted(bad_sweeps)}; choose from {', '.join(SWEEPS)}")
+    args.names = args.runs.split(",")
+    unknown = [n for n in [*args.names, *args.temperature_runs] if split_seed(n)[0] not in RUNS]
+    if unknown:
+        p.error(f"--runs / --temperature_runs: unknown {unknown}; choose from {sorted(RUNS)}, each optionally with a "
+                "seed suffix -sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
+    import torch
 
-        args.torch_compile = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not args.smoke
+    if args.torch_compile is None:
+        args.torch_compile = cuda
+    args.bf16 = cuda
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.smoke:
         global BASE_CONFIG, SOLVER_STEPS
-        BASE_CONFIG = BASE_CONFIG.replace("d_model=256", "d_model=32").replace("ffn_dim=1024", "ffn_dim=64")
+        BASE_CONFIG = (BASE_CONFIG.replace("d_model=256", "d_model=32").replace("ffn_dim=1024", "ffn_dim=64")
+                       .replace("denoiser_hidden_size=512", "denoiser_hidden_size=32"))
         SOLVER_STEPS = (1, 5)
-        TRAIN_ARGS.extend(["--max_train_steps", "3", "--max_eval_samples", "32", "--num_eval_generation_samples", "4"])
+        args.prior_temperatures, args.token_temperatures = args.prior_temperatures[::2], args.token_temperatures[::2]
+        TRAIN_ARGS.extend(["--max_train_steps", "3", "--max_eval_samples", "16", "--num_eval_generation_samples", "4",
+                           "--per_device_eval_batch_size", "16", "--max_train_samples", "256", "--num_sample_contexts",
+                           "0"])
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    args.sweeps = set(filter(None, args.sweeps.split(",")))
-    bad_sweeps = args.sweeps - {"solver", "temperature"}
-    if bad_sweeps:
-        raise SystemExit(f"--sweeps: unknown {sorted(bad_sweeps)}; choose from solver, temperature")
-    names = args.runs.split(",")
-    unknown = [n for n in [*names, *args.temperature_runs] if split_seed(n)[0] not in RUNS]
-    if unknown:
-        raise SystemExit(f"--runs / --temperature_runs: unknown {unknown}; choose from {sorted(RUNS)}, each optionally "
-                         "with a seed suffix -sN (a replica trained with --seed N, e.g. memdrop0.5-s2)")
-
+    prepare_data(args)
     if args.phase == "train":
         jobs = []
-        for name in names:
+        for name in args.names:
             command = train_command(args, name)
             record(work_dir, f"train:{name}", command)
             jobs.append((name, command, work_dir / "logs" / f"train_{name}.log"))
-        codes = run_parallel(jobs, max_parallel=len(jobs))
+        codes = run_parallel(jobs, max_parallel=len(jobs), work_dir=work_dir)
     else:
         jobs = []
-        for name in names:
+        for name in args.names:
             for job, script, job_args in eval_jobs(args, name):
-                folder = "diagnostics" if script == "diagnose.py" else "generations"
-                out = work_dir / folder / f"{job}.json{'l' if folder == 'generations' else ''}"
+                folder, suffix = OUTPUT_FOLDERS[script]
+                out = work_dir / folder / f"{job}{suffix}"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 command = [sys.executable, str(REPO / "examples" / script), *job_args, "--output", str(out)]
                 if script == "diagnose.py" and "__" not in job.split("__diagnostics")[-1]:
                     command += ["--plot", str(out.with_suffix(".png"))]
                 record(work_dir, f"{script}:{job}", command)
                 jobs.append((job, command, work_dir / "logs" / f"{job}.log"))
-        codes = run_parallel(jobs, max_parallel=args.max_parallel)
+        # the DailyDialog++ generations first: the primary results reach the work folder before the extras
+        jobs.sort(key=lambda job: "__ddpptest__" not in job[0])
+        codes = run_parallel(jobs, max_parallel=args.max_parallel, work_dir=work_dir)
     failed = {k: v for k, v in codes.items() if v != 0}
     print(json.dumps({"phase": args.phase, "jobs": len(codes), "failed": failed}))
-    sys.exit(1 if failed else 0)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(main())

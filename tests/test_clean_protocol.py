@@ -182,6 +182,8 @@ def test_train_py_clean_split_flag(tiny_data, tmp_path, monkeypatch, capsys):
 
     from accelerate import PartialState
 
+    from dior_cvae.training.sources import load_raw_splits
+
     dd, dpp = tiny_data
     monkeypatch.setenv("DIOR_CVAE_CACHE", str(tmp_path / "cache"))
     spec = importlib.util.spec_from_file_location("train_script", REPO / "examples" / "train.py")
@@ -194,10 +196,10 @@ def test_train_py_clean_split_flag(tiny_data, tmp_path, monkeypatch, capsys):
         train.parse_args([*base, "--train_file", str(dd / "dialogues_train.txt.gz"), "--clean_split", str(dpp)])
     assert "--clean_split needs --dataset_dir" in capsys.readouterr().err
     args = train.parse_args([*base, "--dataset_dir", str(dd), "--clean_split", str(dpp)])
-    splits, description, meta = train.load_raw_splits(args)
+    splits, description, meta = load_raw_splits(args)
     assert len(splits["train"]) == 8 and len(splits["validation"]) == 2 and len(splits["test"]) == 3
     assert meta["clean_split"]["removed_dialogues"] == 5 and "--clean_split" in description
-    full, _, _ = train.load_raw_splits(train.parse_args([*base, "--dataset_dir", str(dd)]))
+    full, _, _ = load_raw_splits(train.parse_args([*base, "--dataset_dir", str(dd)]))
     assert len(full["train"]) == 21
 
 

@@ -86,6 +86,33 @@ def test_default_generate_replays_captured_steps_and_gives_transformers_tokens(b
     assert sample(model, ids, mask, None).shape == (batch, NEW_TOKENS + 1)
 
 
+def test_the_cuda_rng_after_generate_is_transformers_loops():
+    """Rows that all end before the captured loop's first look at them (every SYNC_EVERY steps): the draws of the
+    steps run past the end are undone, so a second call and a later draw on the GPU see what they see after
+    transformers' loop (`disable_compile=True`)."""
+    from dior_cvae.generation_dior import SYNC_EVERY
+
+    device = torch.device("cuda")
+    model = build(device, torch.float32)
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] += 5.0
+    ids, mask = contexts(model, 4, device)
+    latents = given_latents(model, 4, device)
+
+    def two_calls_and_a_draw(**extra):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            first, second = (model.generate(ids, attention_mask=mask, latents=latents, do_sample=True,
+                                            max_new_tokens=3 * SYNC_EVERY, **extra) for _ in range(2))
+        return first, second, torch.rand(4, device=device)
+
+    loop = two_calls_and_a_draw(disable_compile=True)
+    captured = two_calls_and_a_draw()
+    assert loop[0].shape[1] - 1 < SYNC_EVERY, "rows must end before the loop's first look"
+    for loop_part, captured_part in zip(loop, captured):
+        assert torch.equal(captured_part, loop_part), (captured_part, loop_part)
+
+
 def test_compiled_prior_solver_matches_the_eager_loop():
     """On CUDA the noise-free solvers run as one CUDA graph (`prior_dior.compiled_solve`): the same latents as the
     eager loop from the same noise, for DPM-Solver++ and DDIM, with guidance, and no CUDA-graph skip."""

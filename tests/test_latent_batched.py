@@ -160,7 +160,7 @@ def test_from_bart_initialises_the_stacked_weights_like_barts_linears(tmp_path):
 
 
 def test_diagonal_gaussian_entropy_is_the_mean_negative_log_density():
-    from dior_cvae.latent_dior import DiagonalGaussian, PosteriorSample
+    from dior_cvae.latent_dior import DiagonalGaussian
 
     torch.manual_seed(0)
     mean, log_std = torch.randn(3, 5), torch.randn(3, 5).clamp(-2, 1)

@@ -88,11 +88,23 @@ def test_bleu_matches_nltk_protocol_and_mean():
     assert bleu(["THE CAT"], [["the cat"]], 1) == 0.0
 
 
+def nltk_bleu(hypothesis: str, references: list[str], n: int) -> float:
+    """nltk's sentence BLEU-n ×100 called directly with the paper's protocol; an empty hypothesis scores 0."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    if not hypothesis.split():
+        return 0.0
+    weights = (1, 0, 0, 0) if n == 1 else (0.5, 0.5, 0, 0)
+    return 100 * sentence_bleu([r.split() for r in references], hypothesis.split(), weights=weights,
+                               smoothing_function=SmoothingFunction().method7)
+
+
 def test_bleu_multiref_at_least_single_ref():
     hyp = ["the cat sat on the mat"]
     single = bleu(hyp, [["a dog ran away"]], 2)
     multi = bleu(hyp, [["a dog ran away", "the cat sat on a mat"]], 2)
     assert single == 0.0
+    assert multi == pytest.approx(nltk_bleu(hyp[0], ["a dog ran away", "the cat sat on a mat"], 2))
     assert multi > single
 
 
@@ -118,13 +130,14 @@ def test_score_generations_keys_and_counts():
     }  # fmt: skip
     assert (scores["num_contexts"], scores["num_samples"], scores["num_empty"]) == (2, 4, 1)
     samples = ["how are you", "fine", "", "see you later"]
-    assert scores["bleu1"] == pytest.approx(
-        bleu(samples, [["how are you"]] * 3 + [["see you"]], 1)
-    )
-    assert scores["bleu1_multiref"] == pytest.approx(
-        bleu(samples, [["how are you"]] * 3 + [["see you", "bye now"]], 1)
-    )
-    assert scores["distinct1"] == pytest.approx(distinct(samples, 1))
+    # each sample against its own row's reference(s), through nltk directly; the multi-reference score uses both of
+    # the second row's references, the single-reference one its first
+    single = [nltk_bleu(s, ["how are you"], 1) for s in samples[:3]] + [nltk_bleu(samples[3], ["see you"], 1)]
+    multi = single[:3] + [nltk_bleu(samples[3], ["see you", "bye now"], 1)]
+    assert scores["bleu1"] == pytest.approx(sum(single) / 4)
+    assert scores["bleu1_multiref"] == pytest.approx(sum(multi) / 4)
+    # unigrams of the 4 samples: how are you | fine | - | see you later -> 7 in all, 6 distinct ("you" twice)
+    assert scores["distinct1"] == pytest.approx(100 * 6 / 7)
     # single references only -> no multiref keys
     assert "bleu1_multiref" not in score_generations(ROWS[:1], semantic=False)
 
@@ -248,8 +261,9 @@ def test_multiref_index_normalisation():
 def test_self_bleu_hand_checked():
     same = self_bleu([["a b c d"] * 3])
     assert same == pytest.approx(100 * math.sqrt(40 / 27))  # identical samples: the exact-match BLEU-2
-    groups = [["a b c", "d e f", "a b x"], ["only one"]]
-    expected = sum(bleu([g[i]], [g[:i] + g[i + 1:]], 2) for g in groups[:1] for i in range(3)) / 3
+    groups = [["a b c", "d e f", "a b x"], ["only one"]]  # the one-sample context is skipped
+    first = groups[0]
+    expected = sum(nltk_bleu(first[i], first[:i] + first[i + 1:], 2) for i in range(3)) / 3
     assert self_bleu(groups) == pytest.approx(expected)
     assert self_bleu([["a b c", "x y z"]]) < self_bleu([["a b c", "a b d"]])
     with pytest.raises(ValueError):
@@ -320,6 +334,8 @@ def _fake_work_dir(work: Path) -> None:
     rows = [{"context": ["hi there", "hello"], "reference": "how are you", "samples": ["how are you", "fine thanks"]},
             {"context": ["bye"], "reference": "see you", "samples": ["see you later", "bye bye"]}]
     (work / "generations" / "diffusion__test__5samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ddpp = [{**r, "reference": [r["reference"], "a second one"]} for r in rows]  # DailyDialog++: several references
+    (work / "generations" / "diffusion__ddpptest__10samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ddpp))
     (work / "generations" / "diffusion__validation__sampling.jsonl").write_text(
         "".join(json.dumps({**r, "samples": r["samples"][:1]}) + "\n" for r in rows))
     (work / "generations" / "diffusion__test__5samples_tau0.5.jsonl").write_text(
@@ -354,7 +370,16 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
     data = json.loads(results.read_text())
     by_key = {(r["name"], r["split"], r["decoding"]): r for r in data["runs"]}
     assert set(by_key) == {("diffusion", "test", "5samples"), ("diffusion", "validation", "sampling"),
-                           ("copy_last", "validation", "copy_last")}
+                           ("copy_last", "validation", "copy_last"), ("diffusion", "ddpp_test", "10samples"),
+                           ("copy_last", "ddpp_test", "copy_last")}
+    ddpp = by_key["diffusion", "ddpp_test", "10samples"]  # the multi-sample, multi-reference fields
+    from dior_cvae.training.multiref import score_multiref
+
+    ddpp_rows = read_generations(work / "generations" / "diffusion__ddpptest__10samples.jsonl")
+    expected = score_multiref([r["samples"] for r in ddpp_rows], [r["reference"] for r in ddpp_rows], semantic=False)
+    for key in ("bleu1_recall", "bleu2_precision", "bleu2_f1", "bleu2_multiref", "self_bleu", "distinct2_within"):
+        assert ddpp[key] == pytest.approx(expected[key]), key
+    assert ddpp["bleu1_recall"] > 0
     five = by_key["diffusion", "test", "5samples"]
     assert (five["prior"], five["memory_dropout"], five["active_units"], five["prior_posterior_norm_ratio"]) == (
         "diffusion", 0.7, 12, 0.8)
@@ -372,21 +397,24 @@ def test_collect_results_fake_work_dir(tmp_path, capsys):
     # τ = 0.5, and the τ = 1 points: the main rows of the swept run
     sweep = {(r["split"], r["decoding"], r["knob"], r["value"]): r for r in data["temperature_sweep"]}
     assert set(sweep) == {("test", "5samples", "prior_temperature", 0.5), ("test", "5samples", "prior_temperature", 1.0),
-                          ("validation", "sampling", "prior_temperature", 1.0)}
+                          ("validation", "sampling", "prior_temperature", 1.0),
+                          ("ddpptest", "10samples", "prior_temperature", 1.0)}
     assert sweep["test", "5samples", "prior_temperature", 1.0]["self_bleu5"] == five["self_bleu5"]
     half = sweep["test", "5samples", "prior_temperature", 0.5]
     assert half["bleu1"] == pytest.approx(score_generations(read_generations(
         work / "generations" / "diffusion__test__5samples_tau0.5.jsonl"), semantic=False)["bleu1"])
     assert "| diffusion | diffusion | 0.700 | 1.00 | test | 5samples |" in table
     assert (plots / "learning_curves.png").is_file()
-    # the case study: every sample of the first contexts, in the file's order
+    # the case study: the DailyDialog++ contexts with their references and samples, in the file's order
     study = (plots / "case_study.md").read_text()
     assert study.index("**diffusion**") < study.index("1. context: hi there __eou__ hello") < study.index(
-        "   - how are you\n   - fine thanks") < study.index("2. context: bye") < study.index("   - see you later")
-    assert "**gaussian**" not in study  # no 5-sample file for it
+        "   reference: a second one") < study.index("   - how are you\n   - fine thanks") < study.index(
+        "2. context: bye") < study.index("   - see you later")
+    assert "**gaussian**" not in study  # no DailyDialog++ file for it
     assert {p.name for p in (work / "scores").glob("*.json")} == {
         "diffusion__test__5samples.json", "diffusion__validation__sampling.json", "diffusion__validation1000__ddim5.json",
-        "diffusion__test__5samples_tau0.5.json", "trivial__validation__copy_last.json"}
+        "diffusion__test__5samples_tau0.5.json", "trivial__validation__copy_last.json",
+        "diffusion__ddpptest__10samples.json", "trivial__ddpptest__copy_last.json"}
     cached = (work / "scores" / "diffusion__test__5samples.json").read_text()
     collect_results.main(args)  # second run: served from the cache, same output
     assert json.loads(results.read_text()) == data
@@ -402,13 +430,15 @@ def _experiments_module():
 
 
 def test_experiments_decode_every_latent_run_with_the_posterior_oracle_too(tmp_path):
-    """dailydialog_experiments.py's eval phase adds `--latents posterior` test generations for each latent run (the
-    oracle that separates what the prior loses), and none for the plain seq2seq, which has no latent."""
+    """dailydialog_experiments.py's eval phase with `--sweeps posterior` adds `--latents posterior` test generations
+    for each latent run (the oracle that separates what the prior loses), and none for the plain seq2seq, which has
+    no latent."""
     import argparse
 
     experiments = _experiments_module()
-    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", smoke=False, sweeps=(), prior_temperatures=(),
-                              token_temperatures=())
+    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", smoke=False, sweeps={"posterior"},
+                              prior_temperatures=(), token_temperatures=(), num_samples=10, likelihood_samples=50,
+                              bf16=False)
     for name in ("diffusion", "gaussian", "none"):
         jobs = {job: command for job, _, command in experiments.eval_jobs(args, name)}
         oracle = jobs.get(f"{name}__test__sampling_posterior")
@@ -428,8 +458,10 @@ def test_seed_replicas_train_with_their_seed_and_keep_their_run_kind(tmp_path):
     experiments = _experiments_module()
     import collect_results
 
-    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", tokenizer_name="T", train_minutes=1.0,
-                              smoke=False, sweeps=(), prior_temperatures=(), token_temperatures=())
+    args = argparse.Namespace(work_dir=str(tmp_path), dataset_dir="D", ddpp_dir="P", tokenizer_name="T",
+                              train_minutes=1.0, smoke=False, sweeps={"posterior"}, prior_temperatures=(),
+                              token_temperatures=(), num_samples=10, likelihood_samples=50, bf16=False,
+                              clean_split=True, torch_compile=False)
     original, replica = experiments.train_command(args, "memdrop0.5"), experiments.train_command(args, "memdrop0.5-s2")
     assert collect_results.parse_overrides(" ".join(replica)) == collect_results.parse_overrides(" ".join(original))
     assert collect_results.parse_overrides(" ".join(original))["memory_dropout"] == "0.5"

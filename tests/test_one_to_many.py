@@ -91,12 +91,29 @@ def test_free_bits_split_the_kl_gradient_between_posterior_and_prior(tiny_model,
         if grad is not None:
             torch.testing.assert_close(grad, elbo[name], msg=name)
 
+    # β < 1 above the floor (the whole annealing phase): the posterior gets β times the KL's gradient, the prior the
+    # KL's gradient at weight 1 (β from the KL term plus 1 − β from the fit on the detached samples)
+    out = forward(0.5)
+    rc_only, kl_only, total = (_gradients(model, loss) for loss in (out.rc_loss, out.kl_loss, out.loss))
+    prior_prefix = "diffusion_prior." if prior_type == "diffusion" else "hierarchy.prior."
+    posterior_names = [n for n, g in total.items() if n.startswith("hierarchy.posterior.") and g is not None]
+    assert posterior_names
+    for name in posterior_names:
+        torch.testing.assert_close(total[name], rc_only[name] + 0.5 * kl_only[name], msg=name)
+    prior_names = [n for n, g in total.items() if n.startswith(prior_prefix) and g is not None
+                   and kl_only[n] is not None and kl_only[n].abs().max() > 1e-6]
+    assert prior_names
+    for name in prior_names:
+        if prior_type == "gaussian":  # analytic KL: the fit's gradient is the KL's own, so weight 1 in total
+            torch.testing.assert_close(total[name], kl_only[name], msg=name)
+        else:  # the fit runs on other noise levels: not exactly the KL's gradient, but more than β's share of it
+            assert not torch.allclose(total[name], 0.5 * kl_only[name], atol=1e-6), name
+
     model.config.kl_free_bits = 1e4  # far above any KL here
     out = forward(0.5)
     torch.testing.assert_close(out.loss, out.rc_loss + 0.5 * 1e4 * model.config.total_latent_size)
     floored, rc_only = _gradients(model, out.loss), _gradients(model, out.rc_loss)
     kl_only = _gradients(model, out.kl_loss)
-    prior_prefix = "diffusion_prior." if prior_type == "diffusion" else "hierarchy.prior."
     for name, grad in floored.items():
         if name.startswith("hierarchy.posterior."):
             torch.testing.assert_close(grad, rc_only[name], msg=name)  # nothing from the KL

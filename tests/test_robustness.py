@@ -253,6 +253,14 @@ def test_bad_input(case, tiny, tmp_path, capsys, monkeypatch):
     assert "Traceback" not in message
 
 
+def test_every_row_checks_something():
+    """A row with no expected text would pass on any message, and a repeated name would hide a row in the report."""
+    names = [name for name, _, _ in BAD_INPUTS]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    vacuous = [name for name, _, expected in BAD_INPUTS if not expected or not all(text.strip() for text in expected)]
+    assert not vacuous, vacuous
+
+
 @pytest.fixture(scope="module")
 def round_two_shared(tmp_path_factory):
     """The trained folder that the second table's rows copy, built once (by the first row that needs it)."""

@@ -9,8 +9,8 @@ per job:
 - `compiled`: the compiled training step, static batch shapes, deferred device read-back
 - `checkpointing`: atomic folders, checkpoints with manifests, resume, pruning, the non-finite guard
 - `evaluation`: validation losses, latent diagnostics, sampled responses, the best model
-- `metrics`, `multiref`, `responders`, `diagnostics`: response metrics, multi-reference metrics, baseline
-  responders, latent statistics
+- `metrics`, `multiref`, `responders`, `likelihood`, `diagnostics`: response metrics, multi-reference metrics, baseline
+  responders, importance-weighted likelihood, latent statistics
 - `reporting`: logs, model card, training curves, Hub upload
 - `trainer`: the 🤗 Trainer route (`DiorTrainer`, `KLAnnealingCallback`)
 

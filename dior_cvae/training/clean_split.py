@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dior_cvae.training.data import DataFormatError, _decode, _find_split_file, _read_lines, dailydialog_line_to_utterances
+from .data import DataFormatError, _decode, _find_split_file, _read_lines, dailydialog_line_to_utterances
 
 from .tfidf import TfidfIndex
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from dior_cvae.training.data import load_dailydialog_dir
+from .data import load_dailydialog_dir
 
 from .clean_split import CleanSplit, build_clean_split, load_dailydialog_pp
 

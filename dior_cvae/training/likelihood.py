@@ -54,10 +54,7 @@ def _log_prior(model, latents: torch.Tensor, summaries: torch.Tensor, context_ve
         bound = model.diffusion_prior.nll_bound(flat.repeat(prior_bound_samples, 1),
                                                 condition.repeat(prior_bound_samples, 1), generator)
         return -bound.view(prior_bound_samples, len(flat)).mean(0)
-    if model.hierarchy.prior is None:
-        return _gaussian_log_density(latents.float(), torch.zeros_like(latents.float()),
-                                     torch.zeros_like(latents.float()))
-    prior = model.hierarchy.prior_dist(summaries, context_vectors)
+    prior = model.prior.distribution(summaries, context_vectors)  # N(0, I) or the learned Gaussian
     return _gaussian_log_density(latents.float(), prior.mean.float(), prior.log_std.float())
 
 

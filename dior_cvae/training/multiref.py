@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from dior_cvae.training.metrics import BLEU_WEIGHTS, distinct, entropy, load_embedding_model, self_bleu
+from .metrics import BLEU_WEIGHTS, distinct, entropy, load_embedding_model, self_bleu
 
 from .clean_split import normalize_text
 

@@ -145,7 +145,15 @@ def write_model_card(args, output_dir: Path, model, accelerator, info: dict) -> 
         "entropy1", "entropy2", "entropy3") if k in results]
     license_note = ("the DailyDialog data is CC BY-NC-SA 4.0 (non-commercial, share-alike), and so is this model"
                     if license_ == "cc-by-nc-sa-4.0" else f"the model's license is {license_}; check your data's license")
-    sections = f"""## Training data
+    smoke = ""
+    if getattr(args, "smoke_test", False):
+        smoke = f"""> **Smoke test, not a usable model.** This model was trained by the no-argument demo of `examples/train.py`
+> ({info['completed_steps']} updates, {info['epochs']:.2f} epochs, {format_duration(info['training_time_s'])} on
+> {device}) to check that training, evaluation, saving and loading run. Its responses are not meaningful and the
+> numbers under Evaluation only show that evaluation runs: they are not results.
+
+"""
+    sections = smoke + f"""## Training data
 
 {info["data_description"]}. One example per response turn, with the earlier turns of the dialog as context.
 
@@ -183,7 +191,8 @@ Sampled responses (top-k 50, top-p 0.9; each from its own prior draw) for contex
         config, repo_id, license=license_, datasets=[hub_dataset] if hub_dataset else [],
         base_model=args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists()
         else None,
-        results=eval_results(results, hub_dataset or info["meta"]["dataset_name"], info["meta"]["dataset_name"], split),
+        results=() if getattr(args, "smoke_test", False) else eval_results(
+            results, hub_dataset or info["meta"]["dataset_name"], info["meta"]["dataset_name"], split),
         turn_separator=info["turn_separator"], max_source_length=args.max_source_length, sections=sections)
     write_text_atomic(output_dir / "README.md", str(card))
 

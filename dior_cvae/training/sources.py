@@ -63,7 +63,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train_file", default=None,
                       help="Training file: .jsonl[.gz] (read line by line, errors name file:line) or .json/.csv[.gz] "
                            "(read with `datasets`).")
-    data.add_argument("--validation_file", default=None, help="Validation file (same formats as --train_file).")
+    data.add_argument("--validation_file", default=None,
+                      help="Validation file (same formats as --train_file); with --dataset_dir, JSON Lines that "
+                           "replace the folder's validation split (e.g. DailyDialog++ dev for checkpoint selection).")
     data.add_argument("--test_file", default=None, help="Test file (same formats as --train_file).")
     data.add_argument("--context_column", default="context",
                       help="Column with the context: a list of turns (oldest first) or a string, whose turns are "
@@ -136,6 +138,13 @@ def load_raw_splits(args) -> tuple[dict[str, list[dict]], str, dict]:
             description += (f", training split without the {meta['clean_split']['removed_dialogues']} dialogues "
                             "that overlap DailyDialog validation/test or DailyDialog++ dev/test (--clean_split)")
         meta.update(hub_dataset="li2017dailydialog/daily_dialog", dataset_name="DailyDialog" + (" (sample)" if sample else ""))
+        parse = functools.partial(parse_record, **columns)
+        for split, path in files.items():  # --validation_file / --test_file (JSON Lines) replace the folder's split
+            splits[split], skipped = load_jsonl(path, skip_bad_lines=args.skip_bad_lines, parse=parse)
+            if not splits[split]:
+                raise ValueError(f"--{split}_file {path}: no examples in the file")
+            meta["skipped_lines"] += skipped
+            description += f"; {split}: {path}"
     elif args.dataset_name == "daily_dialog":
         splits = load_dailydialog_hub(args.dataset_hub_id or "daily_dialog", num_proc=args.num_proc, **hub_kwargs)
         description = f"DailyDialog from the Hub ({args.dataset_hub_id or 'daily_dialog'})"
