@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
+from .data import encode_examples
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -113,7 +115,6 @@ def corpus_nll(model, tokenizer, examples: list[dict], *, num_samples: int = 50,
                max_target_length: int = 64, seed: int = 1234, show_progress: bool = False) -> dict:
     """The estimates over (context, response) examples ({"context": [turns], "response": str}), encoded as in
     training: mean NLL and negative ELBO per response, NLL per label token (``<s> r </s>``), and their counts."""
-    from dior_cvae.data import encode_examples
 
     device = next(model.parameters()).device
     limit = getattr(model.config, "max_position_embeddings", None)
