@@ -492,12 +492,18 @@ def pipeline_unknown_role(ctx):
     refused(lambda: pipe([{"role": "tool", "content": "42"}], max_new_tokens=2), "role", "tool")
 
 
+def _load_raw_splits(args):
+    from dior_cvae.training.sources import load_raw_splits
+
+    return load_raw_splits(args)
+
+
 def empty_validation_split_dailydialog(ctx):
     data = ctx.tmp / "dd"
     shutil.copytree(REPO / "data" / "dailydialog_sample", data)
     (data / "validation.txt.gz").write_bytes(gzip.compress(b""))
     args = train.parse_args(["--dataset_dir", str(data), "--train_tokenizer_vocab_size", "300"])
-    refused(lambda: train.load_raw_splits(args), "validation")
+    refused(lambda: _load_raw_splits(args), "validation")
 
 
 def tampered_prior_type(ctx):
@@ -796,13 +802,13 @@ def empty_csv_validation(ctx):
     (ctx.tmp / "v.csv").write_text("context,response\n")
     args = train.parse_args(["--train_file", str(ctx.tmp / "t.csv"), "--validation_file", str(ctx.tmp / "v.csv"),
                              "--tokenizer_name", "x"])
-    refused(lambda: train.load_raw_splits(args), "--validation_file", "v.csv")
+    refused(lambda: _load_raw_splits(args), "--validation_file", "v.csv")
 
 
 def empty_json_train(ctx):
     (ctx.tmp / "t.json").write_text("[]")
     args = train.parse_args(["--train_file", str(ctx.tmp / "t.json"), "--tokenizer_name", "x"])
-    refused(lambda: train.load_raw_splits(args), "--train_file", "t.json")
+    refused(lambda: _load_raw_splits(args), "--train_file", "t.json")
 
 
 def generate_top_p_two(ctx):
