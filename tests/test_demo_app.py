@@ -50,6 +50,10 @@ def test_each_response_has_its_own_latent_and_its_seed_reproduces_it(folder, pla
     assert [seed for seed, _ in rows] == [5, 6, 7]
     assert len({text for _, text in rows}) == 3
     assert play.respond(folder, "\n".join(TURNS[:2]), 1, 6, SETTINGS) == [rows[1]]  # a seed shown is reusable
+    # the solver setting reaches the prior: DDPM's steps add noise that DPM-Solver++ does not
+    ddpm = play.latent(model, inputs, 5, dict(SETTINGS, solver="ddpm"))
+    assert (ddpm - latents[0]).abs().max() > 1e-3
+    assert torch.equal(play.latent(model, inputs, 5, SETTINGS), latents[:1])
     # τ = 0: the prior's mode, the same latent whatever the seed
     modal = dict(SETTINGS, prior_temperature=0.0)
     assert torch.equal(play.latent(model, inputs, 1, modal), play.latent(model, inputs, 2, modal))
