@@ -98,8 +98,9 @@ class Timer:
         return statistics.median(self.call(fn) for _ in range(iters))
 
     def reset_peak(self):
-        gc.collect()
+        """Start a phase's peak-memory count (CUDA only: on the CPU no peak is reported)."""
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
 

@@ -40,7 +40,7 @@ on all, clean and overlapping pairs. Both flags take several names, or ``all``. 
 DailyDialog) and ``--dailydialog_pp_dir``; the output JSON records the command, the clean split's report and every
 score::
 
-    python examples/score.py --responder all --eval_set dailydialog_pp_test dailydialog_validation dailydialog_test \
+    python examples/score.py --responder all --eval_set dailydialog_pp_test \
         --dataset_dir ../shared/data/dailydialog/ijcnlp --dailydialog_pp_dir ../shared/data/dailydialog_plusplus \
         --semantic_rows 200 --jobs 5 --output results/responders_clean_protocol.json
 

@@ -15,7 +15,7 @@
 # (experiments/dailydialog_experiments.py). Data: $DATA_DIR/{dailydialog/ijcnlp,dailydialog_plusplus} (default
 # .gpu/data, carried; docs/results.md "GPU runs: how to reproduce"). Wheels in .whl/ (a newer transformers for the
 # compiled training step, nltk) are installed to /tmp/site first. Work folder and packed results: $JOB_DIR (default
-# /tmp/dior_gpu_job); $RUNS: other runs (comma-separated); --smoke: the whole path on the CPU in a few minutes (tiny
+# /tmp/dior_gpu_job); $RUNS: other runs (comma-separated); $EVAL_ARGS: more options of the eval phase; --smoke: the whole path on the CPU in a few minutes (tiny
 # model, 3 updates, 8 contexts).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -106,7 +106,7 @@ PY
     python3 experiments/dailydialog_experiments.py "${common[@]}" --phase train --train_minutes "${TRAIN_MINUTES:-12}" "${train_extra[@]}" \
         > "$work/train.log" 2>&1
     status "train phase exit $?: $(tail -n 1 "$work/train.log")"
-    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-$parallel}" \
+    python3 experiments/dailydialog_experiments.py "${common[@]}" --phase eval --max_parallel "${MAX_PARALLEL:-$parallel}" ${EVAL_ARGS:-} \
         > "$work/eval.log" 2>&1
     status "eval phase exit $?: $(tail -n 1 "$work/eval.log")"
     pack

@@ -69,6 +69,7 @@ def test_token_batch_pads_half_the_rows():
 SPEC = dict(bench.TINY, context=8, response=4, new_tokens=4, train_batches=(2, 4), gen_batches=(1, 2),
             warmup=1, iters=1, gen_warmup=0, gen_iters=1)
 COST_S = {"bart": 0.25, "dior": 2.0}  # fake seconds per top-level forward call
+BART_STATIC_S = 0.125  # BART's forward on a static cache (the path transformers compiles on CUDA)
 PRIOR_S = 0.5  # fake seconds per `sample_latents` call
 
 
@@ -87,19 +88,20 @@ class FakeClock:
 
 @pytest.fixture
 def timed_run(tmp_path, monkeypatch):
-    """bench.run() on SPEC, with each model's forward costing COST_S and the prior's sample PRIOR_S of a fake
-    clock; returns (results, models, forward call counter)."""
-    clock, models, calls = FakeClock(), {}, {"bart": 0, "dior": 0}
+    """bench.run() on SPEC, with each model's forward costing COST_S (BART's on a static cache BART_STATIC_S) and
+    the prior's sample PRIOR_S of a fake clock; returns (results, models, clock)."""
+    clock, models = FakeClock(), {}
     real_build = common.build_models
 
     def build_models(*args, **kwargs):
         pair = dict(zip(("bart", "dior"), real_build(*args, **kwargs)))
         for name, model in pair.items():
-            def hook(module, args, name=name):
-                calls[name] += 1
-                clock.advance(COST_S[name])
+            def hook(module, args, kwargs, name=name):
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.25
+                static = bool(getattr(cache, "is_compileable", False))  # a static cache
+                clock.advance(BART_STATIC_S if name == "bart" and static else COST_S[name])
 
-            model.register_forward_pre_hook(hook)
+            model.register_forward_pre_hook(hook, with_kwargs=True)
         sample = pair["dior"].sample_latents
 
         def timed_sample(*args, **kwargs):
@@ -111,41 +113,45 @@ def timed_run(tmp_path, monkeypatch):
         return pair["bart"], pair["dior"]
 
     monkeypatch.setattr(common, "build_models", build_models)
+    monkeypatch.setattr(bench, "PRIOR_STEPS", (2, 3))  # the sweep's arithmetic is the same at every step count
     args = bench.parse_args(["--tiny", "--fast", "--device", "cpu", "--output", str(tmp_path / "speed.json")])
     results = bench.run(args, spec=SPEC, clock=clock)
-    return results, models, calls
+    return results, models, clock
 
 
-def forwards_per_generate(model, calls, name, batch):
-    """Top-level forward calls of one `generate()` with the benchmark's settings, counted by the test's hook."""
+def fake_seconds(model, clock, batch, **extra):
+    """The fake time of one `generate()` with the benchmark's settings (and `extra`), read off the clock here."""
     inputs = common.token_batch(batch, SPEC["context"], SPEC["response"], SPEC["shape"]["vocab_size"])
-    before = calls[name]
+    start = clock()
     with torch.no_grad():
-        model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **bench.generation_kwargs(SPEC))
-    return calls[name] - before
+        model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], **bench.generation_kwargs(SPEC),
+                       **extra)
+    return clock() - start
 
 
 def test_rates_and_ratios_follow_from_a_known_clock(timed_run):
     """Every rate, ratio and share is what the fake clock's costs imply, worked out here without bench.py's
-    arithmetic: a swapped ratio, a wrong batch or token count, or a prior timed without its call fails."""
-    results, models, calls = timed_run
+    arithmetic: a swapped ratio, a wrong batch or token count, a ratio against the wrong baseline, or a prior timed
+    without its call fails."""
+    results, models, clock = timed_run
     assert results["errors"] == {}, results["errors"]
     for batch in (2, 4):  # one forward per training step: batch / cost examples per (fake) second
         assert results[f"train_examples_per_s_bart_bs{batch}"] == pytest.approx(batch / 0.25)
         assert results[f"train_examples_per_s_dior_bs{batch}"] == pytest.approx(batch / 2.0)
         assert results[f"train_ratio_bs{batch}"] == pytest.approx(0.125)
     for batch in (1, 2):
-        bart_s = forwards_per_generate(models["bart"], calls, "bart", batch) * 0.25
-        dior_s = forwards_per_generate(models["dior"], calls, "dior", batch) * 2.0 + PRIOR_S
+        bart_s, dior_s = fake_seconds(models["bart"], clock, batch), fake_seconds(models["dior"], clock, batch)
+        bart_static_s = fake_seconds(models["bart"], clock, batch, cache_implementation="static")
+        dior_static_s = fake_seconds(models["dior"], clock, batch, cache_implementation="static")
         assert bart_s == pytest.approx(4 * 0.25), "BART: one forward per new token"
+        assert bart_static_s == pytest.approx(4 * BART_STATIC_S) and dior_static_s == pytest.approx(dior_s)
         assert results[f"gen_tokens_per_s_bart_bs{batch}"] == pytest.approx(batch * 4 / bart_s)
         assert results[f"gen_tokens_per_s_dior_bs{batch}"] == pytest.approx(batch * 4 / dior_s)
         assert results[f"gen_ms_dior_bs{batch}"] == pytest.approx(dior_s * 1e3)
         assert results[f"gen_ratio_bs{batch}"] == pytest.approx(bart_s / dior_s)
-        # the static cache and transformers' loop cost the same forwards under this clock
-        assert results[f"gen_ratio_static_bs{batch}"] == pytest.approx(bart_s / dior_s)
-        assert results[f"gen_ratio_static_vs_eager_bart_bs{batch}"] == pytest.approx(bart_s / dior_s)
         assert results[f"gen_ratio_hfloop_bs{batch}"] == pytest.approx(bart_s / dior_s)
+        assert results[f"gen_ratio_static_bs{batch}"] == pytest.approx(bart_static_s / dior_static_s)
+        assert results[f"gen_ratio_static_vs_eager_bart_bs{batch}"] == pytest.approx(bart_s / dior_static_s)
     dior_bs1_s = 4 * 2.0 + PRIOR_S
     assert results["prior_ms_bs1"] == pytest.approx(PRIOR_S * 1e3)
     assert all(v == pytest.approx(PRIOR_S * 1e3) for by_steps in results["prior_ms_bs1_sweep"].values()
