@@ -217,6 +217,16 @@ def _run_entries(output_dir: Path) -> list[str]:
                   or re.fullmatch(r"(step|epoch)_\d+", q.name))
 
 
+def _adopt_intact_checkpoints(folder: OutputFolder) -> None:
+    """Record step_N / epoch_N folders that are intact checkpoints (their trainer_state.json lists each file's
+    sha256: train.py wrote them, e.g. copied here to resume from) as a run's."""
+    record = folder.manifest()
+    for name in _run_entries(folder.folder):
+        if (re.fullmatch(r"(step|epoch)_\d+", name) and name not in record
+                and checkpoint_problem(folder.folder / name) is None):
+            record[name] = None
+
+
 def prepare_output_dir(accelerator, output_dir: Path, resume_from_checkpoint: str | None,
                        overwrite_output_dir: bool) -> tuple[str, Path | None]:
     """The output-folder policy (outputs.py): refuse a folder in use by another run (naming its pid), a non-empty
@@ -246,19 +256,15 @@ def prepare_output_dir(accelerator, output_dir: Path, resume_from_checkpoint: st
                 f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): pass --resume_from_checkpoint to "
                 "continue a run, --overwrite_output_dir to write into it anyway (replacing only what earlier runs of "
                 "this script wrote there, deleting nothing else), or choose another folder")
-    # the checkpoint resumed from is intact (its manifest was verified): this run's, even if the user copied it in
-    adopted = resume_dir.name if resume_dir is not None and resume_dir.parent.resolve() == output_dir.resolve() else None
-    entries = [name for name in _run_entries(output_dir) if name != adopted]
     if accelerator.is_main_process:
-        folder.check_replaceable(entries)
+        _adopt_intact_checkpoints(folder)
+        folder.check_replaceable(_run_entries(output_dir))
     if resume_from_checkpoint == "latest" and resume_dir is None:
         logger.warning(f"--resume_from_checkpoint latest: no intact checkpoint in {output_dir}, starting from scratch")
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         folder.lock()  # held until the process ends
-        folder.check_replaceable([name for name in _run_entries(output_dir) if name != adopted])  # again, locked
-        if adopted:
-            folder.adopt(adopted)
+        folder.check_replaceable(_run_entries(output_dir))  # again, under the lock
         for name in RUN_OUTPUTS:
             folder.claim(name)
         run_id = json.loads((resume_dir / "trainer_state.json").read_text()).get("run_id") if resume_dir else None

@@ -209,14 +209,6 @@ class OutputFolder:
             self._save_manifest()
         return self.folder / name
 
-    def adopt(self, path: Path | str) -> None:
-        """Record the existing `path` as a run's without the check: for a checkpoint the user copied in to resume
-        from, whose own integrity manifest was verified (`checkpointing.find_checkpoint`)."""
-        name = self._relative(path)
-        if name not in self.manifest():
-            self.manifest()[name] = None
-            self._save_manifest()
-
     def write(self, path: Path | str, data: str | bytes) -> None:
         """Claim `path` and write it atomically."""
         write_atomic(self.claim(path), data)
