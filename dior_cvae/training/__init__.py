@@ -5,6 +5,7 @@ per job:
 - `sources`: the data, tokenizer and batches that train.py's arguments name
 - `clean_split`, `eval_sets`, `tfidf`: the clean DailyDialog split and the evaluation sets
 - `model_config`: DiorCVAEConfig's fields as arguments; the model to train
+- `arguments`: train.py's argument checks, as tables
 - `optimization`: KL annealing, the optimizer, learning-rate schedules
 - `compiled`: the compiled training step, static batch shapes, deferred device read-back
 - `checkpointing`: atomic folders, checkpoints with manifests, resume, pruning, the non-finite guard
