@@ -168,6 +168,9 @@ def main(argv=None):
     p.add_argument("--ddpp_dir", help="DailyDialog++ folder: with --dataset_dir, DailyDialog validation/test rows are "
                    "also scored on their clean and overlapping pairs (dior_cvae.training.clean_split)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--splits", default=None,
+                   help="comma-separated splits to score (e.g. ddpptest, validation, test; default: every file's)")
+    p.add_argument("--no_trivial", action="store_true", help="skip the trivial responders (copy_last, random_train)")
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     scorer = Scorer(work, not args.no_semantic, args.multiref_file, args.multiref_min_fraction, args.semantic_rows)
@@ -192,6 +195,8 @@ def main(argv=None):
             print(f"skipping {gen_file.name}: not {{run}}__{{split}}__{{decoding}}.jsonl", file=sys.stderr)
             continue
         name, split, decoding = parts
+        if args.splits and split not in args.splits.split(","):
+            continue
         base_split = ("ddpp_test" if split == DDPP_SPLIT else "validation" if split.startswith("validation")
                       else "test" if split.startswith("test") else split)
         stat = gen_file.stat()
@@ -245,7 +250,7 @@ def main(argv=None):
                          "command": train_command or None})
 
     train = load_train_responses(args.dataset_dir) if args.dataset_dir else None
-    for split, gen_file in sorted(references.items()):
+    for split, gen_file in sorted(references.items()) if not args.no_trivial else ():
         for kind in ("copy_last", "random_train") if train else ("copy_last",):
             stat = gen_file.stat()
             scores = scorer.score(f"trivial__{split}__{kind}",

@@ -499,3 +499,18 @@ def test_read_jsonl_skips_only_a_truncated_last_line(tmp_path, capsys):
     path.write_text('{"a": 1}\nnot json\n')  # a complete (newline-ended) last line that does not parse
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not a JSON line")):
         collect_results.read_jsonl(path)
+
+
+def test_collect_results_scores_only_the_named_splits(tmp_path, capsys):
+    """--splits ddpptest --no_trivial: only the DailyDialog++ files are scored (no other file's cache is written)."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import collect_results
+
+    work = tmp_path / "work"
+    _fake_work_dir(work)
+    results = tmp_path / "results.json"
+    collect_results.main(["--work_dir", str(work), "--results", str(results), "--plots_dir", str(tmp_path / "docs"),
+                          "--no_semantic", "--splits", "ddpptest", "--no_trivial"])
+    data = json.loads(results.read_text())
+    assert {(r["name"], r["split"], r["decoding"]) for r in data["runs"]} == {("diffusion", "ddpp_test", "10samples")}
+    assert {p.name for p in (work / "scores").glob("*.json")} == {"diffusion__ddpptest__10samples.json"}
