@@ -137,12 +137,13 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
             config.auto_map = {**auto_map, "AutoModel": f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"}
         self.post_init()
 
-    #: config fields kept in the `latent_layout` buffer (bools, as 0 / 1)
+    #: config fields kept in the `latent_layout` buffer (bools, as 0. / 1.: a float buffer follows the model's dtype
+    #: like every other one, and 0 and 1 are exact in every float dtype)
     LAYOUT_FIELDS = ("self_attention_infusion", "cross_attention_infusion")
 
     @classmethod
     def _config_layout(cls, config) -> torch.Tensor:
-        return torch.tensor([int(bool(getattr(config, name))) for name in cls.LAYOUT_FIELDS], dtype=torch.uint8)
+        return torch.tensor([float(bool(getattr(config, name))) for name in cls.LAYOUT_FIELDS])
 
     @property
     def prior(self) -> LatentPrior | None:
@@ -621,7 +622,8 @@ class DiorCVAEForConditionalGeneration(BartPreTrainedModel, GenerationMixin):
                 f"which the config does not build: config.json's `prior_type` ({model.config.prior_type!r}), "
                 "`latent_size` or the layer counts are not those the weights were trained with")
         if hasattr(model, "latent_layout") and not model.latent_layout.is_meta:
-            saved, expected = model.latent_layout.tolist(), model._config_layout(model.config).tolist()
+            saved = [bool(v) for v in model.latent_layout.tolist()]
+            expected = [bool(v) for v in model._config_layout(model.config).tolist()]
             for name, old, new in zip(model.LAYOUT_FIELDS, saved, expected):
                 if old != new:
                     raise ValueError(f"{source}: config.json's `{name}` is {bool(new)}, but the weights were trained "

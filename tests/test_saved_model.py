@@ -9,8 +9,11 @@ import textwrap
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from dior_cvae import DiorCVAEForConditionalGeneration
+from dior_cvae.utils_dior import COMPILED_TRAINING_MIN_TRANSFORMERS
 from test_remote_code import run_isolated
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "saved_model")
@@ -43,7 +46,10 @@ def check(got: dict, expected: dict, package: bool = False):
     assert got["sampled_tokens"] == expected["sampled_tokens"]
     assert got["greedy_tokens"] == expected["greedy_tokens"]
     torch.testing.assert_close(torch.tensor(got["prior_latents"]), torch.tensor(expected["prior_latents"]))
-    for key in ("eval_loss", "train_loss"):
+    # a training forward's random stream depends on transformers: before 5.23 each BART layer drew torch.rand for
+    # layerdrop in training (utils_dior.COMPILED_TRAINING_MIN_TRANSFORMERS), so its posterior and noise draws differ
+    layerdrop_draws = Version(transformers.__version__) < Version(COMPILED_TRAINING_MIN_TRANSFORMERS)
+    for key in ("eval_loss",) if layerdrop_draws else ("eval_loss", "train_loss"):
         torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(expected[key]), rtol=1e-5, atol=1e-4)
 
 
