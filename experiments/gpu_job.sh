@@ -43,10 +43,12 @@ prepare)
     mkdir -p "$repo/.gpu/data/dailydialog"
     cp -r "$shared/dailydialog/ijcnlp" "$repo/.gpu/data/dailydialog/" && cp -r "$shared/dailydialog_plusplus" "$repo/.gpu/data/"
     # the image has transformers 5.17 (no compiled training step: dior_compat.COMPILED_TRAINING_MIN_TRANSFORMERS)
-    # and no nltk; transformers 5.25 needs huggingface_hub >= 2.4 and kernels
+    # and no nltk; transformers 5.25 needs huggingface_hub >= 2.4 (with httpx2, hf-xet, click), kernels, defusedxml
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$repo/.whl" transformers==5.25.0 huggingface_hub==2.5.0 "kernels>=0.19.1,<0.20" nltk==3.10.4 regex==2026.12.2
+        -d "$repo/.whl" transformers==5.25.0 huggingface_hub==2.5.0 "kernels>=0.19.1,<0.20" nltk==3.10.4 regex==2026.12.2 \
+        hf-xet==1.8.0 httpx2==2.17.0 httpcore2==2.17.0 click==8.5.1 tomlkit==0.15.3 defusedxml==0.7.1 anyio==4.16.0 \
+        idna==3.21 truststore==0.10.5
     du -sh "$repo/.gpu" "$repo/.whl"
     ;;
 start)
