@@ -5,7 +5,7 @@ and the mutant's tests run on that copy (`python -m pytest -x` with the copy fir
 killed when they fail. The unmutated copy runs the same tests first, which must pass. Writes a JSON report and exits
 non-zero if a mutant survives or the baseline fails.
 
-    python .ci/mutation_check.py --output results/mutation_check.json   # about 3 minutes on 2 cores (its last output: results/mutation_check.json)
+    python .ci/mutation_check.py --output results/mutation_check.json
 
 It is not part of `python -m pytest` (it runs the relevant tests once per mutant); run it after changing a guarded
 line or its tests.

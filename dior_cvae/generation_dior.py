@@ -18,8 +18,8 @@ transformers sets it up. The processors below are transformers' arithmetic and t
 `torch.multinomial` / `argmax`, drawing the same random numbers; what that guarantees: in float32, with given
 latents and the same seed, the tokens equal transformers' loop's (tested on the CPU, eager and compiled, and on
 CUDA by tests/test_cuda.py), and so does the global RNG state after the call. In bf16 the compiled kernels round
-differently from eager ones, and a sampled row parts from transformers' loop after a near tie: the share of equal
-rows was measured (docs/performance.md, results/graph_decoding_check_h200.json), not guaranteed.
+differently from eager ones, and a sampled row parts from transformers' loop after a near tie: equal tokens are not
+guaranteed there (docs/performance.md gives the share of equal rows).
 """
 
 import copy

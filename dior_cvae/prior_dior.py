@@ -19,9 +19,8 @@ The KL term (paper Eq. 16) is E_q[log q(z | c, r)] + the bound below on −log p
 tight KL estimate. We use VDM's continuous-time bound (Kingma et al. 2021) rather than the authors' T = 50 discrete
 DDPM loss, because:
 
-- it is tight: with the optimal denoiser it equals −log p(z) up to the two end points (for the Gaussian data of
-  `tests/test_prior.py` 3e-5 to 0.009 nat per dimension in closed form, which the test checks the measured gap
-  against). The discrete DDPM loss with a fixed reverse variance ("fixed_small") is a bound only up to that
+- it is tight: with the optimal denoiser it equals −log p(z) up to the two end points, whose gap has a closed form
+  for Gaussian data (`tests/test_prior.py` checks the Monte Carlo bound against it). The discrete DDPM loss with a fixed reverse variance ("fixed_small") is a bound only up to that
   variance choice, and its gap is not checked here;
 - it depends on the noise schedule only through its end points, so training samples λ uniformly and no schedule
   or step count is baked into a checkpoint: any solver and step count can sample it:

@@ -10,7 +10,7 @@ Trivial responders (copy_last; random_train with --dataset_dir) are scored on th
 --multiref_file (DailyDialog++ test) adds multiref_bleu1/2 to the test-split rows (the full test split matches 97/6,740
 rows, the 1,000-context 5samples subset 11; a --smoke work dir matches none: pass --multiref_min_fraction 0). CPU only:
 
-    python experiments/collect_results.py --work_dir WORK --gpu "NVIDIA H200" --dataset_dir ../shared/data/dailydialog/ijcnlp \\
+    python experiments/collect_results.py --work_dir WORK --gpu "GPU NAME" --dataset_dir ../shared/data/dailydialog/ijcnlp \\
         --multiref_file ../shared/data/dailydialog_plusplus/test.json.gz --results results/dailydialog.json --plots_dir docs
 """
 

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 64 k clean
-# pairs; four runs sharing one GPU converge inside 12 minutes compiled (docs/results.md says why this size).
+# pairs: small enough that four runs share one GPU (docs/gpu_runs.md says why this size).
 BASE_CONFIG = (
     "d_model=256,encoder_layers=4,decoder_layers=4,encoder_attention_heads=4,decoder_attention_heads=4,"
     "encoder_ffn_dim=1024,decoder_ffn_dim=1024,max_position_embeddings=320,latent_size=16,denoiser_hidden_size=512,"
@@ -266,8 +266,8 @@ def parse_args(argv=None):
                    help="posterior samples of the importance-weighted NLL (examples/likelihood.py)")
     p.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=None,
                    help="train with train.py --torch_compile (default: on where CUDA is available; it needs "
-                        "transformers >= 5.23). On one H200 the recipe's model made 3.0x the updates/s of eager "
-                        "(68.3 vs 23.2, docs/performance.md); the compile (about a minute) counts in --train_minutes")
+                        "transformers >= 5.23; docs/performance.md compares it with eager); the compile counts in "
+                        "--train_minutes")
     p.add_argument("--max_parallel", type=int, default=4, help="concurrent jobs in --phase eval")
     p.add_argument("--sweeps", default="temperature",
                    help=f"extra --phase eval jobs, comma-separated, from {', '.join(SWEEPS)}: temperature (prior / "

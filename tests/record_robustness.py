@@ -1,4 +1,4 @@
-"""Run every row of `robustness_cases.CASES` and write each outcome as JSON (issue #34's before / after counts).
+"""Run every row of `robustness_cases.CASES` and write each outcome as JSON (counts per class).
 
     python tests/record_robustness.py results/robustness_after.json [-k SUBSTRING]
 

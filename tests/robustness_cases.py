@@ -1,4 +1,4 @@
-"""Issue #34: the second round of bad inputs, written before the fixes and run against the code before and after.
+"""The second table of bad inputs: data lost, silently wrong, unbounded, bare tracebacks, unclear errors.
 
 `CASES` rows are (id, class, check): `check(ctx)` returns when the code behaves as it should and raises
 `AssertionError` (or anything else) naming what went wrong. Classes: "lost" (data lost), "silent" (silently wrong),

@@ -1,4 +1,4 @@
-"""Issues #14 and #34: bad inputs fail with an error that names the problem; nothing is lost, nothing from data is
+"""Bad inputs fail with an error that names the problem; nothing is lost, nothing from data is
 executed.
 
 - `test_bad_input` is the first table (`BAD_INPUTS`): each row runs one bad input in-process and asserts the error

@@ -1,4 +1,4 @@
-"""Checkpoints keep loading: model folders saved by an earlier version of this code (tests/fixtures/saved_model,
+"""Checkpoints keep loading: model folders saved with their own frozen code files (tests/fixtures/saved_model,
 written by its make.py) load with the current package and, as remote code, with their own frozen code files, and both
 give the outputs recorded when the folders were written (tokens exactly; latents and losses to float rounding)."""
 
@@ -39,8 +39,8 @@ REMOTE = textwrap.dedent(
 
 
 def check(got: dict, expected: dict, package: bool = False):
-    """`package`: outputs of the current package, whose evaluated diffusion KL changed on purpose after the folder
-    was written (`eval_loss_package`); the folder's frozen code keeps the recorded `eval_loss`."""
+    """`package`: outputs of the current package, which evaluates the diffusion KL over 16 noise levels per example
+    (`eval_loss_package`); the folder's frozen code evaluates it over one (`eval_loss`)."""
     if package and "eval_loss_package" in expected:
         expected = {**expected, "eval_loss": expected["eval_loss_package"]}
     assert got["sampled_tokens"] == expected["sampled_tokens"]
