@@ -51,7 +51,8 @@ from tqdm.auto import tqdm
 
 from dior_cvae.training.checkpointing import (NonFiniteGuard, TrainingError, check_resume_record, load_checkpoint,
                                               prepare_output_dir, prune_checkpoints, run_record, save_checkpoint,
-                                              save_model_folder, seal_output_dir, trim_log_history, write_text_atomic)
+                                              save_model_folder, seal_output_dir, trim_log_history)
+from dior_cvae.training.outputs import write_atomic
 from dior_cvae.training.arguments import RULES, VALUE_CHECKS
 from dior_cvae.training.compiled import CompiledTrainingForward
 from dior_cvae.training.evaluation import BEST_MODEL_METRICS, BestModel, evaluate, print_samples
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("runs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                   for k, v in public_args.items()})
     if accelerator.is_main_process:
-        write_text_atomic(output_dir / "training_args.json",
+        write_atomic(output_dir / "training_args.json",
                           json.dumps({**public_args, "run_id": run_id, "turn_separator": turn_separator}, indent=2))
 
     completed_steps, starting_epoch, resume_batches, training_time_s = 0, 0, 0, 0.0

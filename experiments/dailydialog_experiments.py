@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from dior_cvae.training.outputs import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A small from-scratch transformer (~9 M weights with the 8 k vocabulary trained on the training split): 64 k clean
@@ -113,11 +115,7 @@ def split_seed(name: str) -> tuple[str, int | None]:
 
 
 def write_jsonl(path: Path, rows: list[dict]):
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def prepare_data(args) -> dict[str, Path]:

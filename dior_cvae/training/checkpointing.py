@@ -47,11 +47,6 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "to
                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file of --output_dir (claimed by prepare_output_dir) atomically: the old or the new file, not half."""
-    write_atomic(path, text)
-
-
 def assert_finite_weights(model, where: str) -> None:
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -268,7 +263,7 @@ def prepare_output_dir(accelerator, output_dir: Path, resume_from_checkpoint: st
         for name in RUN_OUTPUTS:
             folder.claim(name)
         run_id = json.loads((resume_dir / "trainer_state.json").read_text()).get("run_id") if resume_dir else None
-        write_text_atomic(output_dir / "run.json", json.dumps({"run_id": run_id or uuid.uuid4().hex}))
+        write_atomic(output_dir / "run.json", json.dumps({"run_id": run_id or uuid.uuid4().hex}))
     accelerator.wait_for_everyone()
     return read_run_id(output_dir), resume_dir
 
@@ -286,7 +281,7 @@ def trim_log_history(log_file: Path, completed_steps: int | None) -> None:
         with contextlib.suppress(ValueError):  # a line cut by a kill
             if json.loads(line)["step"] <= completed_steps:
                 kept.append(line + "\n")
-    write_text_atomic(log_file, "".join(kept))
+    write_atomic(log_file, "".join(kept))
 
 
 class NonFiniteGuard:

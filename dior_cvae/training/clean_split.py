@@ -38,6 +38,7 @@ from typing import Any
 
 from .data import DataFormatError, _decode, _find_split_file, _read_lines, dailydialog_line_to_utterances
 
+from .outputs import write_atomic
 from .tfidf import TfidfIndex
 
 CACHE_VERSION = 1
@@ -309,9 +310,7 @@ def build_clean_split(dailydialog_dir: str | os.PathLike, dailydialog_pp_dir: st
         dpp = {s: load_dailydialog_pp(dailydialog_pp_dir, s) for s in DPP_SPLITS}
         result = _compute(dd, dpp, threshold)
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        write_atomic(cache_file, json.dumps(result))
     removed = frozenset(int(k) for k in result["removal_reasons"])
     return CleanSplit(
         removed_train_dialogue_ids=removed,

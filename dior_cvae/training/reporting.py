@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..hub_dior import METRIC_NAMES, eval_results, model_card, upload_model_folder
-from .checkpointing import TrainingError, write_text_atomic
+from .checkpointing import TrainingError
 from .evaluation import LOSS_KEYS, format_samples
 from .outputs import write_atomic
 
@@ -105,7 +105,7 @@ def write_eval_results(output_dir: Path, values: dict, keep: bool = False) -> No
     """eval_results.json: `values`, added to those already there with `keep`."""
     path = Path(output_dir) / "eval_results.json"
     previous = json.loads(path.read_text()) if keep and path.is_file() else {}
-    write_text_atomic(path, json.dumps({**previous, **values}, indent=2))
+    write_atomic(path, json.dumps({**previous, **values}, indent=2))
 
 
 def write_model_card(args, output_dir: Path, model, accelerator, info: dict) -> None:
@@ -194,7 +194,7 @@ Sampled responses (top-k 50, top-p 0.9; each from its own prior draw) for contex
         results=() if getattr(args, "smoke_test", False) else eval_results(
             results, hub_dataset or info["meta"]["dataset_name"], info["meta"]["dataset_name"], split),
         turn_separator=info["turn_separator"], max_source_length=args.max_source_length, sections=sections)
-    write_text_atomic(output_dir / "README.md", str(card))
+    write_atomic(output_dir / "README.md", str(card))
 
 
 def create_hub_repo(repo_id: str, token: str | None, private: bool) -> str:
